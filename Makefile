@@ -1,0 +1,43 @@
+# kdfast: `make test` and `make bench` work on a fresh clone; each sets up what it needs first.
+#   TORCH_SPEC   the torch to install (default: the CPU build 2.13.0; "torch" alone pulls a CUDA build)
+#   VENV         where the virtual environment lives (default .venv)
+#   PYTHON       the interpreter that creates it
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS := numpy pytest hypothesis expecttest ninja pybind11 tabulate matplotlib rich psutil scikit-learn
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: setup build test test-slow bench bench-full clean
+
+setup: $(VENV)/.deps-stamp
+
+$(VENV)/.deps-stamp:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" $(DEPS)
+	touch $@
+
+build: $(VENV)/.build-stamp
+
+$(VENV)/.build-stamp: $(VENV)/.deps-stamp $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(PIP) install -q --no-build-isolation -e .
+	$(PY) -m kdfast
+	touch $@
+
+test: build
+	$(PY) -m pytest -q tests
+
+test-slow: build
+	KDFAST_SLOW=1 $(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m bench
+
+bench-full: build
+	$(PY) -m bench --full
+
+clean:
+	rm -rf build *.egg-info kdfast/*.so $(VENV)/.build-stamp

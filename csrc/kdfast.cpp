@@ -1,0 +1,106 @@
+// kdfast: op schemas, the CPU kernel-table selection and build information.
+// Every op is declared here once; each device registers its kernels next to its implementation.
+#include <Python.h>
+#include <dlfcn.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <sstream>
+#include <string>
+
+#include "cpu/kernels.h"
+#include "ops/cpu_dispatch.h"
+
+extern "C" const kdfast::cpu::Kernels* kdfast_cpu_kernels_default();
+
+namespace kdfast {
+
+namespace {
+std::atomic<const cpu::Kernels*> g_kernels{nullptr};
+
+// Select the CPU kernel build: "default" is compiled into this library, any other name is loaded
+// from the library at `path`. Python decides which one the CPU can run (see kdfast/_ops.py).
+std::string select_cpu_isa(const std::string& name, const std::string& path) {
+  if (name == "default") {
+    g_kernels = kdfast_cpu_kernels_default();
+    return g_kernels.load()->isa;
+  }
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  TORCH_CHECK(handle != nullptr, "kdfast: cannot load the ", name, " CPU kernels from ", path, ": ",
+              dlerror());
+  auto fn = reinterpret_cast<kdfast_cpu_kernels_fn>(dlsym(handle, "kdfast_cpu_kernels"));
+  TORCH_CHECK(fn != nullptr, "kdfast: ", path, " has no kernel table");
+  g_kernels = fn();
+  return g_kernels.load()->isa;
+}
+
+// What the CPU (and the OS, which must save the wide registers) supports, asked of the hardware.
+bool cpu_supports(const std::string& isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+  }
+#endif
+  return isa == "default";
+}
+
+std::string build_info_json() {
+  std::ostringstream o;
+  o << "{\"version\": \"" << KDFAST_VERSION << "\"";
+#ifdef _OPENMP
+  o << ", \"openmp\": " << _OPENMP;
+#else
+  o << ", \"openmp\": null";
+#endif
+#ifdef KDFAST_WITH_CUDA
+  o << ", \"cuda\": true";
+#else
+  o << ", \"cuda\": false";
+#endif
+  o << ", \"cuda_archs\": \"" << KDFAST_CUDA_ARCHS << "\"";
+  o << ", \"cpu_isa\": \"" << cpu_kernels().isa << "\"";
+#if defined(__clang__)
+  o << ", \"compiler\": \"clang " << __clang_major__ << "." << __clang_minor__ << "\"";
+#elif defined(__GNUC__)
+  o << ", \"compiler\": \"gcc " << __GNUC__ << "." << __GNUC_MINOR__ << "\"";
+#endif
+  o << "}";
+  return o.str();
+}
+}  // namespace
+
+const cpu::Kernels& cpu_kernels() {
+  const cpu::Kernels* k = g_kernels.load();
+  if (k == nullptr) {
+    g_kernels = k = kdfast_cpu_kernels_default();
+  }
+  return *k;
+}
+
+}  // namespace kdfast
+
+TORCH_LIBRARY(kdfast, m) {
+  // Per-row temperature softmax-KL. Returns (kl_rows, grad_student, grad_teacher): kl_rows is the
+  // unweighted KL of each row (0 where row_weight is 0), and each gradient is
+  // row_weight[r] * dKL_r/d(input) when asked for, else an empty tensor. Leading dims are flattened
+  // by the caller; the last dim must have unit stride.
+  m.def("softmax_kl(Tensor student, Tensor teacher, float inv_temperature, Tensor row_weight, "
+        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // grad[r, :] *= ratio[r] in place, skipping rows whose ratio is exactly 1 (the usual case, where
+  // the upstream gradient is the one the forward already applied).
+  m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
+  m.def("_select_cpu_isa(str name, str path) -> str", &kdfast::select_cpu_isa);
+  m.def("_cpu_supports(str isa) -> bool", &kdfast::cpu_supports);
+  m.def("_empty_cpu_cache() -> ()", &kdfast::empty_cpu_cache);
+  m.def("_build_info() -> str", &kdfast::build_info_json);
+}
+
+// `import kdfast._C` loads this library and so runs the registrations above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

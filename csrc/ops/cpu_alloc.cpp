@@ -1,0 +1,93 @@
+// Large CPU output buffers (the gradients of the logits).
+//
+// The first touch of freshly mapped memory costs more than the kernel that fills it (page faults
+// and the kernel zeroing each page: about 75 ms for 262 MB on two cores, against 12 ms to fill
+// resident memory). So large blocks are 2 MB-aligned and advised for transparent huge pages, and a
+// freed block goes back to a small size-keyed cache instead of to the OS: the next step's gradient
+// of the same shape lands in memory that is already mapped. KDFAST_CPU_CACHE_MB caps the cache
+// (default 2048, 0 turns it off); torch.ops.kdfast._empty_cpu_cache() releases it.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "ops/cpu_dispatch.h"
+
+namespace kdfast {
+namespace {
+
+constexpr size_t kHuge = size_t(2) << 20;
+
+struct BlockCache {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_blocks;
+  size_t cached = 0;
+  size_t limit = 0;
+
+  BlockCache() {
+    const char* env = std::getenv("KDFAST_CPU_CACHE_MB");
+    long mb = env ? std::strtol(env, nullptr, 10) : 2048;
+    limit = mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = free_blocks.find(bytes);
+    if (it == free_blocks.end()) return nullptr;
+    void* p = it->second;
+    free_blocks.erase(it);
+    cached -= bytes;
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (cached + bytes <= limit) {
+        free_blocks.emplace(bytes, p);
+        cached += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> g(mu);
+    for (auto& kv : free_blocks) std::free(kv.second);
+    free_blocks.clear();
+    cached = 0;
+  }
+};
+
+BlockCache& cache() {
+  static BlockCache* c = new BlockCache();  // never destroyed: deleters may run at exit
+  return *c;
+}
+
+}  // namespace
+
+at::Tensor empty_cpu_fast(at::IntArrayRef sizes, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  if (bytes < 4 * kHuge) return at::empty(sizes, options);
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = cache().take(rounded);
+  if (p == nullptr) {
+    if (posix_memalign(&p, kHuge, rounded) != 0) return at::empty(sizes, options);
+#ifdef MADV_HUGEPAGE
+    madvise(p, rounded, MADV_HUGEPAGE);  // advice only: ignored where THP is off
+#endif
+  }
+  return at::from_blob(p, sizes, [rounded](void* q) { cache().give(q, rounded); }, options);
+}
+
+void empty_cpu_cache() { cache().clear(); }
+
+}  // namespace kdfast

@@ -1,0 +1,79 @@
+"""Loads the compiled extension and registers, in Python, what the C++ op schemas need around them:
+fake (meta) kernels for torch.compile, and autograd. Everything here is guarded by LOADED."""
+import importlib.util
+import json
+import os
+import warnings
+
+import torch
+
+try:
+    from kdfast import _C  # noqa: F401  (loading it registers the torch.ops.kdfast ops)
+
+    LOADED = True
+    LOAD_ERROR = None
+except ImportError as e:  # pure-Python install (KDFAST_BUILD_EXT=0), or a broken build
+    LOADED = False
+    LOAD_ERROR = e
+
+_ISA_ORDER = ("avx512", "avx2", "default")
+_selected_isa = None
+
+
+def compiled_cpu_isas():
+    """The CPU kernel builds in this install (the baseline is always there)."""
+    if not LOADED:
+        return []
+    return [isa for isa in _ISA_ORDER[:-1] if importlib.util.find_spec(f"kdfast._cpu_{isa}")] + ["default"]
+
+
+def available_cpu_isas():
+    """The CPU kernel builds that this install has and this CPU can run, best first."""
+    if not LOADED:
+        return []
+    return [isa for isa in compiled_cpu_isas() if isa == "default" or _cpu_supports(isa)]
+
+
+def _cpu_supports(isa):
+    return bool(torch.ops.kdfast._cpu_supports(isa))
+
+
+def select_cpu_isa(name="auto"):
+    """Choose which CPU kernel build runs: "auto" (the best this CPU supports), "avx512", "avx2" or
+    "default". Returns the chosen name. KDFAST_CPU_ISA sets the choice at import time."""
+    global _selected_isa
+    name = str(name).strip().lower()
+    if name not in ("auto",) + _ISA_ORDER:
+        raise ValueError(f"KDFAST_CPU_ISA / select_cpu_isa: unknown ISA {name!r}; use auto, "
+                         f"{', '.join(_ISA_ORDER)}")
+    if not LOADED:
+        return None
+    usable = available_cpu_isas()
+    if name == "auto":
+        name = usable[0]
+    elif name not in usable:
+        warnings.warn(f"kdfast: the {name} CPU kernels are not available on this CPU or build "
+                      f"(available: {usable}); using {usable[0]}", RuntimeWarning, stacklevel=2)
+        name = usable[0]
+    path = "" if name == "default" else importlib.util.find_spec(f"kdfast._cpu_{name}").origin
+    torch.ops.kdfast._select_cpu_isa(name, path)
+    _selected_isa = name
+    return name
+
+
+def selected_cpu_isa():
+    return _selected_isa
+
+
+def native_build_info():
+    return json.loads(torch.ops.kdfast._build_info()) if LOADED else None
+
+
+def has_cuda_kernels():
+    return LOADED and bool(native_build_info().get("cuda"))
+
+
+if LOADED:
+    select_cpu_isa(os.environ.get("KDFAST_CPU_ISA", "auto"))
+
+    from kdfast import _autograd  # noqa: E402,F401  (fake kernels and autograd for the ops)

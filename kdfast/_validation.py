@@ -1,0 +1,108 @@
+"""Argument checks shared by the native and reference paths. Each error names the argument."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+KL_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    return x
+
+
+def check_pair(student, teacher, sname="student_logits", tname="teacher_logits", same_shape=True):
+    check_tensor(student, sname)
+    check_tensor(teacher, tname)
+    if student.device != teacher.device:
+        raise ValueError(f"{sname} is on {student.device} but {tname} is on {teacher.device}; "
+                         "move both to one device")
+    if same_shape and student.shape != teacher.shape:
+        raise ValueError(f"{sname} has shape {tuple(student.shape)} but {tname} has shape "
+                         f"{tuple(teacher.shape)}; they must match")
+
+
+def check_positive(value, name, *, allow_tensor=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value <= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_nonnegative(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value < 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_reduction(reduction, allowed):
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+    return reduction
+
+
+def check_logits(student, teacher):
+    check_pair(student, teacher)
+    if student.dim() == 0:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary)")
+    if student.shape[-1] == 0:
+        raise ValueError("student_logits has an empty vocabulary (last dim is 0)")
+
+
+def check_mask(mask, logits):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(logits.shape[:-1])} (the logits without their "
+                         f"last dim), got {tuple(mask.shape)}")
+    if mask.device != logits.device:
+        raise ValueError(f"mask is on {mask.device} but the logits are on {logits.device}")
+    return mask
+
+
+def check_points(x, name):
+    check_tensor(x, name)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be (N, D) or (B, N, D), got shape {tuple(x.shape)}; "
+                         "flatten feature maps first, e.g. x.flatten(1)")
+    if x.shape[-2] < 2:
+        raise ValueError(f"{name} needs at least 2 points (dim -2), got {x.shape[-2]}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} has an empty feature dim (dim -1)")
+
+
+def check_relation_pair(student, teacher):
+    check_points(student, "student")
+    check_points(teacher, "teacher")
+    if student.device != teacher.device:
+        raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}")
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must agree "
+                         "in every dim but the feature width (dim -1)")
+
+
+def result_dtype(*tensors):
+    """Losses come back in float32 for half-precision inputs, else in the input dtype."""
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+def compute_dtype(*tensors):
+    return torch.float64 if result_dtype(*tensors) == torch.float64 else torch.float32

@@ -1,0 +1,80 @@
+"""The kdfast loss functions: validate, choose the backend, call the fused op or the reference."""
+import torch
+
+from kdfast import _backend, _validation as v, reference
+
+__all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss",
+           "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
+
+
+def _rows2d(x, V):
+    x = x.reshape(-1, V)
+    return x if x.stride(-1) == 1 or V == 1 else x.contiguous()
+
+
+def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
+    if student.dtype != teacher.dtype:
+        common = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(common), teacher.to(common)
+    lead, V = student.shape[:-1], student.shape[-1]
+    s2, t2 = _rows2d(student, V), _rows2d(teacher, V)
+    rows = s2.shape[0]
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    # row_weight is the gradient the loss will send back to each row's KL (the reduction's factor
+    # times `scale`), so the op can write the final gradient in the same pass as the loss.
+    if reduction == "batchmean":
+        factor = scale / student.shape[0] if student.shape[0] > 0 else scale
+    else:
+        factor = scale
+    w = torch.full((rows,), factor, dtype=acc, device=student.device)
+    if mask is not None:
+        w = w * mask.reshape(-1)
+        if reduction == "mean":
+            w = w / mask.sum().clamp(min=1).to(acc)
+    elif reduction == "mean" and rows > 0:
+        w = w / rows
+    grad_on = torch.is_grad_enabled()
+    want_s = grad_on and student.requires_grad
+    want_t = grad_on and teacher.requires_grad
+    kl, _, _ = torch.ops.kdfast.softmax_kl(s2, t2, 1.0 / temperature, w, want_s, want_t)
+    out_dtype = v.result_dtype(student, teacher)
+    if reduction == "none":
+        return (kl * w).reshape(lead).to(out_dtype)
+    return (kl * w).sum().to(out_dtype)
+
+
+def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
+    """KL(softmax(teacher/T) || softmax(student/T)) over the last dim, one value per row, reduced.
+
+    reduction: "batchmean" (sum / logits.shape[0], as F.kl_div), "mean" (sum / counted rows),
+    "sum" or "none" (per-row values, shape logits.shape[:-1]). mask: bool, shape logits.shape[:-1];
+    rows where it is False add 0 and are not counted.
+    """
+    return _kl(student_logits, teacher_logits, temperature, reduction, mask, squared_t=False)
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean", mask=None):
+    """Hinton's KD loss: T^2 * softmax_kl_div(student, teacher, temperature=T)."""
+    return _kl(student_logits, teacher_logits, temperature, reduction, mask, squared_t=True)
+
+
+def _kl(student, teacher, temperature, reduction, mask, squared_t):
+    v.check_logits(student, teacher)
+    temperature = v.check_positive(temperature, "temperature")
+    v.check_reduction(reduction, v.KL_REDUCTIONS)
+    mask = v.check_mask(mask, student)
+    scale = temperature * temperature if squared_t else 1.0
+    if _backend.use_native(student.device):
+        return _native_softmax_kl(student, teacher, temperature, reduction, mask, scale)
+    out = reference.softmax_kl_div(student, teacher, temperature=temperature, reduction=reduction, mask=mask)
+    return out * scale if squared_t else out
+
+
+# Losses without a fused kernel run their plain-PyTorch code under every backend.
+logit_mse = reference.logit_mse
+feature_l2 = reference.feature_l2
+cosine_loss = reference.cosine_loss
+pairwise_distances = reference.pairwise_distances
+rkd_distance_loss = reference.rkd_distance_loss
+rkd_angle_loss = reference.rkd_angle_loss
+rkd_loss = reference.rkd_loss

@@ -1,0 +1,157 @@
+"""nn.Module wrappers of the kdfast losses, for use in place of hand-written loss modules."""
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from kdfast import functional as F
+
+__all__ = ["KDLoss", "SoftmaxKLDivLoss", "LogitMSELoss", "FeatureL2Loss", "CosineLoss",
+           "RKDDistanceLoss", "RKDAngleLoss", "RKDLoss"]
+
+
+class SoftmaxKLDivLoss(nn.Module):
+    """KL(softmax(teacher/T) || softmax(student/T)); see kdfast.softmax_kl_div."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean"):
+        super().__init__()
+        self.temperature, self.reduction = temperature, reduction
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return F.softmax_kl_div(student_logits, teacher_logits, temperature=self.temperature,
+                                reduction=self.reduction, mask=mask)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class KDLoss(SoftmaxKLDivLoss):
+    """Hinton's KD loss, T^2 * softmax-KL; see kdfast.kd_loss."""
+
+    def __init__(self, temperature: float = 4.0, reduction: str = "batchmean"):
+        super().__init__(temperature, reduction)
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return F.kd_loss(student_logits, teacher_logits, temperature=self.temperature,
+                         reduction=self.reduction, mask=mask)
+
+
+class LogitMSELoss(nn.Module):
+    """Squared difference of the logits; see kdfast.logit_mse."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, student_logits, teacher_logits):
+        return F.logit_mse(student_logits, teacher_logits, reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}"
+
+
+def _as_list(x):
+    if x is None:
+        return None
+    return [int(c) for c in x] if isinstance(x, Sequence) else [int(x)]
+
+
+class FeatureL2Loss(nn.Module):
+    """Squared L2 between feature maps, summed over layer pairs (FitNets hint loss).
+
+    With student_channels and teacher_channels given (an int each, or one per layer) and different,
+    a learnable linear projection (a 1x1 convolution on feature maps) maps the student's width to the
+    teacher's along `channel_dim` before the distance. Its weights train with the student.
+    """
+
+    def __init__(self, student_channels: Optional[Union[int, Sequence[int]]] = None,
+                 teacher_channels: Optional[Union[int, Sequence[int]]] = None,
+                 reduction: str = "mean", channel_dim: int = -1):
+        super().__init__()
+        self.reduction, self.channel_dim = reduction, channel_dim
+        s, t = _as_list(student_channels), _as_list(teacher_channels)
+        if (s is None) != (t is None):
+            raise ValueError("give both student_channels and teacher_channels, or neither")
+        if s is not None and len(s) != len(t):
+            raise ValueError(f"student_channels has {len(s)} layers but teacher_channels has {len(t)}")
+        self.projections = nn.ModuleList(
+            [nn.Linear(cs, ct, bias=False) if cs != ct else nn.Identity() for cs, ct in zip(s, t)]
+        ) if s is not None else None
+
+    def _project(self, i, f):
+        if self.projections is None:
+            return f
+        if i >= len(self.projections):
+            raise ValueError(f"got more feature pairs than the {len(self.projections)} widths given")
+        proj = self.projections[i]
+        if isinstance(proj, nn.Identity):
+            return f
+        return proj(f.movedim(self.channel_dim, -1)).movedim(-1, self.channel_dim)
+
+    def forward(self, student_feats, teacher_feats):
+        if isinstance(student_feats, torch.Tensor):
+            return F.feature_l2(self._project(0, student_feats), teacher_feats, reduction=self.reduction)
+        projected = [self._project(i, f) for i, f in enumerate(student_feats)]
+        return F.feature_l2(projected, teacher_feats, reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, channel_dim={self.channel_dim}"
+
+
+class CosineLoss(nn.Module):
+    """1 - cosine similarity along `dim`; see kdfast.cosine_loss."""
+
+    def __init__(self, dim: int = -1, reduction: str = "mean", eps: float = 1e-8):
+        super().__init__()
+        self.dim, self.reduction, self.eps = dim, reduction, eps
+
+    def forward(self, student_feats, teacher_feats):
+        return F.cosine_loss(student_feats, teacher_feats, dim=self.dim, reduction=self.reduction,
+                             eps=self.eps)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, reduction={self.reduction!r}, eps={self.eps}"
+
+
+class RKDDistanceLoss(nn.Module):
+    """RKD distance term; see kdfast.rkd_distance_loss."""
+
+    def __init__(self, delta: float = 1.0, squared: bool = False, eps: float = 1e-12):
+        super().__init__()
+        self.delta, self.squared, self.eps = delta, squared, eps
+
+    def forward(self, student, teacher):
+        return F.rkd_distance_loss(student, teacher, delta=self.delta, squared=self.squared, eps=self.eps)
+
+    def extra_repr(self):
+        return f"delta={self.delta}, squared={self.squared}, eps={self.eps}"
+
+
+class RKDAngleLoss(nn.Module):
+    """RKD angle term; see kdfast.rkd_angle_loss."""
+
+    def __init__(self, delta: float = 1.0, eps: float = 1e-12):
+        super().__init__()
+        self.delta, self.eps = delta, eps
+
+    def forward(self, student, teacher):
+        return F.rkd_angle_loss(student, teacher, delta=self.delta, eps=self.eps)
+
+    def extra_repr(self):
+        return f"delta={self.delta}, eps={self.eps}"
+
+
+class RKDLoss(nn.Module):
+    """RKD-DA: distance_weight * distance term + angle_weight * angle term (weights 25 and 50 as
+    published); see kdfast.rkd_loss."""
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, delta: float = 1.0):
+        super().__init__()
+        self.distance_weight, self.angle_weight, self.delta = distance_weight, angle_weight, delta
+
+    def forward(self, student, teacher):
+        return F.rkd_loss(student, teacher, distance_weight=self.distance_weight,
+                          angle_weight=self.angle_weight, delta=self.delta)
+
+    def extra_repr(self):
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, delta={self.delta}"

@@ -1,0 +1,196 @@
+"""Pure-PyTorch implementations of every kdfast loss: the test oracle and the fallback backend.
+
+They follow the formulations people run today (F.kl_div with log_softmax, torchdistill /
+RepDistiller RKDLoss) with the semantics of DESIGN.md, and compute in at least float32.
+"""
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from kdfast import _validation as v
+
+__all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss",
+           "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
+
+
+# ---------------------------------------------------------------- response-based
+
+def reduce_rows(rows, mask, reduction, batch):
+    """Reduce per-row KL values. rows has the logits' leading shape; masked rows count as absent."""
+    if mask is not None:
+        rows = torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / batch if batch > 0 else total
+    count = rows.numel() if mask is None else mask.sum()
+    if mask is None:
+        return total / count if count > 0 else total
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def _kl_rows(student_logits, teacher_logits, temperature):
+    acc = v.compute_dtype(student_logits, teacher_logits)
+    log_ps = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
+    pt = log_pt.exp()
+    # A term with p_t = 0 is 0, also where a logit is -inf (masked vocabulary); the where() sits
+    # before the product so that no NaN leaks into the gradient either.
+    diff = torch.where(pt > 0, log_pt - log_ps, torch.zeros((), dtype=acc, device=pt.device))
+    return (pt * diff).sum(-1)
+
+
+def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
+    """KL(softmax(teacher / T) || softmax(student / T)) over the last dim, per row, reduced."""
+    v.check_logits(student_logits, teacher_logits)
+    temperature = v.check_positive(temperature, "temperature")
+    v.check_reduction(reduction, v.KL_REDUCTIONS)
+    mask = v.check_mask(mask, student_logits)
+    rows = _kl_rows(student_logits, teacher_logits, temperature)
+    batch = student_logits.shape[0]
+    return reduce_rows(rows, mask, reduction, batch).to(v.result_dtype(student_logits, teacher_logits))
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean", mask=None):
+    """Hinton's distillation loss: T^2 * softmax_kl_div (the T^2 keeps gradient sizes independent of T)."""
+    temperature = v.check_positive(temperature, "temperature")
+    return softmax_kl_div(student_logits, teacher_logits, temperature=temperature,
+                          reduction=reduction, mask=mask) * (temperature * temperature)
+
+
+def logit_mse(student_logits, teacher_logits, *, reduction="mean"):
+    """Mean (or sum, or elementwise) squared difference of the logits."""
+    v.check_pair(student_logits, teacher_logits)
+    v.check_reduction(reduction, v.REDUCTIONS)
+    acc = v.compute_dtype(student_logits, teacher_logits)
+    out = F.mse_loss(student_logits.to(acc), teacher_logits.to(acc), reduction=reduction)
+    return out.to(v.result_dtype(student_logits, teacher_logits))
+
+
+# ---------------------------------------------------------------- feature-based
+
+def _as_pairs(student_feats, teacher_feats):
+    if isinstance(student_feats, torch.Tensor) or isinstance(teacher_feats, torch.Tensor):
+        if not (isinstance(student_feats, torch.Tensor) and isinstance(teacher_feats, torch.Tensor)):
+            raise TypeError("student_feats and teacher_feats must both be tensors or both be sequences "
+                            "of tensors")
+        return [(student_feats, teacher_feats)]
+    if not isinstance(student_feats, Sequence) or not isinstance(teacher_feats, Sequence):
+        raise TypeError("student_feats and teacher_feats must be tensors or sequences of tensors, got "
+                        f"{type(student_feats).__name__} and {type(teacher_feats).__name__}")
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(f"student_feats has {len(student_feats)} layers but teacher_feats has "
+                         f"{len(teacher_feats)}")
+    if len(student_feats) == 0:
+        raise ValueError("student_feats and teacher_feats are empty")
+    return list(zip(student_feats, teacher_feats))
+
+
+def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
+    """Sum over layer pairs of the squared L2 distance: each pair's mean (reduction="mean") or sum
+    (reduction="sum") over its elements."""
+    v.check_reduction(reduction, ("mean", "sum"))
+    pairs = _as_pairs(student_feats, teacher_feats)
+    total = None
+    for i, (fs, ft) in enumerate(pairs):
+        v.check_pair(fs, ft, f"student_feats[{i}]", f"teacher_feats[{i}]")
+        acc = v.compute_dtype(fs, ft)
+        term = F.mse_loss(fs.to(acc), ft.to(acc), reduction=reduction)
+        total = term if total is None else total + term.to(total.dtype)
+    return total.to(v.result_dtype(*[t for p in pairs for t in p]))
+
+
+def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1e-8):
+    """1 - cos(student, teacher) along `dim`, as F.cosine_similarity computes it."""
+    v.check_pair(student_feats, teacher_feats, "student_feats", "teacher_feats")
+    v.check_reduction(reduction, v.REDUCTIONS)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if student_feats.dim() == 0 or not -student_feats.dim() <= dim < student_feats.dim():
+        raise ValueError(f"dim={dim} is out of range for student_feats of shape {tuple(student_feats.shape)}")
+    eps = v.check_positive(eps, "eps")
+    acc = v.compute_dtype(student_feats, teacher_feats)
+    out = 1 - F.cosine_similarity(student_feats.to(acc), teacher_feats.to(acc), dim=dim, eps=eps)
+    if reduction == "mean":
+        out = out.mean()
+    elif reduction == "sum":
+        out = out.sum()
+    return out.to(v.result_dtype(student_feats, teacher_feats))
+
+
+# ---------------------------------------------------------------- relation-based (RKD)
+
+def _centered(x, acc):
+    # Distances and angles do not move when all points move together; centring keeps the
+    # Gram-matrix formula accurate for features far from the origin (e.g. after a ReLU).
+    x = x.to(acc)
+    return x - x.mean(dim=-2, keepdim=True).detach()
+
+
+def _pdist(x, squared, eps):
+    """torchdistill's pdist, batched: (..., N, D) -> (..., N, N), clamped at eps, zero diagonal."""
+    sq = (x * x).sum(-1)
+    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * (x @ x.transpose(-1, -2))).clamp(min=eps)
+    if not squared:
+        d = d.sqrt()
+    eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
+    return d.masked_fill(eye, 0)
+
+
+def _normalize_by_positive_mean(d):
+    pos = d > 0
+    mean = (d * pos).sum((-1, -2), keepdim=True) / pos.sum((-1, -2), keepdim=True).clamp(min=1)
+    return d / mean
+
+
+def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):
+    """(N, D) -> (N, N) or (B, N, D) -> (B, N, N) distances; with normalize, each group is divided
+    by the mean of its positive entries (RKD's psi)."""
+    v.check_points(x, "x")
+    eps = v.check_nonnegative(eps, "eps")
+    d = _pdist(_centered(x, v.compute_dtype(x)), squared, eps)
+    if normalize:
+        d = _normalize_by_positive_mean(d)
+    return d.to(v.result_dtype(x))
+
+
+def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
+    """Huber_delta between the psi-normalised distance matrices, averaged over N^2 entries and B."""
+    v.check_relation_pair(student, teacher)
+    delta = v.check_positive(delta, "delta")
+    eps = v.check_nonnegative(eps, "eps")
+    acc = v.compute_dtype(student, teacher)
+    ds = _normalize_by_positive_mean(_pdist(_centered(student, acc), squared, eps))
+    dt = _normalize_by_positive_mean(_pdist(_centered(teacher, acc), squared, eps))
+    loss = F.huber_loss(ds, dt, reduction="none", delta=delta).mean((-1, -2))
+    return loss.mean().to(v.result_dtype(student, teacher))
+
+
+def _angles(x, eps):
+    """cos of the angle at vertex i of every triplet: (..., N, N, N), as torchdistill's RKDAngle."""
+    diff = x.unsqueeze(-3) - x.unsqueeze(-2)  # [..., i, j] = x_j - x_i
+    unit = F.normalize(diff, p=2, dim=-1, eps=eps)
+    return unit @ unit.transpose(-1, -2)
+
+
+def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
+    """Huber_delta between the triplet-angle cosines, averaged over N^3 entries and B."""
+    v.check_relation_pair(student, teacher)
+    delta = v.check_positive(delta, "delta")
+    eps = v.check_nonnegative(eps, "eps")
+    acc = v.compute_dtype(student, teacher)
+    cs, ct = _angles(_centered(student, acc), eps), _angles(_centered(teacher, acc), eps)
+    loss = F.huber_loss(cs, ct, reduction="none", delta=delta).mean((-1, -2, -3))
+    return loss.mean().to(v.result_dtype(student, teacher))
+
+
+def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0):
+    """distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss (RKD-DA, Park et al.)."""
+    dw = v.check_nonnegative(distance_weight, "distance_weight")
+    aw = v.check_nonnegative(angle_weight, "angle_weight")
+    return (dw * rkd_distance_loss(student, teacher, delta=delta)
+            + aw * rkd_angle_loss(student, teacher, delta=delta))
