@@ -76,4 +76,4 @@ def has_cuda_kernels():
 if LOADED:
     select_cpu_isa(os.environ.get("KDFAST_CPU_ISA", "auto"))
 
-    from kdfast import _autograd  # noqa: E402,F401  (fake kernels and autograd for the ops)
+    from kdfast import _autograd  # noqa: E402,F401  (fake kernels, autograd)

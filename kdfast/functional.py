@@ -1,7 +1,10 @@
 """The kdfast loss functions: validate, choose the backend, call the fused op or the reference."""
 import torch
 
-from kdfast import _backend, _validation as v, reference
+from kdfast import _backend, _ops, _validation as v, reference
+
+if _ops.LOADED:
+    from kdfast._autograd import SoftmaxKLFunction
 
 __all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss",
            "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
@@ -33,10 +36,7 @@ def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
             w = w / mask.sum().clamp(min=1).to(acc)
     elif reduction == "mean" and rows > 0:
         w = w / rows
-    grad_on = torch.is_grad_enabled()
-    want_s = grad_on and student.requires_grad
-    want_t = grad_on and teacher.requires_grad
-    kl, _, _ = torch.ops.kdfast.softmax_kl(s2, t2, 1.0 / temperature, w, want_s, want_t)
+    kl = SoftmaxKLFunction.apply(s2, t2, 1.0 / temperature, w)
     out_dtype = v.result_dtype(student, teacher)
     if reduction == "none":
         return (kl * w).reshape(lead).to(out_dtype)
