@@ -93,6 +93,18 @@ TORCH_LIBRARY(kdfast, m) {
   // grad[r, :] *= ratio[r] in place, skipping rows whose ratio is exactly 1 (the usual case, where
   // the upstream gradient is the one the forward already applied).
   m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
+  // Relation ops. Points are (B, N, D); student and teacher may differ in D. rkd_distance and
+  // rkd_angle return (loss per group, grad_student, grad_teacher) in the same forward-and-gradient
+  // form as softmax_kl: each gradient is group_weight[b] * d loss_b / d input, or an empty tensor.
+  // loss_b is the mean Huber_delta over the group's N^2 distance or N^3 angle entries.
+  m.def("rkd_distance(Tensor student, Tensor teacher, float delta, bool squared, float eps, "
+        "Tensor group_weight, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  m.def("rkd_angle(Tensor student, Tensor teacher, float delta, float eps, Tensor group_weight, "
+        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // (B, N, D) -> (B, N, N) distances clamped at eps with a zero diagonal, each group divided by the
+  // mean of its positive entries when normalize. In the accumulation dtype (float32 or float64).
+  m.def("pairwise_distances(Tensor x, bool squared, bool normalize, float eps) -> Tensor");
+  m.def("pairwise_distances_backward(Tensor grad, Tensor x, bool squared, bool normalize, float eps) -> Tensor");
   m.def("_select_cpu_isa(str name, str path) -> str", &kdfast::select_cpu_isa);
   m.def("_cpu_supports(str isa) -> bool", &kdfast::cpu_supports);
   m.def("_empty_cpu_cache() -> ()", &kdfast::empty_cpu_cache);

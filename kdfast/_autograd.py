@@ -27,49 +27,104 @@ def _scale_rows_fake(grad, ratio):
     return None
 
 
-class SoftmaxKLFunction(torch.autograd.Function):
-    """kl_rows = softmax_kl(student, teacher) with the gradient computed in the forward pass."""
+@torch.library.register_fake("kdfast::rkd_distance")
+def _rkd_distance_fake(student, teacher, delta, squared, eps, group_weight, grad_student, grad_teacher):
+    return _relation_fake(student, teacher, group_weight, grad_student, grad_teacher)
+
+
+@torch.library.register_fake("kdfast::rkd_angle")
+def _rkd_angle_fake(student, teacher, delta, eps, group_weight, grad_student, grad_teacher):
+    return _relation_fake(student, teacher, group_weight, grad_student, grad_teacher)
+
+
+def _relation_fake(student, teacher, group_weight, grad_student, grad_teacher):
+    torch._check(student.dim() == 3 and teacher.dim() == 3)
+    loss = group_weight.new_empty((student.shape[0],))
+    gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    gt = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
+    return loss, gs, gt
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("kdfast::pairwise_distances")
+def _pairwise_fake(x, squared, normalize, eps):
+    torch._check(x.dim() == 3)
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.register_fake("kdfast::pairwise_distances_backward")
+def _pairwise_backward_fake(grad, x, squared, normalize, eps):
+    return torch.empty_like(x)
+
+
+def _pairwise_setup(ctx, inputs, output):
+    x, squared, normalize, eps = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (squared, normalize, eps)
+
+
+def _pairwise_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return _ops.pairwise_distances_backward(grad, x, *ctx.args), None, None, None
+
+
+torch.library.register_autograd("kdfast::pairwise_distances", _pairwise_backward, setup_context=_pairwise_setup)
+
+
+class FusedLossFunction(torch.autograd.Function):
+    """Autograd for the forward-and-gradient ops (softmax_kl, rkd_distance, rkd_angle).
+
+    op(student, teacher, *params, weight, grad_student, grad_teacher) returns (per-row or per-group
+    losses, grad_student, grad_teacher) with gradients for the upstream gradient `weight`.
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, inv_t, row_weight):
-        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        kl, gs, gt = _ops.softmax_kl(student, teacher, inv_t, row_weight, want_s, want_t)
-        ctx.inv_t, ctx.want = inv_t, (want_s, want_t)
+    def forward(ctx, op, student, teacher, weight, *params):
+        want_s, want_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        losses, gs, gt = op(student, teacher, *params, weight, want_s, want_t)
+        ctx.op, ctx.params, ctx.want = op, params, (want_s, want_t)
         ctx.set_materialize_grads(False)
         if torch.compiler.is_compiling():
             # Graphs get a functional backward: everything goes through save_for_backward.
-            ctx.save_for_backward(student, teacher, row_weight, gs, gt)
+            ctx.save_for_backward(student, teacher, weight, gs, gt)
             ctx.fused = None
         else:
             # The buffers stay private to this node, so backward may scale them in place and hand
             # them over without a copy (AccumulateGrad then adopts the buffer as .grad).
-            ctx.save_for_backward(student, teacher, row_weight)
+            ctx.save_for_backward(student, teacher, weight)
             ctx.fused = [gs, gt]
-        return kl
+        return losses
 
     @staticmethod
-    def backward(ctx, g_kl):
+    def backward(ctx, g_losses):
         if torch.is_grad_enabled():
-            raise RuntimeError("kdfast softmax-KL: double backward (create_graph=True) is not supported; "
-                               "use kdfast.set_backend('reference') for higher-order gradients")
+            raise RuntimeError("kdfast: double backward (create_graph=True) through a fused loss is not "
+                               "supported; use kdfast.set_backend('reference') for higher-order gradients")
         want_s, want_t = ctx.want
-        if g_kl is None:
-            return None, None, None, None
+        nones = (None,) * len(ctx.params)
+        if g_losses is None:
+            return (None, None, None, None) + nones
         saved = ctx.saved_tensors
-        student, teacher, row_weight = saved[:3]
-        g_kl = g_kl.to(row_weight.dtype)
-        ratio = torch.where(row_weight != 0, g_kl / row_weight, torch.ones_like(row_weight))
+        student, teacher, weight = saved[:3]
+        g_losses = g_losses.to(weight.dtype)
+        ratio = torch.where(weight != 0, g_losses / weight, torch.ones_like(weight))
         if len(saved) == 5:  # traced: out-of-place
             gs, gt = saved[3], saved[4]
-            gs = gs * ratio.to(gs.dtype).unsqueeze(-1) if want_s else None
-            gt = gt * ratio.to(gt.dtype).unsqueeze(-1) if want_t else None
-            return gs, gt, None, None
-        if ctx.fused is None:  # handed out already: a second backward through this graph
-            _, gs, gt = _ops.softmax_kl(student, teacher, ctx.inv_t, g_kl.contiguous(), want_s, want_t)
+            gs = _scaled(gs, ratio) if want_s else None
+            gt = _scaled(gt, ratio) if want_t else None
+        elif ctx.fused is None:  # handed out already: a second backward through this graph
+            _, gs, gt = ctx.op(student, teacher, *ctx.params, g_losses.contiguous(), want_s, want_t)
         else:
             gs, gt = ctx.fused
             ctx.fused = None
             for g, want in ((gs, want_s), (gt, want_t)):
-                if want:
-                    _ops.scale_rows_(g, ratio)
-        return (gs if want_s else None), (gt if want_t else None), None, None
+                if want and g.numel():
+                    _ops.scale_rows_(g.view(g.shape[0], -1), ratio)
+        return (None, gs if want_s else None, gt if want_t else None, None) + nones
+
+
+def _scaled(g, ratio):
+    return g * ratio.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))

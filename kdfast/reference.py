@@ -174,6 +174,10 @@ def _angles(x, eps):
     """cos of the angle at vertex i of every triplet: (..., N, N, N), as torchdistill's RKDAngle."""
     diff = x.unsqueeze(-3) - x.unsqueeze(-2)  # [..., i, j] = x_j - x_i
     unit = F.normalize(diff, p=2, dim=-1, eps=eps)
+    # A zero-length side (i = j, or duplicate points) has cosine 0 as in torchdistill, but no
+    # gradient: F.normalize alone would send 1/eps-sized gradients through exact duplicates.
+    nonzero = (diff != 0).any(-1, keepdim=True)
+    unit = torch.where(nonzero, unit, torch.zeros((), dtype=unit.dtype, device=unit.device))
     return unit @ unit.transpose(-1, -2)
 
 

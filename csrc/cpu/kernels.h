@@ -23,9 +23,62 @@ struct SoftmaxKLArgs {
   void* grad_teacher;      // rows x V contiguous, or null
 };
 
+// Relation kernels work on one group's n x n matrices in the accumulation type (Float or Double),
+// all contiguous. The caller forms the Gram matrix of the centred points with a matrix product.
+struct PdistArgs {
+  DType dtype;
+  const void* gram;
+  int64_t n;
+  bool squared;
+  double eps;
+  void* dist;        // out: distances clamped at eps, zero diagonal, not normalised
+  double pos_sum;    // out: sum and count of the positive distances (psi divides by their mean)
+  int64_t pos_count;
+};
+
+struct PdistBackwardArgs {
+  DType dtype;
+  const void* gram;
+  const void* dist;  // as PdistArgs wrote it
+  int64_t n;
+  bool squared, normalize;
+  double eps, mean;  // mean of the positive distances (used when normalize)
+  int64_t pos_count;
+  const void* grad_out;  // d loss / d psi (normalize) or d loss / d dist
+  void* grad_gram;       // out: d loss / d G (not symmetrised)
+};
+
+// Huber between psi_s = dist_s / mean_s and psi_t = dist_t / mean_t over n x n entries.
+struct DistanceHuberArgs {
+  DType dtype;
+  const void* dist_s;
+  const void* dist_t;
+  int64_t n;
+  double inv_mean_s, inv_mean_t, delta, coef;  // coef scales the gradients (weight / n^2)
+  double loss;                                  // out: sum of Huber values
+  void* grad_psi_s;                             // out or null: coef * Huber'
+  void* grad_psi_t;
+};
+
+// Angle Huber over the n^3 triplets of one group, with the sums its gradient needs (see rkd.cpp).
+struct AngleArgs {
+  DType dtype;
+  const void* gram_s;
+  const void* gram_t;
+  int64_t n;
+  double eps, delta, coef;  // coef scales the gradients (weight / n^3)
+  double loss;              // out: sum of Huber values
+  void* grad_gram_s;        // out or null: d loss / d G_s (not symmetrised); n x n
+  void* grad_gram_t;
+};
+
 struct Kernels {
   const char* isa;
   void (*softmax_kl)(const SoftmaxKLArgs&);
+  void (*pdist)(PdistArgs&);
+  void (*pdist_backward)(const PdistBackwardArgs&);
+  void (*distance_huber)(DistanceHuberArgs&);
+  void (*angle)(AngleArgs&);
 };
 
 }  // namespace cpu

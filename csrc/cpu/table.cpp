@@ -8,9 +8,14 @@ namespace kdfast {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 void softmax_kl(const SoftmaxKLArgs&);
+void pdist(PdistArgs&);
+void pdist_backward(const PdistBackwardArgs&);
+void distance_huber(DistanceHuberArgs&);
+void angle(AngleArgs&);
 
 const Kernels* table() {
-  static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl};
+  static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl, &pdist, &pdist_backward, &distance_huber,
+                         &angle};
   return &k;
 }
 }  // namespace CPU_CAPABILITY

@@ -1,0 +1,123 @@
+// CPU implementation of the relation ops: centring, Gram matrices and the final products with
+// ATen's matrix multiply; the n x n and n^3 work in the kernels of cpu/rkd.cpp. Memory is
+// O(B n^2) beyond the inputs and their gradients. User-facing validation is in kdfast/functional.py.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "ops/cpu_dispatch.h"
+#include "ops/rkd_common.h"
+
+namespace kdfast {
+namespace {
+
+cpu::DType acc_kernel_dtype(at::ScalarType acc) {
+  return acc == at::kDouble ? cpu::DType::Double : cpu::DType::Float;
+}
+
+// Distances of one group (n x n, acc type): returns (dist, mean of the positive entries, count).
+struct GroupDist {
+  at::Tensor dist;
+  double mean;
+  int64_t count;
+};
+
+GroupDist group_dist(const at::Tensor& G, bool squared, double eps) {
+  const int64_t n = G.size(0);
+  GroupDist r{at::empty({n, n}, G.options()), 0, 0};
+  cpu::PdistArgs a{acc_kernel_dtype(G.scalar_type()), G.data_ptr(), n, squared, eps, r.dist.data_ptr(), 0, 0};
+  cpu_kernels().pdist(a);
+  r.count = a.pos_count;
+  r.mean = a.pos_sum / static_cast<double>(a.pos_count);  // 0/0 = NaN, as torch's mean of nothing
+  return r;
+}
+
+void group_dist_backward(const at::Tensor& G, const GroupDist& d, bool squared, bool normalize, double eps,
+                         const at::Tensor& grad_out, at::Tensor grad_gram) {
+  cpu::PdistBackwardArgs a{acc_kernel_dtype(G.scalar_type()), G.data_ptr(), d.dist.data_ptr(), G.size(0),
+                           squared, normalize, eps, d.mean, d.count, grad_out.data_ptr(),
+                           grad_gram.data_ptr()};
+  cpu_kernels().pdist_backward(a);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_cpu(const at::Tensor& s, const at::Tensor& t,
+                                                                double delta, bool squared, double eps,
+                                                                const at::Tensor& w, bool want_s, bool want_t) {
+  RelationInputs in(s, t, w, "rkd_distance");
+  const int64_t B = in.B, n = in.N;
+  at::Tensor loss = at::empty({B}, in.opts());
+  at::Tensor gGs = want_s ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
+  at::Tensor gGt = want_t ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
+  auto wa = in.weights();
+  for (int64_t b = 0; b < B; ++b) {
+    GroupDist ds = group_dist(in.gram_s[b], squared, eps), dt = group_dist(in.gram_t[b], squared, eps);
+    at::Tensor gps = want_s ? at::empty({n, n}, in.opts()) : at::Tensor();
+    at::Tensor gpt = want_t ? at::empty({n, n}, in.opts()) : at::Tensor();
+    cpu::DistanceHuberArgs a{acc_kernel_dtype(in.acc), ds.dist.data_ptr(), dt.dist.data_ptr(), n,
+                             1.0 / ds.mean, 1.0 / dt.mean, delta, wa[b] / double(n * n), 0,
+                             want_s ? gps.data_ptr() : nullptr, want_t ? gpt.data_ptr() : nullptr};
+    cpu_kernels().distance_huber(a);
+    loss[b] = a.loss / double(n * n);
+    if (wa[b] == 0) continue;
+    if (want_s) group_dist_backward(in.gram_s[b], ds, squared, true, eps, gps, gGs[b]);
+    if (want_t) group_dist_backward(in.gram_t[b], dt, squared, true, eps, gpt, gGt[b]);
+  }
+  return {loss, in.grad_points_s(gGs), in.grad_points_t(gGt)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& s, const at::Tensor& t,
+                                                             double delta, double eps, const at::Tensor& w,
+                                                             bool want_s, bool want_t) {
+  RelationInputs in(s, t, w, "rkd_angle");
+  const int64_t B = in.B, n = in.N;
+  at::Tensor loss = at::empty({B}, in.opts());
+  at::Tensor gGs = want_s ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
+  at::Tensor gGt = want_t ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
+  auto wa = in.weights();
+  const double n3 = double(n) * double(n) * double(n);
+  for (int64_t b = 0; b < B; ++b) {
+    const bool grads = wa[b] != 0;
+    cpu::AngleArgs a{acc_kernel_dtype(in.acc), in.gram_s[b].data_ptr(), in.gram_t[b].data_ptr(), n, eps, delta,
+                     wa[b] / n3, 0, (want_s && grads) ? gGs[b].data_ptr() : nullptr,
+                     (want_t && grads) ? gGt[b].data_ptr() : nullptr};
+    cpu_kernels().angle(a);
+    loss[b] = a.loss / n3;
+  }
+  return {loss, in.grad_points_s(gGs), in.grad_points_t(gGt)};
+}
+
+at::Tensor pairwise_distances_cpu(const at::Tensor& x, bool squared, bool normalize, double eps) {
+  PointsGram in(x, "pairwise_distances");
+  at::Tensor out = at::empty({in.B, in.N, in.N}, in.gram.options());
+  for (int64_t b = 0; b < in.B; ++b) {
+    GroupDist d = group_dist(in.gram[b], squared, eps);
+    out[b].copy_(normalize ? d.dist / d.mean : d.dist);
+  }
+  return out;
+}
+
+at::Tensor pairwise_distances_backward_cpu(const at::Tensor& grad, const at::Tensor& x, bool squared,
+                                           bool normalize, double eps) {
+  PointsGram in(x, "pairwise_distances_backward");
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == in.B && grad.size(1) == in.N && grad.size(2) == in.N,
+              "pairwise_distances_backward: grad must be (B, N, N)");
+  at::Tensor g = grad.to(in.gram.scalar_type()).contiguous();
+  at::Tensor gG = at::zeros_like(in.gram);
+  for (int64_t b = 0; b < in.B; ++b) {
+    GroupDist d = group_dist(in.gram[b], squared, eps);
+    group_dist_backward(in.gram[b], d, squared, normalize, eps, g[b], gG[b]);
+  }
+  return grad_points(gG, in.centred, x.scalar_type());
+}
+
+}  // namespace
+}  // namespace kdfast
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("rkd_distance", &kdfast::rkd_distance_cpu);
+  m.impl("rkd_angle", &kdfast::rkd_angle_cpu);
+  m.impl("pairwise_distances", &kdfast::pairwise_distances_cpu);
+  m.impl("pairwise_distances_backward", &kdfast::pairwise_distances_backward_cpu);
+}

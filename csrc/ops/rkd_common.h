@@ -1,0 +1,64 @@
+#pragma once
+// Device-independent parts of the relation ops (centring, Gram matrices, the products back to
+// points), shared by the CPU and CUDA implementations.
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace kdfast {
+
+inline at::ScalarType relation_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Points (B, N, D) centred per group in the accumulation type, and their symmetric Gram matrices.
+struct PointsGram {
+  at::Tensor centred, gram;
+  int64_t B, N;
+  PointsGram(const at::Tensor& x, const char* op) {
+    TORCH_CHECK(x.dim() == 3, op, ": points must be (B, N, D)");
+    TORCH_CHECK(x.size(1) >= 2, op, ": needs at least 2 points");
+    B = x.size(0), N = x.size(1);
+    at::Tensor xa = x.to(relation_acc(x.scalar_type()));
+    centred = xa - xa.mean({1}, true);
+    at::Tensor g = at::bmm(centred, centred.transpose(1, 2));
+    gram = ((g + g.transpose(1, 2)) * 0.5).contiguous();  // exactly symmetric: the kernels rely on it
+  }
+};
+
+// dL/dX from dL/dG (B, N, N) for G = Xc Xc^T with Xc = X - mean(X).
+inline at::Tensor grad_points(const at::Tensor& gG, const at::Tensor& centred, at::ScalarType dtype) {
+  at::Tensor g = at::bmm(gG + gG.transpose(1, 2), centred);
+  return (g - g.mean({1}, true)).to(dtype);
+}
+
+struct RelationInputs {
+  PointsGram ps, pt;
+  at::Tensor gram_s, gram_t, w;
+  at::ScalarType acc, dtype_s, dtype_t;
+  int64_t B, N;
+  RelationInputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op)
+      : ps(s, op), pt(t, op) {
+    TORCH_CHECK(s.size(0) == t.size(0) && s.size(1) == t.size(1), op,
+                ": student and teacher must have the same B and N");
+    TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher dtypes differ");
+    acc = relation_acc(s.scalar_type());
+    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == s.size(0) && weight.scalar_type() == acc, op,
+                ": group_weight must be a ", acc, " vector of length B");
+    gram_s = ps.gram, gram_t = pt.gram, w = weight;
+    dtype_s = s.scalar_type(), dtype_t = t.scalar_type();
+    B = s.size(0), N = s.size(1);
+  }
+  at::TensorOptions opts() const { return gram_s.options(); }
+  std::vector<double> weights() const {
+    at::Tensor c = w.to(at::kDouble).cpu().contiguous();
+    return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+  }
+  at::Tensor grad_points_s(const at::Tensor& gG) const {
+    return gG.defined() ? grad_points(gG, ps.centred, dtype_s) : at::empty({0}, ps.centred.options().dtype(dtype_s));
+  }
+  at::Tensor grad_points_t(const at::Tensor& gG) const {
+    return gG.defined() ? grad_points(gG, pt.centred, dtype_t) : at::empty({0}, pt.centred.options().dtype(dtype_t));
+  }
+};
+
+}  // namespace kdfast
