@@ -184,12 +184,15 @@ void angle_typed(AngleArgs& p) {
   const V vdelta(delta), vndelta(-delta), vhalf(acc_t(0.5)), vhdelta(acc_t(0.5) * delta), vzero(acc_t(0));
   constexpr int64_t W = V::size();
 
-  // Blocks of kJB values of j share each row i while it is in L1.
-  constexpr int64_t kJB = 4;
-  at::parallel_for(0, (n + kJB - 1) / kJB, 1, [&](int64_t b0, int64_t b1) {
+  // A block of jb values of j shares each row i of G and 1/n while it is in L1; the block's own
+  // rows (G_j and the A_j sums, both sides) stay in L2. Every block streams the i rows once, so
+  // larger blocks mean less memory traffic: size them to about 512 KB of j rows.
+  constexpr int64_t kMaxJB = 32;
+  const int64_t jb = std::max<int64_t>(4, std::min<int64_t>(kMaxJB, (int64_t(512) << 10) / (4 * n * int64_t(sizeof(acc_t)))));
+  at::parallel_for(0, (n + jb - 1) / jb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t jb0 = blk * kJB, jb1 = std::min(n, jb0 + kJB);
-      double lsum[kJB] = {0, 0, 0, 0};
+      const int64_t jb0 = blk * jb, jb1 = std::min(n, jb0 + jb);
+      double lsum[kMaxJB] = {};
       for (int64_t i = 0; i < n; ++i) {
         const acc_t* gsi = Gs + i * n;
         const acc_t* gti = Gt + i * n;
