@@ -84,9 +84,18 @@ class FusedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, student, teacher, weight, *params):
         want_s, want_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        losses, gs, gt = op(student, teacher, *params, weight, want_s, want_t)
         ctx.op, ctx.params, ctx.want = op, params, (want_s, want_t)
         ctx.set_materialize_grads(False)
+        # float16 has too little range to hold a gradient computed at one scale and rescaled later
+        # (GradScaler's 65536 overflows, small values underflow). On CUDA, where checking the
+        # upstream gradient would cost a host sync, float16 computes its gradient in backward.
+        ctx.defer = student.dtype == torch.float16 and student.device.type != "cpu"
+        if ctx.defer:
+            losses, _, _ = op(student, teacher, *params, weight, False, False)
+            ctx.save_for_backward(student, teacher, weight)
+            ctx.fused = None
+            return losses
+        losses, gs, gt = op(student, teacher, *params, weight, want_s, want_t)
         if torch.compiler.is_compiling():
             # Graphs get a functional backward: everything goes through save_for_backward.
             ctx.save_for_backward(student, teacher, weight, gs, gt)
@@ -115,7 +124,10 @@ class FusedLossFunction(torch.autograd.Function):
             gs, gt = saved[3], saved[4]
             gs = _scaled(gs, ratio) if want_s else None
             gt = _scaled(gt, ratio) if want_t else None
-        elif ctx.fused is None:  # handed out already: a second backward through this graph
+        elif ctx.fused is None or (student.dtype == torch.float16 and not bool((ratio == 1).all())):
+            # handed out already (a second backward through this graph), deferred, or float16
+            # with an upstream gradient other than the one predicted: compute it for g_losses
+            ctx.fused = None
             _, gs, gt = ctx.op(student, teacher, *ctx.params, g_losses.contiguous(), want_s, want_t)
         else:
             gs, gt = ctx.fused

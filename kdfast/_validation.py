@@ -91,6 +91,8 @@ def check_relation_pair(student, teacher):
     check_points(teacher, "teacher")
     if student.device != teacher.device:
         raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}")
+    if student.dim() == 3 and student.shape[0] == 0:
+        raise ValueError("student has no groups (dim 0 of (B, N, D) is 0)")
     if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must agree "
                          "in every dim but the feature width (dim -1)")

@@ -1,6 +1,7 @@
 // CPU implementation of the softmax-KL ops: argument checks, output allocation, kernel call.
 // User-facing validation (with messages naming the argument) happens in kdfast/functional.py;
 // the checks here guard the kernel against direct torch.ops calls.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -57,12 +58,20 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& ratio) {
   at::Tensor r = ratio.to(at::kDouble).contiguous();
   const double* rp = r.data_ptr<double>();
   const int64_t V = grad.size(1);
-  at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)),
-                   [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) {
-      if (rp[row] == 1.0) continue;
-      grad.select(0, row).mul_(rp[row]);
-    }
+  // The product is taken in float (double for double): a ratio such as a loss scale of 65536 must
+  // not be rounded to the gradient's half-precision type first.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        if (rp[row] == 1.0) continue;
+        const acc_t f = static_cast<acc_t>(rp[row]);
+        scalar_t* x = g + row * V;
+        for (int64_t j = 0; j < V; ++j) x[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) * f);
+      }
+    });
   });
 }
 

@@ -1,0 +1,367 @@
+"""Shared helpers for the kdfast test suite.
+
+* Tolerances are per dtype and norm-wise: relerr(a, b) = ||a - b|| / ||b||.
+* The softmax-KL checks compare against kdfast.reference evaluated on float64 copies of the
+  inputs. Where the float64 answer is tiny compared with the numbers it is computed from (nearly
+  equal distributions, one-hot rows, T = 100 ...) a plain relative error says nothing about the
+  kernel, so those comparisons divide by a *conditioning floor*: the size of the terms that any
+  fp32 evaluation has to cancel (see `kl_floors`). For well-conditioned rows the floor is within a
+  small factor of ||b|| itself.
+* Half-precision gradients are compared with the float64 gradient rounded to that dtype (the best
+  answer the dtype can hold); half-precision losses come back in float32 and are held to fp32-like
+  tolerances.
+* Tests marked @pytest.mark.slow run only with KDFAST_SLOW=1.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import _ops
+from kdfast import reference as ref
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOW = os.environ.get("KDFAST_SLOW", "0") == "1"
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Norm-wise relative tolerances against float64. VALUE: the loss (float32 for half inputs, computed
+# from the exact half values, so fp32-like). GRAD: gradients, which come back in the input dtype.
+VALUE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-5, torch.bfloat16: 3e-5}
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+needs_native = pytest.mark.skipif(not kdfast.native_available("cpu"),
+                                  reason="the compiled kdfast extension is not loaded")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long or memory-heavy cases, run with KDFAST_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow test: set KDFAST_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Every test starts from a fixed seed and leaves backend, CPU ISA and threads as it found them."""
+    backend, isa, threads = kdfast.get_backend(), _ops.selected_cpu_isa(), torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    kdfast.set_backend(backend)
+    if isa is not None and _ops.selected_cpu_isa() != isa:
+        _ops.select_cpu_isa(isa)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=_ops.available_cpu_isas() or ["<no extension>"])
+def cpu_isa(request):
+    """Runs the test once per CPU kernel build this install has and this CPU can execute."""
+    if request.param == "<no extension>":
+        pytest.skip("the compiled kdfast extension is not loaded")
+    chosen = _ops.select_cpu_isa(request.param)
+    assert chosen == request.param
+    assert kdfast.build_info()["cpu_isa_selected"] == request.param
+    return request.param
+
+
+@pytest.fixture(params=["native", "reference"])
+def backend(request):
+    """Runs the test under the native kernels and under the pure-PyTorch reference."""
+    if request.param == "native" and not kdfast.native_available("cpu"):
+        pytest.skip("the compiled kdfast extension is not loaded")
+    kdfast.set_backend(request.param)
+    return request.param
+
+
+# ----------------------------------------------------------------------------- numerics
+
+def relerr(a, b):
+    """||a - b|| / ||b|| in float64 (0 when both are 0, inf when only b is 0)."""
+    a, b = a.detach().double(), b.detach().double()
+    num, den = (a - b).norm().item(), b.norm().item()
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den
+
+
+def same_bits(a, b):
+    """Bitwise equality (NaN == NaN, -0 != +0): the test of determinism and of untouched inputs."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().contiguous().cpu(), b.detach().contiguous().cpu()
+    if a.numel() == 0:
+        return True
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(width), b.view(width))
+
+
+def result_dtype(*dtypes):
+    dt = dtypes[0]
+    for d in dtypes[1:]:
+        dt = torch.promote_types(dt, d)
+    return torch.float32 if dt in HALF else dt
+
+
+def assert_close_scaled(actual, expected, floor, tol, what, skip=None):
+    """||actual - expected|| <= tol * max(||expected||, ||floor||) over the entries where expected
+    is finite; where expected is +-inf or NaN, actual must be the same. Entries in `skip` are not
+    compared at all."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    floor = torch.as_tensor(floor, dtype=torch.float64).expand_as(expected)
+    fin = torch.isfinite(expected)
+    sel = fin if skip is None else fin & ~skip
+    if not bool(fin.all()):
+        nonfinite = ~fin if skip is None else ~fin & ~skip
+        assert torch.equal(actual[nonfinite].isnan(), expected[nonfinite].isnan()), \
+            f"{what}: NaN where the reference has inf or a number, or the other way round"
+        inf = nonfinite & ~expected.isnan()
+        assert torch.equal(actual[inf], expected[inf]), f"{what}: infinities differ from the reference"
+    zero = torch.zeros((), dtype=torch.float64)
+    diff = torch.where(sel, actual - expected, zero)
+    assert bool(torch.isfinite(diff).all()), f"{what}: non-finite values where the reference is finite"
+    err = diff.norm().item()
+    exp_norm = torch.where(sel, expected, zero).norm().item()
+    floor_norm = torch.where(sel & torch.isfinite(floor), floor, zero).norm().item()
+    scale = max(exp_norm, floor_norm)
+    assert err <= tol * scale or err == 0, (
+        f"{what}: error {err:.3e} > {tol:g} x scale {scale:.3e} (relerr {err / max(exp_norm, 1e-300):.3e})")
+
+
+def kl_floors(s, t, temperature):
+    """float64 conditioning floors per row / element for logits s, t of shape (..., V).
+
+    value[r]:  sum_v p_t (|a| + |b|) + |log Z_s| + |log Z_t| + 1   (a, b: max-shifted logits / T)
+    student:   (p_s + p_t) / T
+    teacher:   p_t (|a| + |b| + value[r]) / T
+    These bound the magnitude of what a one-pass fp32 kernel adds and subtracts, so eps * floor is
+    the error any fp32 evaluation makes."""
+    s, t = s.detach().double(), t.detach().double()
+    T = float(temperature)
+    a = (s - s.amax(-1, keepdim=True)) / T
+    b = (t - t.amax(-1, keepdim=True)) / T
+    ps, pt = torch.softmax(s / T, -1), torch.softmax(t / T, -1)
+    lzs, lzt = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
+    zero = torch.zeros((), dtype=torch.float64)
+    mag = torch.where(pt > 0, pt * (a.abs() + b.abs()), zero)
+    value = mag.sum(-1) + lzs.abs() + lzt.abs() + 1
+    student = (ps + pt) / T
+    teacher = torch.where(pt > 0, pt * (a.abs() + b.abs() + value.unsqueeze(-1)), zero) / T
+    return value, student, teacher
+
+
+def row_value_weights(lead_shape, reduction, mask, kd, temperature):
+    """d loss / d KL_row for each row of the leading shape (the reduction's factor, mask, T^2)."""
+    w = torch.ones(lead_shape, dtype=torch.float64)
+    if mask is not None:
+        w = w * mask.double()
+    if reduction == "batchmean" and len(lead_shape) and lead_shape[0] > 0:
+        w = w / lead_shape[0]
+    elif reduction == "mean":
+        count = int(mask.sum()) if mask is not None else w.numel()
+        w = w / max(count, 1)
+    if kd:
+        w = w * float(temperature) ** 2
+    return w
+
+
+def _backward(out, upstream):
+    if upstream is None:
+        out.sum().backward()
+    elif isinstance(upstream, torch.Tensor):
+        (out * upstream.to(out.dtype)).sum().backward()
+    else:
+        (out * upstream).sum().backward()
+
+
+def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmean", mask=None,
+             grad_student=True, grad_teacher=False, upstream=None, layout=None, value_tol=None,
+             grad_tol=None):
+    """Run kdfast.softmax_kl_div (or kd_loss) and its float64 reference on the same inputs and
+    compare values, gradients, dtypes and shapes; also check that the inputs are left untouched.
+
+    student, teacher: the leaf data (any float dtype); they are cloned. layout(s, t) maps the
+    leaves to the tensors handed to the loss (transposes, slices, expand ...). upstream: None (the
+    output is summed), a float (out * g) or a tensor of the output's shape (sum(out * u)).
+    Returns (out, grad_student, grad_teacher)."""
+    layout = layout or (lambda s, t: (s, t))
+    fn = kdfast.kd_loss if kd else kdfast.softmax_kl_div
+    ref_fn = ref.kd_loss if kd else ref.softmax_kl_div
+    kw = dict(temperature=temperature, reduction=reduction, mask=mask)
+
+    s_leaf = student.detach().clone().requires_grad_(grad_student)
+    t_leaf = teacher.detach().clone().requires_grad_(grad_teacher)
+    s_keep, t_keep = s_leaf.detach().clone(), t_leaf.detach().clone()
+    mask_keep = None if mask is None else mask.clone()
+    s_in, t_in = layout(s_leaf, t_leaf)
+    out = fn(s_in, t_in, **kw)
+
+    lead = tuple(s_in.shape[:-1])
+    assert out.dtype == result_dtype(s_in.dtype, t_in.dtype), f"loss dtype {out.dtype}"
+    assert tuple(out.shape) == (lead if reduction == "none" else ()), f"loss shape {tuple(out.shape)}"
+    if grad_student or grad_teacher:
+        assert out.grad_fn is not None
+        _backward(out, upstream)
+    else:
+        assert out.grad_fn is None and not out.requires_grad
+    assert same_bits(s_leaf.detach(), s_keep), "the student logits were modified"
+    assert same_bits(t_leaf.detach(), t_keep), "the teacher logits were modified"
+    if mask is not None:
+        assert torch.equal(mask, mask_keep), "the mask was modified"
+
+    # float64 reference on copies of the very same values
+    sd = student.detach().double().requires_grad_(True)
+    td = teacher.detach().double().requires_grad_(True)
+    sdv, tdv = layout(sd, td)
+    expected = ref_fn(sdv, tdv, **kw)
+    _backward(expected, upstream)
+
+    vfloor, sfloor, tfloor = kl_floors(sdv, tdv, temperature)
+    wv = row_value_weights(lead, reduction, mask, kd, temperature)
+    value_floor = torch.where(wv == 0, 0.0, wv * vfloor).abs()
+    if reduction != "none":
+        value_floor = value_floor.sum()
+    vdt = result_dtype(s_in.dtype, t_in.dtype)
+    assert_close_scaled(out, expected, value_floor, value_tol or VALUE_TOL[vdt], "loss")
+
+    # d loss / d KL_row, then the floors mapped back to the leaves through the layout (its adjoint)
+    if isinstance(upstream, torch.Tensor):
+        wg = wv * upstream.double()
+    else:
+        wg = wv * (1.0 if upstream is None else float(upstream))
+    wg = wg.abs().unsqueeze(-1)
+
+    # A row whose KL is +inf (student -inf where p_t > 0) has no meaningful teacher gradient: the
+    # reference gives NaN/inf there; such rows are skipped for the teacher only.
+    inf_rows = ~torch.isfinite(vfloor).unsqueeze(-1)
+
+    def to_leaf(view, leaf, x):
+        # Map a view-shaped magnitude to the leaf through the layout's adjoint (sums for expand).
+        if view is leaf:
+            return x
+        return torch.autograd.grad(view, leaf, x, retain_graph=True)[0]
+
+    grads = []
+    for want, leaf, leaf_d, view_d, floor, name in (
+            (grad_student, s_leaf, sd, sdv, sfloor, "student gradient"),
+            (grad_teacher, t_leaf, td, tdv, tfloor, "teacher gradient")):
+        if not want:
+            assert leaf.grad is None
+            grads.append(None)
+            continue
+        g = leaf.grad
+        assert g is not None, f"{name} is missing"
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
+        exp_g = leaf_d.grad
+        if leaf.dtype in HALF:
+            exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
+        fl = to_leaf(view_d, leaf_d, torch.where(inf_rows, 0.0, wg * floor))
+        tol = grad_tol or GRAD_TOL[leaf.dtype]
+        if leaf.dtype in HALF:
+            # below the smallest normal a half value is only good to its fixed quantum (the smallest
+            # subnormal): allow that much per element
+            fi = torch.finfo(leaf.dtype)
+            fl = torch.clamp(fl, min=fi.smallest_normal * fi.eps / tol)
+        skip = None
+        if name.startswith("teacher"):
+            skip = to_leaf(view_d, leaf_d, inf_rows.expand_as(floor).double()) > 0
+        assert_close_scaled(g, exp_g, fl, tol, name, skip=skip)
+        grads.append(g)
+    return out, grads[0], grads[1]
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+class PythonJob:
+    """A fresh interpreter started in the background from the repo root (jobs started together run
+    concurrently, which keeps the subprocess tests cheap in wall time)."""
+
+    def __init__(self, args, env=None):
+        full_env = dict(os.environ)
+        for k in ("KDFAST_BACKEND", "KDFAST_CPU_ISA"):
+            full_env.pop(k, None)
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._done = None
+
+    def result(self, timeout=180):
+        if self._done is None:
+            out, err = self.proc.communicate(timeout=timeout)
+            self._done = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+        return self._done
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def start_python(args, env=None):
+    """Start `python *args` (e.g. ["-c", code] or ["-m", "kdfast"]) in the background."""
+    return PythonJob(args, env)
+
+
+def run_python(code, env=None, timeout=180):
+    """Run `python -c code` in a fresh interpreter from the repo root; returns CompletedProcess."""
+    return start_python(["-c", code], env).result(timeout)
+
+
+# Every subprocess check of the suite, by name: (python arguments, environment). They are all
+# started together, in the background, the first time a test asks for one, so that their
+# interpreter start-ups overlap.
+_FORCE_ISA_SNIPPET = """
+import json, warnings, torch
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import kdfast
+s, t = torch.randn(3, 100), torch.randn(3, 100)
+out = kdfast.kd_loss(s, t).item()
+ref = kdfast.reference.kd_loss(s.double(), t.double()).item()
+print(json.dumps({"selected": kdfast.build_info()["cpu_isa_selected"], "out": out, "ref": ref,
+                  "backend": kdfast.get_backend(), "warnings": [str(x.message) for x in w]}))
+"""
+_BACKEND_SNIPPET = "import kdfast, json; print(json.dumps(kdfast.get_backend()))"
+SUBPROCESS_JOBS = {
+    # (KDFAST_BACKEND=AUTO rides along: case-insensitive, and still the native kernels)
+    "isa=default": (["-c", _FORCE_ISA_SNIPPET], {"KDFAST_CPU_ISA": "default", "KDFAST_BACKEND": "AUTO"}),
+    "isa=avx2": (["-c", _FORCE_ISA_SNIPPET], {"KDFAST_CPU_ISA": "avx2"}),
+    "isa=avx512": (["-c", _FORCE_ISA_SNIPPET], {"KDFAST_CPU_ISA": "avx512"}),
+    "isa=sse9": (["-c", "import kdfast"], {"KDFAST_CPU_ISA": "sse9"}),
+    "backend=reference": (["-c", _BACKEND_SNIPPET], {"KDFAST_BACKEND": "reference"}),
+    "backend=fastest": (["-c", _BACKEND_SNIPPET], {"KDFAST_BACKEND": "fastest"}),
+    "python -m kdfast": (["-m", "kdfast"], {}),  # no KDFAST_* set: also the default backend
+}
+_started_jobs = {}
+
+
+def _start_all_jobs():
+    if not _started_jobs:
+        for name, (args, env) in SUBPROCESS_JOBS.items():
+            _started_jobs[name] = start_python(args, env)
+    return _started_jobs
+
+
+@pytest.fixture(scope="session")
+def python_jobs():
+    """name -> PythonJob for SUBPROCESS_JOBS; .result() waits for one."""
+    jobs = _start_all_jobs()
+    yield jobs
+    for job in jobs.values():
+        job.kill()

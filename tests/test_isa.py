@@ -1,0 +1,181 @@
+"""The per-ISA CPU kernel builds: each one agrees with float64, each can be forced by
+KDFAST_CPU_ISA and reported by build_info, the baseline build holds no AVX/AVX-512 code, and
+results do not depend on the thread count."""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import _ops
+
+from conftest import DTYPE_IDS, REPO, check_kl, needs_native, relerr, same_bits
+
+pytestmark = needs_native
+
+ISA_SHAPES = [(3, 7), (5, 33), (4, 1000), (3, 5000), (2, 70001)]
+
+
+ISA_PARAMS = [pytest.param(dtype, shape, id=f"{DTYPE_IDS[dtype]}-{'x'.join(map(str, shape))}")
+              for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+              for shape in ISA_SHAPES
+              if dtype in (torch.float32, torch.bfloat16) or shape[-1] <= 5000]  # fp32, bf16 cover the rest
+
+
+@pytest.mark.parametrize("dtype,shape", ISA_PARAMS)
+def test_isa_matches_float64(cpu_isa, dtype, shape):
+    s = (torch.randn(*shape, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(*shape, dtype=torch.float64) * 3).to(dtype)
+    for temperature in (0.5, 4.0):
+        check_kl(s, t, kd=True, temperature=temperature, reduction="none", grad_teacher=True,
+                 upstream=torch.rand(shape[:-1], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+def test_isa_special_values(cpu_isa, dtype):
+    """-inf (masked vocabulary), +-1e4 and a mask on every path, against float64."""
+    s = torch.randn(4, 4100) * 3
+    t = torch.randn(4, 4100) * 3
+    t[0, 1::3] = float("-inf")
+    s[1, :2048], t[1, :2048] = float("-inf"), float("-inf")
+    s[2], t[2] = s[2].sign() * 1e4, t[2].sign() * 1e4
+    t[3, :-5] = float("-inf")
+    mask = torch.tensor([True, True, True, False])
+    check_kl(s.to(dtype), t.to(dtype), temperature=0.7, reduction="none", mask=mask, grad_teacher=True)
+
+
+def test_isa_paths_agree_with_each_other():
+    """Every path gives the same values as the baseline to fp32 rounding."""
+    isas = _ops.available_cpu_isas()
+    s, t = torch.randn(6, 3001), torch.randn(6, 3001)
+    results = {}
+    for isa in isas:
+        _ops.select_cpu_isa(isa)
+        s1 = s.clone().requires_grad_()
+        out = kdfast.kd_loss(s1, t, reduction="none")
+        out.sum().backward()
+        results[isa] = (out.detach(), s1.grad)
+    base = results["default"]
+    for isa, (out, grad) in results.items():
+        assert relerr(out, base[0]) < 2e-6, isa
+        assert relerr(grad, base[1]) < 2e-6, isa
+
+
+def test_select_cpu_isa_api():
+    assert "default" in _ops.available_cpu_isas()
+    assert set(_ops.available_cpu_isas()) <= set(_ops.compiled_cpu_isas())
+    best = _ops.available_cpu_isas()[0]
+    assert _ops.select_cpu_isa("auto") == best
+    assert kdfast.build_info()["cpu_isa_selected"] == best
+    assert _ops.select_cpu_isa("default") == "default"
+    assert kdfast.build_info()["cpu_isa_selected"] == "default"
+    with pytest.raises(ValueError, match="bogus"):
+        _ops.select_cpu_isa("bogus")
+    assert kdfast.build_info()["cpu_isa_selected"] == "default", "a bad name must not change the path"
+
+
+def test_compiled_isas_on_x86():
+    info = kdfast.build_info()
+    assert "default" in info["cpu_isa_compiled"]
+    if os.uname().machine in ("x86_64", "AMD64"):
+        assert {"avx2", "avx512"} <= set(info["cpu_isa_compiled"]), \
+            "a plain x86-64 source build must include the AVX2 and AVX-512 kernels"
+
+
+# ----------------------------------------------------------------------------- forced by environment
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_env_forces_isa(isa, python_jobs):
+    if isa not in _ops.compiled_cpu_isas():
+        pytest.skip(f"{isa} kernels are not compiled in this build")
+    proc = python_jobs[f"isa={isa}"].result()
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    kdfast_warnings = [m for m in res["warnings"] if "kdfast" in m]
+    if isa in _ops.available_cpu_isas():
+        assert res["selected"] == isa
+        assert not kdfast_warnings
+    else:  # compiled but this CPU cannot run it: warn and use the best available path
+        assert res["selected"] == _ops.available_cpu_isas()[0]
+        assert any(isa in m for m in kdfast_warnings)
+    assert abs(res["out"] - res["ref"]) <= 1e-5 * abs(res["ref"])
+    if isa == "default":
+        assert res["backend"] == "auto"  # KDFAST_BACKEND=AUTO, normalised
+
+
+def test_env_unknown_isa_is_value_error(python_jobs):
+    proc = python_jobs["isa=sse9"].result()
+    assert proc.returncode != 0
+    assert "ValueError" in proc.stderr and "sse9" in proc.stderr and "KDFAST_CPU_ISA" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- baseline code
+
+def _functions_with(so_path, pattern):
+    """{function name: count} of instructions matching `pattern` inside functions whose demangled
+    name contains 'kdfast::cpu'."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", so_path], capture_output=True,
+                         text=True, check=True).stdout
+    header = re.compile(r"^[0-9a-f]+ <(.*)>:$")
+    rx = re.compile(pattern)
+    current, hits, seen = None, {}, 0
+    for line in out.splitlines():
+        m = header.match(line)
+        if m:
+            current = m.group(1)
+            seen += "kdfast::cpu" in current
+            continue
+        if current and "kdfast::cpu" in current and rx.search(line):
+            hits[current] = hits.get(current, 0) + 1
+    return hits, seen
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+def test_baseline_kernels_use_no_wide_registers():
+    libs = glob.glob(os.path.join(REPO, "kdfast", "_C*.so"))
+    assert libs, "kdfast/_C*.so not found"
+    for so in libs:
+        hits, seen = _functions_with(so, r"%zmm|%ymm")
+        assert seen > 0, f"no kdfast::cpu functions found in {so}: the check would be vacuous"
+        assert not hits, f"AVX/AVX-512 registers in baseline kernels of {so}: {sorted(hits)[:5]}"
+    # the same scan does find them where they belong
+    avx512 = glob.glob(os.path.join(REPO, "kdfast", "_cpu_avx512*.so"))
+    if avx512:
+        hits, _ = _functions_with(avx512[0], r"%zmm")
+        assert hits, "the AVX-512 kernel build has no zmm instructions"
+
+
+# ----------------------------------------------------------------------------- threads
+
+def test_build_info_reports_threads():
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        assert kdfast.build_info()["threads"] == n == torch.get_num_threads()
+    assert kdfast.build_info()["openmp"] is True
+
+
+@pytest.mark.parametrize("shape", [(64, 1000), (3, 70001), (2, 600000)],
+                         ids=["row_path", "split_path", "split_huge"])
+def test_threads_do_not_change_results(shape):
+    s, t = torch.randn(*shape), torch.randn(*shape)
+
+    def run():
+        s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+        out = kdfast.kd_loss(s1, t1, temperature=2.0, reduction="none")
+        (out * 0.25).sum().backward()
+        return out.detach(), s1.grad, t1.grad
+
+    results = {}
+    for n in (1, 2, 1, 2):
+        torch.set_num_threads(n)
+        r = run()
+        if n in results:  # the same thread count gives identical bits
+            assert all(same_bits(a, b) for a, b in zip(r, results[n])), f"{n} threads not deterministic"
+        results[n] = r
+    for a, b in zip(results[1], results[2]):  # 1 versus 2 threads: equal to rounding
+        assert relerr(a, b) < 1e-6
