@@ -25,6 +25,8 @@ from kdfast import _ops
 from kdfast import reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # the tests share the written-out contender formulations of bench/
+    sys.path.insert(0, REPO)
 SLOW = os.environ.get("KDFAST_SLOW", "0") == "1"
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import kdfast
 
+from bench.relation import td_pdist  # torchdistill's pdist, written out once for bench and tests
 from conftest import needs_native, relerr
 
 
@@ -15,17 +16,6 @@ from conftest import needs_native, relerr
 # As in torchdistill (torchdistill/losses/mid_level.py, RKDLoss) and RepDistiller
 # (distiller_zoo/RKD.py). `criterion` is smooth_l1_loss as published; `detach_teacher` mirrors their
 # `with torch.no_grad()` around the teacher terms (False lets the teacher gradient be compared).
-
-def td_pdist(e, squared=False, eps=1e-12):
-    e_square = e.pow(2).sum(dim=1)
-    prod = e @ e.t()
-    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-    if not squared:
-        res = res.sqrt()
-    res = res.clone()
-    res[range(len(e)), range(len(e))] = 0
-    return res
-
 
 class TorchdistillRKDLoss(torch.nn.Module):
     def __init__(self, dist_factor=25, angle_factor=50, criterion=F.smooth_l1_loss, detach_teacher=True):
