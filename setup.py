@@ -49,6 +49,22 @@ def _find_cuda_home():
     return None
 
 
+def _torch_version(torch):
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _visible_cuda_archs(torch):
+    """The compute capabilities of the visible GPUs, as a TORCH_CUDA_ARCH_LIST ("9.0"), or None."""
+    try:
+        if not torch.cuda.is_available():
+            return None
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # a broken driver: build for the defaults
+        return None
+    return ";".join(f"{major}.{minor}" for major, minor in caps) or None
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -71,11 +87,17 @@ def extensions():
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         ce.CUDA_HOME = cuda_home  # torch reads it at import time; the wrapper fools its guess
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # Spelled out (torch would pick the visible GPUs' archs itself) so that build_info can list them.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _visible_cuda_archs(torch) or "8.0;9.0"
 
     omp = ["-fopenmp"]
-    base_cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno"] + omp
+    # torch >= 2.14's headers need C++20 (torch's own default); older ones build as C++17, as before.
+    std = "-std=c++20" if _torch_version(torch) >= (2, 14) else "-std=c++17"
+    # Match libtorch's std::string ABI explicitly: a compiler whose default differs (some toolchains
+    # default to the old ABI) would otherwise build a library that crashes passing strings to torch.
+    abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True))}"]
+    base_cxx = ["-O3", std, "-fvisibility=hidden", "-fno-math-errno"] + abi + omp
     machine = platform.machine().lower()
     x86 = machine in ("x86_64", "amd64")
     defines = [("KDFAST_VERSION", f'"{VERSION}"')]
@@ -85,13 +107,15 @@ def extensions():
     # The default-ISA kernels live in the main library and are listed first, so that where an inline
     # function from a header is emitted by several objects, the linker keeps the baseline copy.
     sources = kernel_sources + main_sources
-    cuda_sources = _rel((ROOT / "csrc" / "cuda").glob("*.cu")) if with_cuda else []
+    # CUDA kernels (*.cu, no tensor headers) and their tensor glue (*.cpp, TORCH_LIBRARY_IMPL for CUDA).
+    cuda_dir = ROOT / "csrc" / "cuda"
+    cuda_sources = _rel([*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cpp")]) if with_cuda else []
     main_defines = defines + [("CPU_CAPABILITY", "DEFAULT"), ("CPU_CAPABILITY_DEFAULT", None)]
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     main_defines.append(("KDFAST_CUDA_ARCHS", f'"{archs}"'))
     if with_cuda:
         main_defines.append(("KDFAST_WITH_CUDA", "1"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+        nvcc = ["-O3", std, *abi, "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                 "-DKDFAST_WITH_CUDA=1"]
         ext = ce.CUDAExtension(
             "kdfast._C", sources + cuda_sources, include_dirs=[str(ROOT / "csrc")],

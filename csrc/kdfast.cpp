@@ -5,7 +5,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <sstream>
 #include <string>
 
 #include "cpu/kernels.h"
@@ -48,28 +47,28 @@ bool cpu_supports(const std::string& isa) {
   return isa == "default";
 }
 
+// Plain string concatenation: no iostreams, whose inline code can disagree with the C++ runtime
+// that the process loaded when the compiler is newer than it.
 std::string build_info_json() {
-  std::ostringstream o;
-  o << "{\"version\": \"" << KDFAST_VERSION << "\"";
+  std::string o = "{\"version\": \"" KDFAST_VERSION "\"";
 #ifdef _OPENMP
-  o << ", \"openmp\": " << _OPENMP;
+  o += ", \"openmp\": " + std::to_string(_OPENMP);
 #else
-  o << ", \"openmp\": null";
+  o += ", \"openmp\": null";
 #endif
 #ifdef KDFAST_WITH_CUDA
-  o << ", \"cuda\": true";
+  o += ", \"cuda\": true";
 #else
-  o << ", \"cuda\": false";
+  o += ", \"cuda\": false";
 #endif
-  o << ", \"cuda_archs\": \"" << KDFAST_CUDA_ARCHS << "\"";
-  o << ", \"cpu_isa\": \"" << cpu_kernels().isa << "\"";
+  o += ", \"cuda_archs\": \"" KDFAST_CUDA_ARCHS "\"";
+  o += std::string(", \"cpu_isa\": \"") + cpu_kernels().isa + "\"";
 #if defined(__clang__)
-  o << ", \"compiler\": \"clang " << __clang_major__ << "." << __clang_minor__ << "\"";
+  o += ", \"compiler\": \"clang " + std::to_string(__clang_major__) + "." + std::to_string(__clang_minor__) + "\"";
 #elif defined(__GNUC__)
-  o << ", \"compiler\": \"gcc " << __GNUC__ << "." << __GNUC_MINOR__ << "\"";
+  o += ", \"compiler\": \"gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "\"";
 #endif
-  o << "}";
-  return o.str();
+  return o + "}";
 }
 }  // namespace
 

@@ -69,11 +69,19 @@ def native_build_info():
     return json.loads(torch.ops.kdfast._build_info()) if LOADED else None
 
 
+_HAS_CUDA_KERNELS = None
+
+
 def has_cuda_kernels():
-    return LOADED and bool(native_build_info().get("cuda"))
+    # Read once: the loss functions ask on every call, also while torch.compile traces them.
+    global _HAS_CUDA_KERNELS
+    if _HAS_CUDA_KERNELS is None:
+        _HAS_CUDA_KERNELS = LOADED and bool(native_build_info().get("cuda"))
+    return _HAS_CUDA_KERNELS
 
 
 if LOADED:
     select_cpu_isa(os.environ.get("KDFAST_CPU_ISA", "auto"))
+    has_cuda_kernels()
 
     from kdfast import _autograd  # noqa: E402,F401  (fake kernels, autograd)

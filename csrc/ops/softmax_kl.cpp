@@ -8,22 +8,10 @@
 #include <torch/library.h>
 
 #include "ops/cpu_dispatch.h"
+#include "ops/softmax_kl_args.h"
 
 namespace kdfast {
 namespace {
-
-void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w) {
-  TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "softmax_kl: student and teacher must be 2-D (rows, V)");
-  TORCH_CHECK(s.sizes() == t.sizes(), "softmax_kl: student ", s.sizes(), " and teacher ", t.sizes(),
-              " differ in shape");
-  TORCH_CHECK(s.scalar_type() == t.scalar_type(), "softmax_kl: student and teacher dtypes differ");
-  TORCH_CHECK(s.stride(1) == 1 || s.size(1) <= 1, "softmax_kl: student must have unit stride along V");
-  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "softmax_kl: teacher must have unit stride along V");
-  auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == s.size(0) && w.scalar_type() == acc && w.is_contiguous(),
-              "softmax_kl: row_weight must be a contiguous ", acc, " vector of length rows");
-  TORCH_CHECK(s.size(1) > 0, "softmax_kl: the vocabulary (last dim) is empty");
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at::Tensor& t,
                                                               double inv_temperature,
@@ -35,19 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& 
   at::Tensor gs = grad_student ? empty_cpu_fast({R, V}, s.scalar_type()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? empty_cpu_fast({R, V}, t.scalar_type()) : at::empty({0}, t.options());
   if (R == 0) return {kl, gs, gt};
-  cpu::SoftmaxKLArgs a;
-  a.dtype = to_kernel_dtype(s.scalar_type());
-  a.student = s.data_ptr();
-  a.teacher = t.data_ptr();
-  a.rows = R;
-  a.vocab = V;
-  a.student_row_stride = s.stride(0);
-  a.teacher_row_stride = t.stride(0);
-  a.inv_temperature = inv_temperature;
-  a.row_weight = row_weight.data_ptr();
-  a.kl_rows = kl.data_ptr();
-  a.grad_student = grad_student ? gs.data_ptr() : nullptr;
-  a.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
+  cpu::SoftmaxKLArgs a = kl_args(s, t, inv_temperature, row_weight, kl, gs, gt, grad_student, grad_teacher);
   cpu_kernels().softmax_kl(a);
   return {kl, gs, gt};
 }

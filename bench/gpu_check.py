@@ -1,0 +1,538 @@
+"""GPU benchmarks for bench/gpu_check.sh: device copy bandwidth, the fused softmax-KL (forward plus
+backward) against eager PyTorch, torch.compile and Liger-Kernel, a sweep of kdfast's CUDA kernel
+configurations, and rkd_loss at N = 8192. Writes bench/results/gpu-<GPU name>.json (and a copy to
+$OUT when set) and prints a short table last.
+
+    python bench/gpu_check.py [--budget SECONDS] [--quick] [--out DIR]
+    python bench/gpu_check.py --selftest-cpu      # the same code paths on tiny CPU tensors
+
+Every stage is guarded: an error or an out-of-memory in one case is recorded and the rest go on.
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import kdfast  # noqa: E402
+
+T = 2.0  # distillation temperature of every softmax-KL case
+KL_CASES = [  # (rows, V, dtype): the 8192 x 131072 pair carries the performance bar
+    (8192, 131072, torch.bfloat16),
+    (8192, 131072, torch.float32),
+    (2048, 32000, torch.bfloat16),
+    (2048, 32000, torch.float32),
+    (256, 128256, torch.bfloat16),
+    (256, 128256, torch.float32),
+]
+COMPILE_CASES = {(8192, 131072, torch.bfloat16), (8192, 131072, torch.float32), (2048, 32000, torch.bfloat16)}
+KDFAST_CONFIGS = {  # environment knobs of the CUDA kernel (see csrc/cuda/softmax_kl.cu)
+    "auto": {},
+    "cluster C=8 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "8",
+                               "KDFAST_CUDA_KL_CACHE": "none"},
+    "cluster C=16 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
+                                "KDFAST_CUDA_KL_CACHE": "none"},
+    "cluster C=16 cache=separate": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
+                                    "KDFAST_CUDA_KL_CACHE": "separate"},
+    "cluster C=16 cache=inplace": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
+                                   "KDFAST_CUDA_KL_CACHE": "inplace"},
+    "rows (fallback)": {"KDFAST_CUDA_KL": "rows"},
+    "chunks (fallback)": {"KDFAST_CUDA_KL": "chunks"},
+}
+KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK")
+DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.t0 = time.monotonic()
+        self.seconds = seconds
+
+    def left(self):
+        return self.seconds - (time.monotonic() - self.t0)
+
+    def spent(self):
+        return time.monotonic() - self.t0
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def knobs(values):
+    old = {k: os.environ.get(k) for k in KNOBS}
+    for k in KNOBS:
+        os.environ.pop(k, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_ms(fn, device, warmup=2, iters=10, max_seconds=20.0):
+    """Median milliseconds of fn() (CUDA events on the GPU, wall clock on the CPU)."""
+    t_start = time.monotonic()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.monotonic() - t_start > max_seconds and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- copy bandwidth
+
+def copy_bandwidth(device, nbytes):
+    """Device-to-device copy: bytes read plus bytes written per second (GB/s), median of 20."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    x.fill_(1)
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), device, warmup=3, iters=20)
+    del x, y
+    free_memory(device)
+    return {"bytes": nbytes, "ms": ms, "GBps": 2 * nbytes / (ms * 1e-3) / 1e9}
+
+
+# ----------------------------------------------------------------------------- contenders
+
+def eager_kd(s, t):
+    return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="batchmean", log_target=True) * T * T
+
+
+def kdfast_kd(s, t):
+    return kdfast.kd_loss(s, t, temperature=T, reduction="batchmean")
+
+
+def make_liger():
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    mod = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def liger_kd(s, t):
+        return mod(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)) * T * T
+    return liger_kd
+
+
+def fwd_bwd(loss_fn, s, t):
+    def step():
+        s.grad = None
+        loss_fn(s, t).backward()
+    return step
+
+
+def relerr(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den else float((a - b).norm().item())
+
+
+def kl_inputs(rows, V, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = (torch.randn(rows, V, device=device, generator=g, dtype=torch.float32) * 2).to(dtype).requires_grad_()
+    t = (torch.randn(rows, V, device=device, generator=g, dtype=torch.float32) * 2).to(dtype)
+    return s, t
+
+
+def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters, errors, results, save):
+    for rows, V, dtype in cases:
+        case = f"{rows}x{V} {DT[dtype]}"
+        nbytes = rows * V * 3 * torch.empty((), dtype=dtype).element_size()
+        if budget.left() < 20:
+            log(f"   {case}: skipped, out of time")
+            errors.append(f"{case}: skipped, out of time")
+            continue
+        try:
+            s, t = kl_inputs(rows, V, dtype, device)
+        except torch.OutOfMemoryError:
+            errors.append(f"{case}: inputs do not fit")
+            continue
+        # correctness of kdfast against eager on this very case
+        check = {}
+        try:
+            s.grad = None
+            err = []
+            os.environ["KDFAST_CUDA_KL_LOG"] = "1"
+            try:
+                with captured_stderr(err):
+                    lk = kdfast_kd(s, t)
+                    lk.backward()
+                    sync(device)
+            finally:
+                os.environ.pop("KDFAST_CUDA_KL_LOG", None)
+            plans = [ln.split("cuda: ", 1)[1] for ln in "".join(err).splitlines() if "softmax_kl cuda: " in ln]
+            if plans:
+                check["plan"] = plans[-1]
+                log(f"   {case}: kdfast plan {plans[-1]}")
+            gk = s.grad.clone()
+            s.grad = None
+            le = eager_kd(s, t)
+            le.backward()
+            check.update({"loss_relerr_vs_eager": relerr(lk, le), "grad_relerr_vs_eager": relerr(gk, s.grad)})
+            del gk, lk, le
+            s.grad = None
+        except Exception as e:  # noqa: BLE001
+            check["error"] = f"{type(e).__name__}: {e}"[:300]
+        free_memory(device)
+        row = {"case": case, "rows": rows, "V": V, "dtype": DT[dtype], "temperature": T,
+               "bytes_floor": nbytes, "check": check, "contenders": {}}
+        for name, fn in contenders.items():
+            if name == "torch.compile" and (rows, V, dtype) not in compile_cases:
+                continue
+            if budget.left() < 15:
+                row["contenders"][name] = {"skipped": "out of time"}
+                continue
+            try:
+                ms = time_ms(fwd_bwd(fn, s, t), device, warmup=2 if name != "torch.compile" else 3, iters=iters)
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                row["contenders"][name] = {"ms": ms, "GBps": gbps,
+                                           "pct_copy": 100 * gbps / copy_gbps if copy_gbps else None}
+            except torch.OutOfMemoryError:
+                row["contenders"][name] = {"skipped": "out of memory"}
+            except Exception as e:  # noqa: BLE001
+                row["contenders"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                errors.append(f"{case} {name}: {type(e).__name__}: {e}"[:300])
+            s.grad = None
+            free_memory(device)
+            c = row["contenders"][name]
+            log(f"   {case:22s} {name:14s} " + (f"{c['ms']:9.3f} ms {c['GBps']:8.1f} GB/s"
+                                                 + (f" {c['pct_copy']:5.1f}% of copy" if c.get("pct_copy") else "")
+                                                 if "ms" in c else str(c)))
+        k = row["contenders"].get("kdfast", {})
+        if "ms" in k:
+            row["speedup"] = {n: c["ms"] / k["ms"] for n, c in row["contenders"].items()
+                              if n != "kdfast" and "ms" in c}
+        results.append(row)
+        save()
+        del s, t
+        free_memory(device)
+    return results
+
+
+def sweep_configs(device, budget, iters, cases, errors, out, save):
+    """kdfast's CUDA kernel configurations on the bar's cases (forced through environment knobs)."""
+    for rows, V, dtype in cases:
+        if budget.left() < 20:
+            break
+        case = f"{rows}x{V} {DT[dtype]}"
+        s, t = kl_inputs(rows, V, dtype, device)
+        nbytes = rows * V * 3 * s.element_size()
+        for name, env in KDFAST_CONFIGS.items():
+            if budget.left() < 10:
+                break
+            if env.get("KDFAST_CUDA_KL_CACHE") == "inplace" and s.element_size() != 4:
+                continue  # in place needs 4-byte inputs
+            with knobs(env):
+                try:
+                    ms = time_ms(fwd_bwd(kdfast_kd, s, t), device, iters=iters)
+                    out.append({"case": case, "config": name, "ms": ms, "GBps": nbytes / (ms * 1e-3) / 1e9})
+                    log(f"   {case:22s} {name:28s} {ms:9.3f} ms")
+                except Exception as e:  # noqa: BLE001
+                    out.append({"case": case, "config": name, "error": f"{type(e).__name__}: {e}"[:300]})
+                    log(f"   {case:22s} {name:28s} {type(e).__name__}: {e}"[:200])
+            s.grad = None
+            free_memory(device)
+        save()
+        del s, t
+        free_memory(device)
+    return out
+
+
+@contextlib.contextmanager
+def captured_stderr(sink):
+    """Collects what C++ code writes to file descriptor 2 (the CUDA op logs its plan there)."""
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            sink.append(f.read())
+
+
+# ----------------------------------------------------------------------------- rkd
+
+def bench_rkd(device, budget, N, D, errors):
+    """rkd_loss forward plus backward at (N, D): time and peak memory with whatever backend kdfast
+    uses for this device; skipped when its memory need cannot fit."""
+    res = {"N": N, "D": D, "native_cuda": kdfast.native_available(device.type)}
+    ops = torch.ops.kdfast
+    has_rkd_kernels = all(hasattr(ops, n) for n in ("rkd_angle", "rkd_distance")) and device.type == "cuda" and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::rkd_angle", "CUDA")
+    res["rkd_cuda_kernels"] = bool(has_rkd_kernels)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        res["free_bytes"] = free
+        # Without fused kernels the angle term builds N x N x N tensors.
+        if not has_rkd_kernels and 4 * N ** 3 > free:
+            res["skipped"] = f"the reference angle loss needs ~{4 * N ** 3 / 1e12:.1f} TB (N^3 floats); no fused CUDA kernel"
+            return res
+    if budget.left() < 20:
+        res["skipped"] = "out of time"
+        return res
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        s = torch.randn(N, D, device=device, generator=g).requires_grad_()
+        t = torch.randn(N, D, device=device, generator=g)
+        free_memory(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+
+        def step():
+            s.grad = None
+            kdfast.rkd_loss(s, t).backward()
+        t0 = time.monotonic()
+        step()
+        sync(device)
+        first = time.monotonic() - t0
+        res["first_call_s"] = first
+        iters = 3 if first < min(10.0, budget.left() / 6) else 0
+        res["ms"] = time_ms(step, device, warmup=0, iters=iters) if iters else first * 1e3
+        if device.type == "cuda":
+            res["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        res["loss"] = float(kdfast.rkd_loss(s.detach(), t))
+    except torch.OutOfMemoryError as e:
+        res["skipped"] = f"out of memory: {str(e)[:200]}"
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {e}"[:300]
+        errors.append(f"rkd: {res['error']}")
+    free_memory(device)
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt_table(report):
+    lines = []
+    gpu = report.get("gpu", "?")
+    cb = report.get("copy_bandwidth", {}).get("GBps")
+    lines.append(f"kdfast GPU check: {gpu}   copy bandwidth {cb:.0f} GB/s (read+write)" if cb else f"kdfast GPU check: {gpu}")
+    head = f"{'case':22s} {'contender':14s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'kdfast x':>8s}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for row in report.get("softmax_kl", []):
+        k = row["contenders"].get("kdfast", {})
+        for name, c in row["contenders"].items():
+            if "ms" in c:
+                sp = (c["ms"] / k["ms"]) if ("ms" in k and name != "kdfast") else None
+                pct = f"{c['pct_copy']:6.1f}" if c.get("pct_copy") is not None else f"{'':6s}"
+                lines.append(f"{row['case']:22s} {name:14s} {c['ms']:9.3f} {c['GBps']:8.1f} {pct} "
+                             + (f"{sp:8.2f}" if sp else f"{'':8s}"))
+            else:
+                lines.append(f"{row['case']:22s} {name:14s} {next(iter(c.values()))}"[:100])
+    cfgs = report.get("kdfast_configs") or []
+    if cfgs:
+        lines.append("kdfast kernel configurations (ms): " + "; ".join(
+            f"{c['case']} {c['config']}: " + (f"{c['ms']:.3f}" if "ms" in c else "error") for c in cfgs))
+    rk = report.get("rkd")
+    if rk:
+        if "ms" in rk:
+            pk = rk.get("peak_bytes")
+            lines.append(f"rkd_loss N={rk['N']} D={rk['D']} fwd+bwd: {rk['ms']:.1f} ms"
+                         + (f", peak {pk / 2**30:.2f} GiB" if pk is not None else ""))
+        else:
+            lines.append(f"rkd_loss N={rk['N']} D={rk['D']}: {rk.get('skipped') or rk.get('error')}"[:160])
+    if not report.get("complete"):
+        lines.append("(incomplete: a later stage did not finish)")
+    bar = report.get("bar")
+    if bar:
+        for b in bar:
+            lines.append(b)
+    return "\n".join(lines)
+
+
+def bar_lines(report):
+    out = []
+    for row in report.get("softmax_kl", []):
+        if row["rows"] == 8192 and row["V"] == 131072:
+            k = row["contenders"].get("kdfast", {})
+            lg = row["contenders"].get("liger", {})
+            if "pct_copy" in k and k["pct_copy"] is not None:
+                out.append(f"bar {row['case']}: kdfast at {k['pct_copy']:.1f}% of copy bandwidth "
+                           f"({'meets' if k['pct_copy'] >= 80 else 'misses'} 80%)"
+                           + (f"; {lg['ms'] / k['ms']:.2f}x Liger ({'meets' if lg['ms'] / k['ms'] >= 2 else 'misses'} 2x)"
+                              if "ms" in lg else ""))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for all benchmarks together")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations and cases")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results; bench/out for the self-test)")
+    ap.add_argument("--table-file", default=None, help="also write the final table here")
+    ap.add_argument("--selftest-cpu", action="store_true", help="tiny shapes on the CPU, to test this script")
+    args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(ROOT, "bench", "out" if args.selftest_cpu else "results")
+    budget = Budget(args.budget)
+
+    if args.selftest_cpu:
+        device = torch.device("cpu")
+        cases = [(64, 1000, torch.bfloat16), (32, 3001, torch.float32)]
+        compile_cases = set()
+        rkd_nd = (64, 16)
+        copy_bytes = 64 << 20
+        iters = 3
+    else:
+        if not torch.cuda.is_available():
+            log("no CUDA device: GPU benchmarks skipped")
+            return 0
+        device = torch.device("cuda")
+        cases = KL_CASES[:2] if args.quick else KL_CASES
+        compile_cases = COMPILE_CASES
+        rkd_nd = (8192, 256)
+        copy_bytes = 2 << 30
+        iters = 5 if args.quick else 10
+
+    errors = []
+    info = kdfast.build_info()
+    report = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "kdfast_build": info, "temperature": T,
+        "note": "ms = median of one forward plus backward (student gradient); GB/s against the byte floor "
+                "rows*V*(2 inputs read + 1 gradient written)*itemsize; %copy against the measured D2D copy "
+                "bandwidth (bytes read + written).",
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        report["device"] = {"name": p.name, "sms": p.multi_processor_count, "memory_bytes": p.total_memory,
+                            "capability": f"{p.major}.{p.minor}"}
+    log(f"== device {report['gpu']}; kdfast native kernels for it: {kdfast.native_available(device.type)}; "
+        f"backend {kdfast.get_backend()}")
+    if device.type == "cuda" and not kdfast.native_available("cuda"):
+        errors.append("kdfast has no CUDA kernels here (build_info cuda=%s): its numbers are the reference" % info.get("cuda"))
+
+    name = re.sub(r"[^A-Za-z0-9]+", "-", report["gpu"]).strip("-") or "unknown"
+    if args.selftest_cpu:
+        name = "selftest-cpu"
+    path = os.path.join(args.out, f"gpu-{name}.json")
+    os.makedirs(args.out, exist_ok=True)
+
+    def save(final=False):
+        """Writes the JSON and the table as they stand, so that a stage killed by its time limit
+        still leaves everything measured before it."""
+        report["bar"] = bar_lines(report)
+        report["errors"] = errors
+        report["seconds"] = budget.spent()
+        report["complete"] = final
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        if os.environ.get("OUT") and not args.selftest_cpu:
+            try:
+                shutil.copy(path, os.environ["OUT"])
+            except OSError as e:
+                log(f"   could not copy to $OUT: {e}")
+        if args.table_file:
+            with open(args.table_file, "w") as f:
+                f.write(fmt_table(report) + "\n")
+
+    log("== copy bandwidth")
+    try:
+        report["copy_bandwidth"] = copy_bandwidth(device, copy_bytes)
+        log(f"   {report['copy_bandwidth']['GBps']:.1f} GB/s")
+    except Exception as e:  # noqa: BLE001
+        report["copy_bandwidth"] = {"error": f"{type(e).__name__}: {e}"}
+        errors.append(f"copy bandwidth: {e}")
+    copy_gbps = report["copy_bandwidth"].get("GBps")
+    save()
+
+    contenders = {"kdfast": kdfast_kd, "eager": eager_kd}
+    if device.type == "cuda":
+        contenders["torch.compile"] = torch.compile(eager_kd)
+        try:
+            contenders["liger"] = make_liger()
+            import liger_kernel
+            report["liger_version"] = getattr(liger_kernel, "__version__", None) or _dist_version("liger-kernel")
+        except Exception as e:  # noqa: BLE001
+            report["liger"] = f"skipped: {type(e).__name__}: {e}"[:300]
+            log(f"   Liger-Kernel skipped: {type(e).__name__}: {e}"[:200])
+
+    log("== softmax-KL forward + backward")
+    report["softmax_kl"] = []
+    bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters, errors, report["softmax_kl"], save)
+    log("== rkd_loss")
+    report["rkd"] = bench_rkd(device, budget, *rkd_nd, errors)
+    log(f"   {report['rkd']}")
+    save()
+    if device.type == "cuda" and kdfast.native_available("cuda"):
+        log("== kdfast CUDA configurations")
+        report["kdfast_configs"] = []
+        sweep_configs(device, Budget(min(90.0, max(budget.left() - 5, 0))), 5, KL_CASES[:2], errors,
+                      report["kdfast_configs"], save)
+    save(final=True)
+    log(f"== wrote {path}")
+    if errors:
+        log("== errors:\n   " + "\n   ".join(errors))
+    print("\n" + fmt_table(report), flush=True)
+    return 0
+
+
+def _dist_version(name):
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,1001 @@
+// Temperature softmax-KL on CUDA: forward and gradients in one launch (or three, for huge rows).
+//
+// Math (csrc/common/softmax_kl.h), in base-2 units: with c = log2(e) / T, a = (s - max s) * c and
+// b = (t - max t) * c, e_s = 2^a, e_t = 2^b, Z = sum of e and A = sum of e_t * (b - a):
+//   KL = ln2 * A / Z_t - log Z_t + log Z_s,  dKL/ds = (p_s - p_t) / T,
+//   dKL/dt = ln2 / T * p_t * ((b - a) - A / Z_t).
+//
+// Paths (chosen per call on the host, see plan()):
+//  * cluster (sm_80+; clusters of up to 16 CTAs on sm_90): each row is split across the CTAs of a
+//    thread-block cluster; every CTA copies its slice of student and teacher into shared memory once
+//    (16-byte cp.async), the row maxima and sums are combined across the cluster through distributed
+//    shared memory, and the gradient is written from the on-chip copy. HBM sees one read of each
+//    input and one write of each gradient: the floor.
+//  * rows (fallback, any arch): one block per row, three passes over the row in global memory
+//    (max, sums, gradient), the re-reads served by L1/L2.
+//  * chunks (fallback for very long rows): (row, chunk) blocks write partial maxima and sums, a
+//    second kernel combines them per row in chunk order, a third writes the gradients.
+// Every path is deterministic (fixed reduction orders), uses 64-bit offsets, 16-byte vector accesses
+// where the row slices of all operands share their offset within 16 bytes, and scalar ones where not.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "common/softmax_kl.h"
+#include "cuda/compat.cuh"
+#include "cuda/kernels.h"
+
+namespace kdfast {
+namespace cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+using cpu::DType;
+using cpu::SoftmaxKLArgs;
+
+constexpr int kThreads = 256;
+constexpr int kMaxCluster = 16;
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+
+// ------------------------------------------------------------------ element types
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  using acc = float;
+  static __device__ __forceinline__ float to(float x) { return x; }
+  static __device__ __forceinline__ float from(float x) { return x; }
+};
+template <>
+struct Elem<double> {
+  using acc = double;
+  static __device__ __forceinline__ double to(double x) { return x; }
+  static __device__ __forceinline__ double from(double x) { return x; }
+};
+template <>
+struct Elem<__half> {
+  using acc = float;
+  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  using acc = float;
+  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
+
+__device__ __forceinline__ float ex2(float x) { return exp2f(x); }
+__device__ __forceinline__ double ex2(double x) { return exp2(x); }
+// NaN-ignoring maximum: a NaN logit still makes its row NaN through the sums.
+__device__ __forceinline__ float amax(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double amax(double a, double b) { return fmax(a, b); }
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// P elements that fill 16 bytes, loaded and stored as one vector.
+template <typename T, int P>
+struct alignas(sizeof(T) * P) Vec {
+  T v[P];
+};
+
+template <typename T>
+constexpr int vec_elems() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+template <typename T>
+__device__ __forceinline__ int align_off(const T* p) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(p) & 15) / sizeof(T));
+}
+
+// ------------------------------------------------------------------ slices
+//
+// A slice of n elements is walked in groups of P positions from an aligned base pointer: element i
+// of the slice sits at position o + i, and group g covers positions [g*P, g*P + P). With P > 1 every
+// operand's base is 16-byte aligned and shares the offset o; with P == 1, o is 0 and the bases are
+// the slices themselves. A group wholly inside [o, o + n) is "full"; the first and last may not be.
+// Positions outside the slice in a partial group lie in the same 16-byte granules as slice elements,
+// so reading them is safe; their values are never used and nothing is stored there.
+
+struct Span {
+  int64_t o, end, groups;
+  __device__ __forceinline__ Span(int64_t o_, int64_t n, int P) : o(o_), end(o_ + n), groups((o_ + n + P - 1) / P) {}
+  __device__ __forceinline__ bool full(int64_t j0, int P) const { return j0 >= o && j0 + P <= end; }
+  __device__ __forceinline__ bool valid(int64_t j) const { return j >= o && j < end; }
+};
+
+template <int P, typename T, typename A>
+__device__ __forceinline__ void pass_max(const T* sb, const T* tb, int64_t o, int64_t n, A& ms, A& mt) {
+  const Span sp(o, n, P);
+  for (int64_t g = threadIdx.x; g < sp.groups; g += blockDim.x) {
+    const int64_t j0 = g * P;
+    const Vec<T, P> vs = *reinterpret_cast<const Vec<T, P>*>(sb + j0);
+    const Vec<T, P> vt = *reinterpret_cast<const Vec<T, P>*>(tb + j0);
+    if (sp.full(j0, P)) {
+      A xs[P], xt[P];
+#pragma unroll
+      for (int q = 0; q < P; ++q) xs[q] = Elem<T>::to(vs.v[q]), xt[q] = Elem<T>::to(vt.v[q]);
+#pragma unroll
+      for (int w = 1; w < P; w *= 2) {
+#pragma unroll
+        for (int q = 0; q + w < P; q += 2 * w) xs[q] = amax(xs[q], xs[q + w]), xt[q] = amax(xt[q], xt[q + w]);
+      }
+      ms = amax(ms, xs[0]);
+      mt = amax(mt, xt[0]);
+    } else {
+#pragma unroll
+      for (int q = 0; q < P; ++q) {
+        if (sp.valid(j0 + q)) {
+          ms = amax(ms, A(Elem<T>::to(vs.v[q])));
+          mt = amax(mt, A(Elem<T>::to(vt.v[q])));
+        }
+      }
+    }
+  }
+}
+
+// Sums of e_s, e_t and e_t * (b - a) relative to the references rs, rt; with kStore, also the
+// exponentials at their positions in cs/ct (0 outside the slice).
+template <int P, bool kStore, typename T, typename A>
+__device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct, int64_t o, int64_t n, A rs,
+                                         A rt, A c, A& zs, A& zt, A& acc) {
+  const Span sp(o, n, P);
+  for (int64_t g = threadIdx.x; g < sp.groups; g += blockDim.x) {
+    const int64_t j0 = g * P;
+    const Vec<T, P> vs = *reinterpret_cast<const Vec<T, P>*>(sb + j0);
+    const Vec<T, P> vt = *reinterpret_cast<const Vec<T, P>*>(tb + j0);
+    const bool full = sp.full(j0, P);
+    Vec<A, P> es, et;
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      const A a = (Elem<T>::to(vs.v[q]) - rs) * c;
+      const A b = (Elem<T>::to(vt.v[q]) - rt) * c;
+      A e1 = ex2(a), e2 = ex2(b), tm = kl::term(e2, a, b);
+      if (!full && !sp.valid(j0 + q)) e1 = e2 = tm = A(0);
+      zs += e1;
+      zt += e2;
+      acc += tm;
+      es.v[q] = e1;
+      et.v[q] = e2;
+    }
+    if (kStore) {
+      *reinterpret_cast<Vec<A, P>*>(cs + j0) = es;
+      *reinterpret_cast<Vec<A, P>*>(ct + j0) = et;
+    }
+  }
+}
+
+template <typename A>
+struct RowK {
+  A rs, rt, c;  // references (finite) and log2(e) / T
+  A coef;       // w / T
+  A coef_t;     // w / T * ln2 (a and b are in base-2 units)
+  A izs, izt;   // 1 / Z
+  A shift;      // A / Z_t (base-2 units)
+};
+
+// Gradients of a slice. kCached: e_s, e_t come from cs/ct (written by pass_sum), else they are
+// recomputed from the inputs. gsb/gtb are the gradient bases (same layout as sb/tb), or null.
+template <int P, bool kCached, typename T, typename A>
+__device__ __forceinline__ void pass_grad(const T* sb, const T* tb, const A* cs, const A* ct, int64_t o,
+                                          int64_t n, const RowK<A>& k, T* gsb, T* gtb) {
+  const Span sp(o, n, P);
+  const bool need_ab = !kCached || gtb != nullptr;
+  for (int64_t g = threadIdx.x; g < sp.groups; g += blockDim.x) {
+    const int64_t j0 = g * P;
+    A a[P], b[P], es[P], et[P];
+    if (need_ab) {
+      const Vec<T, P> vs = *reinterpret_cast<const Vec<T, P>*>(sb + j0);
+      const Vec<T, P> vt = *reinterpret_cast<const Vec<T, P>*>(tb + j0);
+#pragma unroll
+      for (int q = 0; q < P; ++q) {
+        a[q] = (Elem<T>::to(vs.v[q]) - k.rs) * k.c;
+        b[q] = (Elem<T>::to(vt.v[q]) - k.rt) * k.c;
+      }
+    }
+    if (kCached) {
+      const Vec<A, P> vs = *reinterpret_cast<const Vec<A, P>*>(cs + j0);
+      const Vec<A, P> vt = *reinterpret_cast<const Vec<A, P>*>(ct + j0);
+#pragma unroll
+      for (int q = 0; q < P; ++q) es[q] = vs.v[q], et[q] = vt.v[q];
+    } else {
+#pragma unroll
+      for (int q = 0; q < P; ++q) es[q] = ex2(a[q]), et[q] = ex2(b[q]);
+    }
+    const bool full = sp.full(j0, P);
+    if (gsb) {
+      Vec<T, P> out;
+#pragma unroll
+      for (int q = 0; q < P; ++q) out.v[q] = Elem<T>::from(kl::grad_student(k.coef, es[q], k.izs, et[q], k.izt));
+      if (full) {
+        *reinterpret_cast<Vec<T, P>*>(gsb + j0) = out;
+      } else {
+#pragma unroll
+        for (int q = 0; q < P; ++q)
+          if (sp.valid(j0 + q)) gsb[j0 + q] = out.v[q];
+      }
+    }
+    if (gtb) {
+      Vec<T, P> out;
+#pragma unroll
+      for (int q = 0; q < P; ++q)
+        out.v[q] = Elem<T>::from(kl::grad_teacher(k.coef_t, et[q], k.izt, a[q], b[q], k.shift));
+      if (full) {
+        *reinterpret_cast<Vec<T, P>*>(gtb + j0) = out;
+      } else {
+#pragma unroll
+        for (int q = 0; q < P; ++q)
+          if (sp.valid(j0 + q)) gtb[j0 + q] = out.v[q];
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void zero_fill(T* g, int64_t n) {
+  constexpr int P = vec_elems<T>();
+  if (g == nullptr || n <= 0) return;
+  const int o = align_off(g);
+  T* gb = g - o;
+  const Span sp(o, n, P);
+  Vec<T, P> z;
+#pragma unroll
+  for (int q = 0; q < P; ++q) z.v[q] = Elem<T>::from(0.f);
+  for (int64_t gi = threadIdx.x; gi < sp.groups; gi += blockDim.x) {
+    const int64_t j0 = gi * P;
+    if (sp.full(j0, P)) {
+      *reinterpret_cast<Vec<T, P>*>(gb + j0) = z;
+    } else {
+#pragma unroll
+      for (int q = 0; q < P; ++q)
+        if (sp.valid(j0 + q)) gb[j0 + q] = z.v[q];
+    }
+  }
+}
+
+// ------------------------------------------------------------------ reductions
+
+struct MaxOp {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const { return amax(a, b); }
+};
+struct AddOp {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
+};
+
+// Block-wide reduction of N values; every thread gets the same result (fixed order: deterministic).
+template <int N, typename A, typename Op>
+__device__ __forceinline__ void block_reduce(A (&v)[N], A* red, Op op) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], off));
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) red[warp * N + k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    A r = red[k];
+    for (int w = 1; w < nw; ++w) r = op(r, red[w * N + k]);
+    v[k] = r;
+  }
+  __syncthreads();
+}
+
+// Combines the block results of the C CTAs of a cluster: each CTA pushes its values into a slot of
+// every CTA's shared memory, then all reduce the slots in rank order (so all agree bit for bit).
+template <int N, typename A, typename Op>
+__device__ __forceinline__ void cluster_reduce(A (&v)[N], A* slots, int C, int rank, Op op, bool first) {
+#if KD_CLUSTERS
+  if (C > 1) {
+    cg::cluster_group cluster = cg::this_cluster();
+    if (first) kd_cluster_wait();  // pairs the kernel's early arrive: every CTA of the cluster has started
+    if (static_cast<int>(threadIdx.x) < C) {
+      A* dst = cluster.map_shared_rank(slots, static_cast<int>(threadIdx.x));
+#pragma unroll
+      for (int k = 0; k < N; ++k) dst[rank * N + k] = v[k];
+    }
+    cluster.sync();  // release/acquire: the pushed slots are visible after it
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      A r = slots[k];
+      for (int q = 1; q < C; ++q) r = op(r, slots[q * N + k]);
+      v[k] = r;
+    }
+  }
+#else
+  (void)v, (void)slots, (void)C, (void)rank, (void)op, (void)first;
+#endif
+}
+
+// ------------------------------------------------------------------ kernels
+
+struct KLParams {
+  const void* s;
+  const void* t;
+  int64_t s_stride, t_stride;  // row strides in elements (0 broadcasts a row)
+  int64_t rows, V;
+  double inv_t;
+  const void* w;  // rows, acc type
+  void* kl;       // rows, acc type
+  void* gs;       // rows x V contiguous, or null
+  void* gt;
+  int64_t row0;  // first row of this launch
+};
+
+template <typename A>
+__device__ __forceinline__ RowK<A> row_constants(A w, A inv_t, A rs, A rt, A zs, A zt, A acc) {
+  RowK<A> k;
+  k.rs = rs, k.rt = rt, k.c = inv_t * A(kLog2e);
+  k.coef = w * inv_t;
+  k.coef_t = k.coef * A(kLn2);
+  k.izs = A(1) / zs;
+  k.izt = A(1) / zt;
+  k.shift = acc / zt;
+  return k;
+}
+
+__device__ __forceinline__ double kl_value(double zs, double zt, double acc) {
+  return kl::row_value(zs, zt, acc * kLn2);
+}
+
+// Copies positions [0, npos) from the aligned base src to dst in shared memory, 16 bytes at a time.
+template <typename T>
+__device__ __forceinline__ void load_async(T* dst, const T* src, int64_t npos) {
+  const int64_t chunks = (npos * static_cast<int64_t>(sizeof(T)) + 15) / 16;
+  const char* g = reinterpret_cast<const char*>(src);
+  char* d = reinterpret_cast<char*>(dst);
+  for (int64_t k = threadIdx.x; k < chunks; k += blockDim.x) {
+#if KD_CP_ASYNC
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(d + 16 * k));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g + 16 * k) : "memory");
+#else
+    *reinterpret_cast<uint4*>(d + 16 * k) = *reinterpret_cast<const uint4*>(g + 16 * k);
+#endif
+  }
+}
+
+__device__ __forceinline__ void load_async_wait() {
+#if KD_CP_ASYNC
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+enum CacheMode : int { kCacheNone = 0, kCacheInPlace = 1, kCacheSeparate = 2 };
+
+// The cluster path: blockIdx.x / C is the row (from p.row0), the cluster rank picks the slice.
+// Shared memory: [student slice | teacher slice] of raw_bytes each, then (kCacheSeparate) the
+// exponentials, raw_bytes / sizeof(T) accumulators per input.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C, int64_t slice,
+                                                              int64_t raw_bytes, int cache) {
+  using A = typename Elem<T>::acc;
+  constexpr int P = vec_elems<T>();
+  KD_DYNAMIC_SHARED(smem);
+  KD_SHARED(A, red, [32 * 3]);
+  KD_SHARED(A, slots_max, [kMaxCluster * 2]);
+  KD_SHARED(A, slots_sum, [kMaxCluster * 3]);
+
+  int rank = 0;
+#if KD_CLUSTERS
+  if (C > 1) rank = static_cast<int>(cg::this_cluster().block_rank());
+#endif
+  const int64_t row = p.row0 + blockIdx.x / C;
+  const int64_t V = p.V;
+  const A w = static_cast<const A*>(p.w)[row];
+  const int64_t v0 = rank * slice;
+  const int64_t n = v0 < V ? (V - v0 < slice ? V - v0 : slice) : 0;
+  T* gs = p.gs && n > 0 ? static_cast<T*>(p.gs) + row * V + v0 : nullptr;
+  T* gt = p.gt && n > 0 ? static_cast<T*>(p.gt) + row * V + v0 : nullptr;
+  A* KL = static_cast<A*>(p.kl);
+  if (w == A(0)) {  // the whole cluster leaves here: no cluster barrier is pending
+    zero_fill(gs, n);
+    zero_fill(gt, n);
+    if (rank == 0 && threadIdx.x == 0) KL[row] = A(0);
+    return;
+  }
+
+  // Distributed shared memory may be touched only once every CTA of the cluster runs: arrive now,
+  // wait just before the first remote write (the load below hides the wait).
+  if (C > 1) kd_cluster_arrive();
+  T* bs = reinterpret_cast<T*>(smem);
+  T* bt = reinterpret_cast<T*>(smem + raw_bytes);
+  int os = 0, ot = 0;
+  bool vec = false;
+  if (n > 0) {
+    const T* s = static_cast<const T*>(p.s) + row * p.s_stride + v0;
+    const T* t = static_cast<const T*>(p.t) + row * p.t_stride + v0;
+    os = align_off(s), ot = align_off(t);
+    vec = os == ot && (gs == nullptr || align_off(gs) == os) && (gt == nullptr || align_off(gt) == os);
+    load_async(bs, s - os, os + n);
+    load_async(bt, t - ot, ot + n);
+    load_async_wait();
+  }
+  __syncthreads();
+  // Student element i is at bs[os + i], teacher element i at bt[ot + i]. The P == 1 walks use
+  // bases moved to element 0.
+  const T* s1 = bs + os;
+  const T* t1 = bt + ot;
+  const int64_t nn = n;
+
+  A m[2] = {neg_inf<A>(), neg_inf<A>()};
+  if (vec) pass_max<P>(bs, bt, os, nn, m[0], m[1]);
+  else pass_max<1>(s1, t1, 0, nn, m[0], m[1]);
+  block_reduce(m, red, MaxOp());
+  cluster_reduce(m, slots_max, C, rank, MaxOp(), true);
+  // A side whose row is all -inf uses reference 0: its exponentials are 0 whatever the reference.
+  const A rs = m[0] == neg_inf<A>() ? A(0) : m[0];
+  const A rt = m[1] == neg_inf<A>() ? A(0) : m[1];
+  const A inv_t = static_cast<A>(p.inv_t);
+  const A c = inv_t * A(kLog2e);
+
+  const bool want_grad = p.gs != nullptr || p.gt != nullptr;
+  // Exponential caches, addressed like the walk that uses them.
+  A *cs = nullptr, *ct = nullptr;
+  if (want_grad && cache == kCacheSeparate) {
+    cs = reinterpret_cast<A*>(smem + 2 * raw_bytes);
+    ct = cs + raw_bytes / static_cast<int64_t>(sizeof(T));
+  }
+  if constexpr (sizeof(T) == sizeof(A)) {
+    if (want_grad && cache == kCacheInPlace) {  // e_s, e_t overwrite the inputs they came from
+      cs = reinterpret_cast<A*>(vec ? bs : const_cast<T*>(s1));
+      ct = reinterpret_cast<A*>(vec ? bt : const_cast<T*>(t1));
+    }
+  }
+  A sums[3] = {A(0), A(0), A(0)};
+  if (cs != nullptr) {
+    if (vec) pass_sum<P, true>(bs, bt, cs, ct, os, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+    else pass_sum<1, true>(s1, t1, cs, ct, 0, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+  } else {
+    if (vec) pass_sum<P, false>(bs, bt, cs, ct, os, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+    else pass_sum<1, false>(s1, t1, cs, ct, 0, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+  }
+  block_reduce(sums, red, AddOp());
+  cluster_reduce(sums, slots_sum, C, rank, AddOp(), false);
+  if (rank == 0 && threadIdx.x == 0) KL[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
+  if (!want_grad || n == 0) return;
+
+  const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
+  if (cs != nullptr) {  // pass_sum's writes are read by the same threads: no barrier needed
+    if (vec) pass_grad<P, true>(bs, bt, cs, ct, os, nn, k, gs ? gs - os : nullptr, gt ? gt - os : nullptr);
+    else pass_grad<1, true>(s1, t1, cs, ct, 0, nn, k, gs, gt);
+  } else {
+    if (vec) pass_grad<P, false>(bs, bt, cs, ct, os, nn, k, gs ? gs - os : nullptr, gt ? gt - os : nullptr);
+    else pass_grad<1, false>(s1, t1, cs, ct, 0, nn, k, gs, gt);
+  }
+}
+
+// Per-(row, chunk) pointers into global memory, and whether the 16-byte walk applies.
+template <typename T>
+struct GlobalSlice {
+  const T* s;
+  const T* t;
+  T* gs;
+  T* gt;
+  int64_t n;
+  int o;
+  bool vec;
+  __device__ __forceinline__ GlobalSlice(const KLParams& p, int64_t row, int64_t v0, int64_t len) {
+    n = p.V - v0 < len ? p.V - v0 : len;
+    s = static_cast<const T*>(p.s) + row * p.s_stride + v0;
+    t = static_cast<const T*>(p.t) + row * p.t_stride + v0;
+    gs = p.gs ? static_cast<T*>(p.gs) + row * p.V + v0 : nullptr;
+    gt = p.gt ? static_cast<T*>(p.gt) + row * p.V + v0 : nullptr;
+    o = align_off(s);
+    vec = o == align_off(t) && (gs == nullptr || align_off(gs) == o) && (gt == nullptr || align_off(gt) == o);
+  }
+};
+
+// Fallback, one block per (row, chunk). full: the chunk is the whole row; the block writes the KL
+// and the gradients. Otherwise it writes its chunk's maxima and sums to part[(row, chunk)].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t chunk, bool full,
+                                                           typename Elem<T>::acc* part) {
+  using A = typename Elem<T>::acc;
+  constexpr int P = vec_elems<T>();
+  KD_SHARED(A, red, [32 * 3]);
+  const int64_t row = p.row0 + blockIdx.x;
+  const int64_t v0 = static_cast<int64_t>(blockIdx.y) * chunk;
+  const A w = static_cast<const A*>(p.w)[row];
+  const GlobalSlice<T> sl(p, row, v0, chunk);
+  if (w == A(0)) {
+    if (full) {
+      zero_fill(sl.gs, sl.n);
+      zero_fill(sl.gt, sl.n);
+      if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = A(0);
+    }
+    return;
+  }
+  A m[2] = {neg_inf<A>(), neg_inf<A>()};
+  if (sl.vec) pass_max<P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, m[0], m[1]);
+  else pass_max<1>(sl.s, sl.t, 0, sl.n, m[0], m[1]);
+  block_reduce(m, red, MaxOp());
+  const A rs = m[0] == neg_inf<A>() ? A(0) : m[0];
+  const A rt = m[1] == neg_inf<A>() ? A(0) : m[1];
+  const A inv_t = static_cast<A>(p.inv_t);
+  const A c = inv_t * A(kLog2e);
+  A sums[3] = {A(0), A(0), A(0)};
+  if (sl.vec) pass_sum<P, false>(sl.s - sl.o, sl.t - sl.o, (A*)nullptr, (A*)nullptr, sl.o, sl.n, rs, rt, c, sums[0], sums[1], sums[2]);
+  else pass_sum<1, false>(sl.s, sl.t, (A*)nullptr, (A*)nullptr, 0, sl.n, rs, rt, c, sums[0], sums[1], sums[2]);
+  block_reduce(sums, red, AddOp());
+  if (!full) {
+    if (threadIdx.x == 0) {
+      A* q = part + ((row - p.row0) * gridDim.y + blockIdx.y) * 5;
+      q[0] = m[0], q[1] = m[1], q[2] = sums[0], q[3] = sums[1], q[4] = sums[2];
+    }
+    return;
+  }
+  if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
+  if (sl.gs == nullptr && sl.gt == nullptr) return;
+  const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
+  if (sl.vec) {
+    pass_grad<P, false>(sl.s - sl.o, sl.t - sl.o, (const A*)nullptr, (const A*)nullptr, sl.o, sl.n, k,
+                        sl.gs ? sl.gs - sl.o : nullptr, sl.gt ? sl.gt - sl.o : nullptr);
+  } else {
+    pass_grad<1, false>(sl.s, sl.t, (const A*)nullptr, (const A*)nullptr, 0, sl.n, k, sl.gs, sl.gt);
+  }
+}
+
+// Combines the chunk partials of each row, in chunk order, into the row's KL and gradient constants
+// stats[row] = (rs, rt, Z_s, Z_t, A). Done in double: it is one thread per row.
+template <typename A>
+__global__ void kl_combine_kernel(KLParams p, int64_t nrows, int nchunk, const A* part, A* stats) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= nrows) return;
+  const int64_t row = p.row0 + i;
+  A* KL = static_cast<A*>(p.kl);
+  if (static_cast<const A*>(p.w)[row] == A(0)) {
+    KL[row] = A(0);
+    return;
+  }
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const double c = static_cast<double>(static_cast<A>(p.inv_t) * A(kLog2e));
+  const A* q = part + i * nchunk * 5;
+  double ms = ninf, mt = ninf;
+  for (int k = 0; k < nchunk; ++k) ms = fmax(ms, double(q[5 * k])), mt = fmax(mt, double(q[5 * k + 1]));
+  const double rs = ms == ninf ? 0.0 : ms, rt = mt == ninf ? 0.0 : mt;
+  double zs = 0, zt = 0, acc = 0;
+  for (int k = 0; k < nchunk; ++k) {
+    const double mk_s = q[5 * k], mk_t = q[5 * k + 1];
+    const double zk_s = q[5 * k + 2], zk_t = q[5 * k + 3], ak = q[5 * k + 4];
+    // The chunk's sums are relative to its own references (0 where its side was all -inf).
+    const double ds = ((mk_s == ninf ? 0.0 : mk_s) - rs) * c;
+    const double dt = ((mk_t == ninf ? 0.0 : mk_t) - rt) * c;
+    zs += mk_s == ninf ? zk_s : zk_s * exp2(ds);  // zk_s is 0 (or NaN) when the side is all -inf
+    if (mk_t == ninf) {
+      zt += zk_t;
+      acc += ak;
+    } else {
+      const double f = exp2(dt);
+      zt += zk_t * f;
+      acc += f * (ak + zk_t * (dt - ds));  // e_t (b - a) with b, a moved to the row references
+    }
+  }
+  KL[row] = static_cast<A>(kl_value(zs, zt, acc));
+  A* st = stats + i * 5;
+  st[0] = static_cast<A>(rs), st[1] = static_cast<A>(rt);
+  st[2] = static_cast<A>(zs), st[3] = static_cast<A>(zt), st[4] = static_cast<A>(acc);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLParams p, int64_t chunk,
+                                                           const typename Elem<T>::acc* stats) {
+  using A = typename Elem<T>::acc;
+  constexpr int P = vec_elems<T>();
+  const int64_t row = p.row0 + blockIdx.x;
+  const int64_t v0 = static_cast<int64_t>(blockIdx.y) * chunk;
+  const A w = static_cast<const A*>(p.w)[row];
+  const GlobalSlice<T> sl(p, row, v0, chunk);
+  if (w == A(0)) {
+    zero_fill(sl.gs, sl.n);
+    zero_fill(sl.gt, sl.n);
+    return;
+  }
+  const A* st = stats + (row - p.row0) * 5;
+  const RowK<A> k = row_constants(w, static_cast<A>(p.inv_t), st[0], st[1], st[2], st[3], st[4]);
+  if (sl.vec) {
+    pass_grad<P, false>(sl.s - sl.o, sl.t - sl.o, (const A*)nullptr, (const A*)nullptr, sl.o, sl.n, k,
+                        sl.gs ? sl.gs - sl.o : nullptr, sl.gt ? sl.gt - sl.o : nullptr);
+  } else {
+    pass_grad<1, false>(sl.s, sl.t, (const A*)nullptr, (const A*)nullptr, 0, sl.n, k, sl.gs, sl.gt);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scale_rows_kernel(T* grad, int64_t V, int64_t row0, int64_t chunk,
+                                                              const typename Elem<T>::acc* ratio) {
+  using A = typename Elem<T>::acc;
+  constexpr int P = vec_elems<T>();
+  const int64_t row = row0 + blockIdx.x;
+  const A r = ratio[row];
+  if (r == A(1)) return;
+  for (int64_t v0 = static_cast<int64_t>(blockIdx.y) * chunk; v0 < V; v0 += static_cast<int64_t>(gridDim.y) * chunk) {
+    const int64_t n = V - v0 < chunk ? V - v0 : chunk;
+    T* g = grad + row * V + v0;
+    const int o = align_off(g);
+    T* gb = g - o;
+    const Span sp(o, n, P);
+    for (int64_t gi = threadIdx.x; gi < sp.groups; gi += blockDim.x) {
+      const int64_t j0 = gi * P;
+      if (sp.full(j0, P)) {
+        Vec<T, P> x = *reinterpret_cast<Vec<T, P>*>(gb + j0);
+#pragma unroll
+        for (int q = 0; q < P; ++q) x.v[q] = Elem<T>::from(Elem<T>::to(x.v[q]) * r);
+        *reinterpret_cast<Vec<T, P>*>(gb + j0) = x;
+      } else {
+#pragma unroll
+        for (int q = 0; q < P; ++q)
+          if (sp.valid(j0 + q)) gb[j0 + q] = Elem<T>::from(Elem<T>::to(gb[j0 + q]) * r);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+struct DeviceInfo {
+  int major = 0, minor = 0, sms = 1, smem_per_sm = 0, smem_optin = 0;
+};
+
+cudaError_t device_info(int dev, DeviceInfo& out) {
+  static std::mutex mu;
+  static std::map<int, DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) {
+    out = it->second;
+    return cudaSuccess;
+  }
+  DeviceInfo d;
+  cudaError_t e;
+  if ((e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
+  if ((e = cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return e;
+  if ((e = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
+  if ((e = cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev)) != cudaSuccess) return e;
+  if ((e = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess) return e;
+  cache[dev] = d;
+  out = d;
+  return cudaSuccess;
+}
+
+// Environment knobs, for tests and tuning runs (read per call; the defaults need none of them):
+//   KDFAST_CUDA_KL=auto|cluster|rows|chunks   force a path ("cluster" falls back if it cannot run)
+//   KDFAST_CUDA_KL_CLUSTER=1|2|4|8|16         force the cluster size
+//   KDFAST_CUDA_KL_CACHE=none|inplace|separate force how the gradient pass gets its exponentials
+//   KDFAST_CUDA_KL_CHUNK=<elements>            chunk length of the chunks path
+//   KDFAST_CUDA_KL_LOG=1                       print each call's plan to stderr
+const char* env(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
+
+enum class Path { Cluster, Rows, Chunks };
+
+struct Plan {
+  Path path = Path::Rows;
+  int C = 1;
+  int64_t slice = 0, raw_bytes = 0;
+  int cache = kCacheNone;
+  size_t smem = 0;
+  int64_t chunk = 0;
+  int nchunk = 1;
+};
+
+constexpr int64_t kMaxRowsPerLaunch = int64_t(1) << 26;  // keeps C * rows within grid.x
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+void cluster_layout(int64_t V, int C, int cache, Plan& pl) {
+  using A = typename Elem<T>::acc;
+  constexpr int P = vec_elems<T>();
+  pl.C = C;
+  pl.slice = std::max<int64_t>(round_up((V + C - 1) / C, P), P);
+  // room for the offset within 16 bytes and the rounding to whole 16-byte chunks
+  pl.raw_bytes = round_up(pl.slice * static_cast<int64_t>(sizeof(T)) + 32, 256);
+  pl.cache = cache;
+  int64_t bytes = 2 * pl.raw_bytes;
+  if (cache == kCacheSeparate) bytes += 2 * (pl.raw_bytes / static_cast<int64_t>(sizeof(T))) * static_cast<int64_t>(sizeof(A));
+  pl.smem = static_cast<size_t>(bytes);
+}
+
+// Sets the kernel's dynamic shared memory ceiling (and permission for clusters of 16) once per device.
+template <typename T>
+cudaError_t prepare_cluster_kernel(int dev, const DeviceInfo& d) {
+  static std::mutex mu;
+  static std::map<int, cudaError_t> done;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = done.find(dev);
+  if (it != done.end()) return it->second;
+  cudaFuncAttributes fa;
+  cudaError_t e = cudaFuncGetAttributes(&fa, kl_cluster_kernel<T>);
+  if (e == cudaSuccess) {
+    const int dyn = d.smem_optin - static_cast<int>(fa.sharedSizeBytes);
+    e = cudaFuncSetAttribute(kl_cluster_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn);
+  }
+  if (e == cudaSuccess && d.major >= 9) {
+    e = cudaFuncSetAttribute(kl_cluster_kernel<T>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (e != cudaSuccess) cudaGetLastError();  // not sticky; the caller falls back
+  done[dev] = e;
+  return e;
+}
+
+// How many clusters (or, for C == 1, blocks per SM) of this shape can be resident; 0 if none.
+template <typename T>
+int cluster_capacity(int dev, const Plan& pl) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t>, int> cache;
+  const auto key = std::make_tuple(dev, pl.C, pl.smem);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int n = 0;
+  cudaError_t e;
+  if (pl.C == 1) {
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kl_cluster_kernel<T>, kThreads, pl.smem);
+  } else {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = pl.C;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(pl.C, 1, 1);
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cfg.dynamicSmemBytes = pl.smem;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    e = cudaOccupancyMaxActiveClusters(&n, kl_cluster_kernel<T>, &cfg);
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = n;
+  return n;
+}
+
+int parse_cache(const char* s, int dflt) {
+  if (s == nullptr) return dflt;
+  if (!std::strcmp(s, "none")) return kCacheNone;
+  if (!std::strcmp(s, "inplace")) return kCacheInPlace;
+  if (!std::strcmp(s, "separate")) return kCacheSeparate;
+  return dflt;
+}
+
+template <typename T>
+Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
+  using A = typename Elem<T>::acc;
+  const int64_t R = a.rows, V = a.vocab;
+  const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
+  const char* force = env("KDFAST_CUDA_KL");
+  const bool forced = force != nullptr && std::strcmp(force, "auto") != 0;
+  Plan pl;
+
+  if ((!forced || !std::strcmp(force, "cluster")) && d.major >= 8 && prepare_cluster_kernel<T>(dev, d) == cudaSuccess) {
+    const bool inplace_ok = sizeof(T) == sizeof(A) && a.grad_teacher == nullptr;
+    int cache = want_grad && inplace_ok ? kCacheInPlace : kCacheNone;
+    cache = want_grad ? parse_cache(env("KDFAST_CUDA_KL_CACHE"), cache) : kCacheNone;
+    if (cache == kCacheInPlace && !inplace_ok) cache = kCacheNone;
+    const int max_c = d.major >= 9 ? kMaxCluster : 1;
+    const int64_t fixed = 4096;  // static shared memory and the per-block reservation, generously
+    const int64_t two_per_sm = d.smem_per_sm / 2 - fixed;
+    const int64_t one_per_sm = std::min<int64_t>(d.smem_optin, d.smem_per_sm) - fixed;
+    int want_c = 0;
+    if (const char* fc = env("KDFAST_CUDA_KL_CLUSTER")) want_c = std::atoi(fc);
+    // Candidates, best first: a forced size; else the smallest cluster whose slices leave room for
+    // two CTAs per SM (widened for few rows so that every SM gets work), the larger ones, then those
+    // that need a whole SM per CTA. The first one the device can hold wins.
+    std::vector<Plan> cands;
+    auto add = [&](int C, int64_t budget) {
+      Plan c;
+      cluster_layout<T>(V, C, cache, c);
+      if (static_cast<int64_t>(c.smem) <= budget) cands.push_back(c);
+    };
+    if (want_c >= 1 && want_c <= max_c && (want_c & (want_c - 1)) == 0) {
+      add(want_c, one_per_sm);
+    } else {
+      for (int64_t budget : {two_per_sm, one_per_sm}) {
+        for (int C = 1; C <= max_c; C *= 2) {
+          const size_t before = cands.size();
+          add(C, budget);
+          if (cands.size() > before && budget == one_per_sm &&
+              static_cast<int64_t>(cands.back().smem) <= two_per_sm) {
+            cands.pop_back();  // already listed in the first round
+          }
+        }
+      }
+      if (!cands.empty()) {  // few rows: spread the first choice over more CTAs
+        Plan& c = cands.front();
+        while (c.C * 2 <= std::min(8, max_c) && R * c.C < 2 * d.sms && c.slice >= 8192) {
+          cluster_layout<T>(V, c.C * 2, cache, c);
+        }
+      }
+    }
+    for (Plan& c : cands) {
+      if (cluster_capacity<T>(dev, c) > 0) {
+        c.path = Path::Cluster;
+        return c;
+      }
+    }
+  }
+  // Global-memory fallbacks.
+  int64_t chunk = 0;
+  if (const char* ch = env("KDFAST_CUDA_KL_CHUNK")) chunk = std::atoll(ch);
+  const bool chunks = (forced && !std::strcmp(force, "chunks")) || chunk > 0 ||
+                      (!(forced && !std::strcmp(force, "rows")) && (V > 32768 || (R < d.sms && V > 8192)));
+  if (!chunks) {
+    pl.path = Path::Rows;
+    pl.chunk = V;
+    pl.nchunk = 1;
+    return pl;
+  }
+  if (chunk <= 0) chunk = V > 32768 ? 16384 : 4096;
+  chunk = std::max<int64_t>(chunk, (V + 65534) / 65535);
+  chunk = round_up(chunk, 16);
+  pl.path = Path::Chunks;
+  pl.chunk = chunk;
+  pl.nchunk = static_cast<int>((V + chunk - 1) / chunk);
+  if (pl.nchunk == 1) pl.path = Path::Rows;
+  return pl;
+}
+
+template <typename T>
+size_t workspace_for(const Plan& pl, int64_t rows) {
+  using A = typename Elem<T>::acc;
+  if (pl.path != Path::Chunks) return 0;
+  const int64_t nr = std::min(rows, kMaxRowsPerLaunch);
+  return static_cast<size_t>(nr * (pl.nchunk + 1) * 5) * sizeof(A);
+}
+
+KLParams to_params(const SoftmaxKLArgs& a) {
+  KLParams p;
+  p.s = a.student, p.t = a.teacher;
+  p.s_stride = a.student_row_stride, p.t_stride = a.teacher_row_stride;
+  p.rows = a.rows, p.V = a.vocab;
+  p.inv_t = a.inv_temperature;
+  p.w = a.row_weight, p.kl = a.kl_rows;
+  p.gs = a.grad_student, p.gt = a.grad_teacher;
+  p.row0 = 0;
+  return p;
+}
+
+template <typename T>
+cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, size_t* ws_only) {
+  using A = typename Elem<T>::acc;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  DeviceInfo d;
+  if ((e = device_info(dev, d)) != cudaSuccess) return e;
+  const Plan pl = make_plan<T>(a, dev, d);
+  if (ws_only != nullptr) {
+    *ws_only = workspace_for<T>(pl, a.rows);
+    return cudaSuccess;
+  }
+  if (env("KDFAST_CUDA_KL_LOG")) {
+    if (pl.path == Path::Cluster) {
+      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=cluster C=%d cache=%d smem=%zu\n",
+                   (long long)a.rows, (long long)a.vocab, pl.C, pl.cache, pl.smem);
+    } else {
+      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s chunk=%lld nchunk=%d\n",
+                   (long long)a.rows, (long long)a.vocab, pl.path == Path::Rows ? "rows" : "chunks",
+                   (long long)pl.chunk, pl.nchunk);
+    }
+  }
+  KLParams p = to_params(a);
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
+    const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
+    p.row0 = r0;
+    if (pl.path == Path::Cluster) {
+      const dim3 grid(static_cast<unsigned>(nr * pl.C));
+      if (pl.C == 1) {
+        KD_LAUNCH(grid, kThreads, pl.smem, stream, kl_cluster_kernel<T>)(p, 1, pl.slice, pl.raw_bytes, pl.cache);
+        e = cudaGetLastError();
+      } else {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = pl.C;
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cfg.gridDim = grid;
+        cfg.blockDim = dim3(kThreads);
+        cfg.dynamicSmemBytes = pl.smem;
+        cfg.stream = stream;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        e = cudaLaunchKernelEx(&cfg, kl_cluster_kernel<T>, p, pl.C, pl.slice, pl.raw_bytes, pl.cache);
+      }
+    } else if (pl.path == Path::Rows) {
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr), 1), kThreads, 0, stream, kl_rows_kernel<T>)(p, a.vocab, true, nullptr);
+      e = cudaGetLastError();
+    } else {
+      A* part = static_cast<A*>(workspace);
+      A* stats = part + nr * pl.nchunk * 5;
+      const dim3 grid(static_cast<unsigned>(nr), static_cast<unsigned>(pl.nchunk));
+      KD_LAUNCH(grid, kThreads, 0, stream, kl_rows_kernel<T>)(p, pl.chunk, false, part);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      KD_LAUNCH(static_cast<unsigned>((nr + 255) / 256), 256, 0, stream, kl_combine_kernel<A>)(p, nr, pl.nchunk, part, stats);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      if (a.grad_student != nullptr || a.grad_teacher != nullptr) {
+        KD_LAUNCH(grid, kThreads, 0, stream, kl_grad_kernel<T>)(p, pl.chunk, stats);
+        e = cudaGetLastError();
+      }
+    }
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename F>
+auto by_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::Float: return f(float{});
+    case DType::Double: return f(double{});
+    case DType::Half: return f(__half{});
+    case DType::BFloat16: break;
+  }
+  return f(__nv_bfloat16{});
+}
+
+}  // namespace
+
+size_t softmax_kl_workspace(const SoftmaxKLArgs& a) {
+  size_t ws = 0;
+  by_dtype(a.dtype, [&](auto tag) { return run<decltype(tag)>(a, nullptr, nullptr, &ws); });
+  return ws;
+}
+
+cudaError_t softmax_kl(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  return by_dtype(a.dtype, [&](auto tag) { return run<decltype(tag)>(a, workspace, stream, nullptr); });
+}
+
+cudaError_t scale_rows(DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio, cudaStream_t stream) {
+  if (rows == 0 || vocab == 0) return cudaSuccess;
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Elem<T>::acc;
+    const int64_t chunk = 16384;
+    const int64_t nchunk = std::min<int64_t>((vocab + chunk - 1) / chunk, 65535);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerLaunch) {
+      const int64_t nr = std::min(rows - r0, kMaxRowsPerLaunch);
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr), static_cast<unsigned>(nchunk)), kThreads, 0, stream, scale_rows_kernel<T>)(
+          static_cast<T*>(grad), vocab, r0, chunk, static_cast<const A*>(ratio));
+      cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  });
+}
+
+}  // namespace cuda
+}  // namespace kdfast

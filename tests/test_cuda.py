@@ -1,0 +1,947 @@
+"""The CUDA kernels against float64 references computed on the CPU: values and gradients of the fused
+softmax-KL across dtypes, shapes, strides, misaligned slices, masks, reductions, -inf and huge logits,
+teacher gradients, every kernel path (cluster, rows, chunks), opcheck, torch.compile, rows x V >= 2^31,
+and bad input. These skip without a CUDA device.
+
+The test_emu_* cases run the very same kernel sources on the CPU, compiled with g++ against the CUDA
+emulation in csrc/cuda/emu/ (threads, barriers, warp shuffles, shared memory, clusters): they check the
+kernels' logic on machines without a GPU. They need g++ and the CUDA headers and run when
+KDFAST_CUDA_EMU=1 (the CUDA job of .ci/run sets it)."""
+import ctypes
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import reference as ref
+
+from conftest import (DTYPE_IDS, GRAD_TOL, HALF, VALUE_TOL, assert_close_scaled, kl_floors, relerr,
+                      result_dtype, row_value_weights, same_bits)
+
+CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
+EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEV = "cuda"
+NINF = float("-inf")
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Kernel paths, forced through the extension's environment knobs (read on every call).
+PATHS = {
+    "auto": {},
+    "cluster1": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "1"},
+    "cluster4_separate": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "4",
+                          "KDFAST_CUDA_KL_CACHE": "separate"},
+    "cluster16_nocache": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
+                          "KDFAST_CUDA_KL_CACHE": "none"},
+    "rows": {"KDFAST_CUDA_KL": "rows"},
+    "chunks": {"KDFAST_CUDA_KL": "chunks", "KDFAST_CUDA_KL_CHUNK": "64"},
+}
+_KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK",
+          "KDFAST_CUDA_KL_LOG")
+
+
+@pytest.fixture(autouse=True)
+def _native_backend(request, monkeypatch):
+    if "emu" not in request.fixturenames and not CUDA:
+        pytest.skip("no CUDA device, or kdfast was built without CUDA kernels")
+    for k in _KNOBS:
+        monkeypatch.delenv(k, raising=False)
+    if CUDA:
+        kdfast.set_backend("native")
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    for k, v in PATHS[request.param].items():
+        monkeypatch.setenv(k, v)
+    return request.param
+
+
+def logits(*shape, dtype=torch.float32, scale=3.0):
+    """CPU logits, exactly representable in `dtype` (the reference sees the very same values)."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def dtype_params(dtypes=FLOAT_DTYPES):
+    return pytest.mark.parametrize("dtype", dtypes, ids=[DTYPE_IDS[d] for d in dtypes])
+
+
+def _backward(out, upstream):
+    if upstream is None:
+        out.sum().backward()
+    elif isinstance(upstream, torch.Tensor):
+        (out * upstream.to(out.device, out.dtype)).sum().backward()
+    else:
+        (out * upstream).backward()
+
+
+def check_cuda(student, teacher, *, kd=False, temperature=1.0, reduction="batchmean", mask=None,
+               grad_student=True, grad_teacher=False, upstream=None, layout=None):
+    """kdfast on CUDA against kdfast.reference in float64 on the CPU, on the same values.
+
+    student, teacher: CPU leaf data. layout(s, t) maps leaves to the tensors handed to the loss (it
+    runs on the CUDA leaves and on the CPU float64 leaves alike). Returns (out, gs, gt) on CUDA."""
+    layout = layout or (lambda s, t: (s, t))
+    fn = kdfast.kd_loss if kd else kdfast.softmax_kl_div
+    ref_fn = ref.kd_loss if kd else ref.softmax_kl_div
+    kw = dict(temperature=temperature, reduction=reduction)
+
+    s_leaf = student.detach().to(DEV).requires_grad_(grad_student)
+    t_leaf = teacher.detach().to(DEV).requires_grad_(grad_teacher)
+    s_keep, t_keep = s_leaf.detach().clone(), t_leaf.detach().clone()
+    s_in, t_in = layout(s_leaf, t_leaf)
+    out = fn(s_in, t_in, mask=None if mask is None else mask.to(DEV), **kw)
+    lead = tuple(s_in.shape[:-1])
+    assert out.device.type == "cuda"
+    assert out.dtype == result_dtype(s_in.dtype, t_in.dtype), f"loss dtype {out.dtype}"
+    assert tuple(out.shape) == (lead if reduction == "none" else ()), f"loss shape {tuple(out.shape)}"
+    if grad_student or grad_teacher:
+        _backward(out, upstream)
+    assert same_bits(s_leaf.detach(), s_keep), "the student logits were modified"
+    assert same_bits(t_leaf.detach(), t_keep), "the teacher logits were modified"
+
+    sd = student.detach().double().requires_grad_(True)
+    td = teacher.detach().double().requires_grad_(True)
+    sdv, tdv = layout(sd, td)
+    expected = ref_fn(sdv, tdv, mask=mask, **kw)
+    _backward(expected, upstream)
+
+    vfloor, sfloor, tfloor = kl_floors(sdv, tdv, temperature)
+    wv = row_value_weights(lead, reduction, mask, kd, temperature)
+    value_floor = torch.where(wv == 0, 0.0, wv * vfloor).abs()
+    if reduction != "none":
+        value_floor = value_floor.sum()
+    vdt = result_dtype(s_in.dtype, t_in.dtype)
+    assert_close_scaled(out.cpu(), expected, value_floor, VALUE_TOL[vdt], "loss")
+
+    if isinstance(upstream, torch.Tensor):
+        wg = wv * upstream.double()
+    else:
+        wg = wv * (1.0 if upstream is None else float(upstream))
+    wg = wg.abs().unsqueeze(-1)
+    inf_rows = ~torch.isfinite(vfloor).unsqueeze(-1)
+
+    def to_leaf(view, leaf, x):
+        if view is leaf:
+            return x
+        return torch.autograd.grad(view, leaf, x, retain_graph=True)[0]
+
+    grads = []
+    for want, leaf, leaf_d, view_d, floor, name in (
+            (grad_student, s_leaf, sd, sdv, sfloor, "student gradient"),
+            (grad_teacher, t_leaf, td, tdv, tfloor, "teacher gradient")):
+        if not want:
+            assert leaf.grad is None
+            grads.append(None)
+            continue
+        g = leaf.grad
+        assert g is not None, f"{name} is missing"
+        assert g.device.type == "cuda" and g.dtype == leaf.dtype and g.shape == leaf.shape
+        exp_g = leaf_d.grad
+        if leaf.dtype in HALF:
+            exp_g = exp_g.to(leaf.dtype).double()
+        fl = to_leaf(view_d, leaf_d, torch.where(inf_rows, 0.0, wg * floor))
+        skip = None
+        if name.startswith("teacher"):
+            skip = to_leaf(view_d, leaf_d, inf_rows.expand_as(floor).double()) > 0
+        assert_close_scaled(g.cpu(), exp_g, fl, GRAD_TOL[leaf.dtype], name, skip=skip)
+        grads.append(g)
+    return out, grads[0], grads[1]
+
+
+# ----------------------------------------------------------------------------- values and gradients
+
+SHAPES = [
+    (4, 1),        # V = 1
+    (3, 7),        # shorter than one 16-byte vector of any dtype
+    (5, 33),       # odd V: rows alternate in their 16-byte alignment
+    (6, 1000),
+    (3, 5003),
+    (2, 70001),    # few long rows: several CTAs per row / several chunks
+    (9, 32768),
+    (0, 17),       # no rows
+    (2, 3, 37),    # 3-D leading shape
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@dtype_params((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+def test_matches_reference(shape, dtype, path):
+    check_cuda(logits(*shape, dtype=dtype), logits(*shape, dtype=dtype), temperature=2.0,
+               reduction="batchmean", grad_teacher=True)
+
+
+@pytest.mark.parametrize("shape", [(4, 1000), (3, 70001)], ids=["1000", "70001"])
+@dtype_params()
+def test_student_gradient_only(shape, dtype, path):
+    """The usual case (teacher frozen): the cluster path may cache exponentials in place."""
+    check_cuda(logits(*shape, dtype=dtype), logits(*shape, dtype=dtype), kd=True, temperature=4.0)
+
+
+@dtype_params()
+def test_teacher_gradient_only(dtype, path):
+    check_cuda(logits(7, 1300, dtype=dtype), logits(7, 1300, dtype=dtype), grad_student=False,
+               grad_teacher=True, temperature=3.0)
+
+
+@dtype_params()
+def test_forward_only(dtype, path):
+    check_cuda(logits(5, 3001, dtype=dtype), logits(5, 3001, dtype=dtype), grad_student=False,
+               reduction="none")
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 20.0])
+@dtype_params((torch.float32, torch.bfloat16))
+def test_temperatures(temperature, dtype):
+    check_cuda(logits(8, 1000, dtype=dtype), logits(8, 1000, dtype=dtype), kd=True, temperature=temperature,
+               reduction="sum", grad_teacher=True)
+
+
+@pytest.mark.parametrize("kd", [False, True], ids=["softmax_kl_div", "kd_loss"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mask_kind", ["none", "random", "all_false"])
+def test_reductions_and_masks(kd, reduction, mask_kind):
+    lead, V = (3, 5), 257
+    mask = {"none": None, "random": torch.rand(lead) > 0.4, "all_false": torch.zeros(lead, dtype=torch.bool)}[mask_kind]
+    check_cuda(logits(*lead, V), logits(*lead, V), kd=kd, temperature=2.0, reduction=reduction, mask=mask,
+               grad_teacher=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_upstream_gradient_not_one(reduction, path):
+    """An upstream gradient other than the one the forward assumed: rows are rescaled in place on
+    the device (scale_rows_)."""
+    lead = (4, 3)
+    mask = torch.rand(lead) > 0.3
+    upstream = torch.randn(lead, dtype=torch.float64) if reduction == "none" else 0.3
+    check_cuda(logits(*lead, 450, dtype=torch.bfloat16), logits(*lead, 450, dtype=torch.bfloat16), kd=True,
+               temperature=2.5, reduction=reduction, mask=mask, grad_teacher=True, upstream=upstream)
+
+
+def test_backward_twice_with_retain_graph():
+    s, t = logits(4, 700).to(DEV), logits(4, 700).to(DEV)
+    s1 = s.clone().requires_grad_()
+    out = kdfast.kd_loss(s1, t, reduction="none")
+    loss = (out * torch.arange(1.0, 5.0, device=DEV)).sum()
+    loss.backward(retain_graph=True)
+    once = s1.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s1.grad, 2 * once, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------- strides and alignment
+
+def _offset(x, k=1):
+    """The same values at storage offset k (k elements into a fresh buffer): misaligned for k odd."""
+    buf = torch.cat([x.new_zeros(k), x.reshape(-1)])
+    return buf[k:].view(x.shape)
+
+
+def _wide(x, extra=5):
+    """The same values in rows of stride V + extra."""
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], -1)[..., :x.shape[-1]]
+
+
+LAYOUTS = {
+    "offset1_both": lambda s, t: (_offset(s), _offset(t)),            # same offset: vector path
+    "offset1_teacher": lambda s, t: (s, _offset(t)),                  # different offsets: scalar path
+    "offset3_student": lambda s, t: (_offset(s, 3), t),
+    "row_stride": lambda s, t: (_wide(s), _wide(t, 3)),
+    "transposed_lead": lambda s, t: (s.transpose(0, 1), t.transpose(0, 1)),
+    "expanded_teacher": lambda s, t: (s, t[:1].expand_as(t)),          # row stride 0
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("V", [37, 4099, 70001])
+@dtype_params()
+def test_layouts(name, V, dtype, path):
+    shape = (4, 3, V) if name == "transposed_lead" else (6, V)
+    check_cuda(logits(*shape, dtype=dtype), logits(*shape, dtype=dtype), layout=LAYOUTS[name],
+               temperature=1.3, reduction="sum", grad_teacher=True, upstream=0.7)
+
+
+@pytest.mark.parametrize("ds,dt", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)],
+                         ids=["bf16_fp32", "fp16_bf16"])
+def test_mixed_dtypes(ds, dt):
+    _, gs, gt = check_cuda(logits(5, 300, dtype=ds), logits(5, 300, dtype=dt), temperature=2.0,
+                           reduction="mean", grad_teacher=True)
+    assert gs.dtype == ds and gt.dtype == dt
+
+
+# ----------------------------------------------------------------------------- special values
+
+def _neg_inf_case(kind, V):
+    s, t = logits(3, V), logits(3, V)
+    if kind == "teacher":
+        t[:, 1::3] = NINF
+    elif kind == "same":
+        s[:, 2::5] = NINF
+        t[:, 2::5] = NINF
+    elif kind == "different":                      # KL = +inf
+        s[:, 1::3] = NINF
+        t[:, 2::3] = NINF
+    elif kind == "first_half_both":                # whole leading slices/chunks all -inf
+        s[:, :V // 2] = NINF
+        t[:, :V // 2] = NINF
+    elif kind == "teacher_only_last":
+        t[:, :-3] = NINF
+    elif kind == "mixed_rows":
+        s[1, 0], t[1, 0] = NINF, 5.0
+        t[2, V // 2:] = NINF
+    return s, t
+
+
+NEG_INF_KINDS = ["teacher", "same", "different", "first_half_both", "teacher_only_last", "mixed_rows"]
+
+
+@pytest.mark.parametrize("kind", NEG_INF_KINDS)
+@pytest.mark.parametrize("V", [37, 70001])
+@dtype_params((torch.float32, torch.bfloat16))
+def test_neg_inf_logits(kind, V, dtype, path):
+    s, t = _neg_inf_case(kind, V)
+    out, gs, _ = check_cuda(s.to(dtype), t.to(dtype), temperature=1.5, reduction="none", grad_teacher=True)
+    expect_inf = {"different": [0, 1, 2], "mixed_rows": [1]}.get(kind, [])
+    for r in range(3):
+        assert (out[r] == math.inf) if r in expect_inf else torch.isfinite(out[r])
+    assert torch.isfinite(gs).all()
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 100.0])
+@dtype_params()
+def test_huge_logits(temperature, dtype, path):
+    s = (torch.randn(6, 3000) * 1e4).clamp(-1e4, 1e4)
+    t = (torch.randn(6, 3000) * 1e4).clamp(-1e4, 1e4)
+    s[0], t[0] = 1e4, -1e4
+    s[1, ::2], t[1, 1::2] = 1e4, 1e4
+    s[1, 1::2], t[1, ::2] = -1e4, -1e4
+    out, gs, _ = check_cuda(s.to(dtype), t.to(dtype), temperature=temperature, reduction="none",
+                            grad_teacher=True)
+    assert torch.isfinite(out).all() and torch.isfinite(gs).all()
+    assert (out > 1e3 / temperature).any()
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("V", [33, 70001])
+def test_nan_propagates(where, V, path):
+    s, t = logits(3, V).to(DEV), logits(3, V).to(DEV)
+    (s if where == "student" else t)[1, V // 2] = math.nan
+    rows = kdfast.softmax_kl_div(s, t, reduction="none")
+    assert rows[1].isnan()
+    assert torch.isfinite(rows[[0, 2]]).all()
+    assert kdfast.kd_loss(s, t).isnan()
+
+
+def test_row_weight_zero_skips_rows(path):
+    """The raw op: kl 0 and zero gradients where row_weight is 0, even over NaN logits."""
+    s, t = torch.randn(4, 5000, device=DEV), torch.randn(4, 5000, device=DEV)
+    s[1, 7] = math.nan
+    w = torch.tensor([1.0, 0.0, 2.5, -0.5], device=DEV)
+    kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.5, w, True, True)
+    assert kl[1] == 0 and (gs[1] == 0).all() and (gt[1] == 0).all()
+    sd, td = s.double().cpu().requires_grad_(), t.double().cpu().requires_grad_()
+    rows = ref.softmax_kl_div(sd, td, temperature=2.0, reduction="none")
+    keep = [0, 2, 3]
+    assert relerr(kl[keep].cpu(), rows.detach()[keep]) < 1e-5
+    (rows[keep] * w[keep].double().cpu()).sum().backward()
+    assert relerr(gs[keep].cpu(), sd.grad[keep]) < 1e-5
+    assert relerr(gt[keep].cpu(), td.grad[keep]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- determinism, paths
+
+@pytest.mark.parametrize("shape", [(64, 1000), (3, 70001)], ids=["1000", "70001"])
+@dtype_params((torch.float32, torch.bfloat16))
+def test_deterministic(shape, dtype, path):
+    s, t = logits(*shape, dtype=dtype).to(DEV), logits(*shape, dtype=dtype).to(DEV)
+    results = []
+    for _ in range(2):
+        s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+        out = kdfast.kd_loss(s1, t1, temperature=2.0, reduction="none")
+        (out * 0.5).sum().backward()
+        results.append((out.detach(), s1.grad, t1.grad))
+    for a, b in zip(*results):
+        assert same_bits(a, b)
+
+
+def test_paths_agree():
+    """The cluster, rows and chunks paths give the same answers (to rounding)."""
+    s, t = logits(6, 70001).to(DEV), logits(6, 70001).to(DEV)
+    got = {}
+    for name, knobs in PATHS.items():
+        for k in _KNOBS:
+            os.environ.pop(k, None)
+        os.environ.update(knobs)
+        try:
+            s1 = s.clone().requires_grad_()
+            out = kdfast.kd_loss(s1, t, reduction="none")
+            out.sum().backward()
+            got[name] = (out.detach(), s1.grad)
+        finally:
+            for k in _KNOBS:
+                os.environ.pop(k, None)
+    base = got["auto"]
+    for name, (o, g) in got.items():
+        assert relerr(o, base[0]) < 1e-5, name
+        assert relerr(g, base[1]) < 1e-5, name
+
+
+def test_default_plan_is_cluster_on_hopper(capfd, monkeypatch):
+    """On sm_90 the default path for the benchmark shapes is the cluster kernel."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    monkeypatch.setenv("KDFAST_CUDA_KL_LOG", "1")
+    for dtype in (torch.bfloat16, torch.float32):
+        s = torch.randn(16, 131072, device=DEV, dtype=dtype, requires_grad=True)
+        kdfast.kd_loss(s, torch.randn(16, 131072, device=DEV, dtype=dtype)).backward()
+    torch.cuda.synchronize()
+    err = capfd.readouterr().err
+    assert err.count("path=cluster") >= 2, err
+
+
+# ----------------------------------------------------------------------------- rows x V >= 2^31
+
+def _free_bytes():
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+@pytest.mark.parametrize("path_name", ["auto", "rows", "chunks"])
+def test_rows_times_vocab_at_least_2_pow_31(path_name, monkeypatch):
+    """16384 x 131072 bf16 = 2^31 elements: offsets past 2^31 must not wrap (64-bit indexing)."""
+    R, V = 16384, 131072
+    need = 3 * R * V * 2 + (2 << 30)  # student, teacher, gradient, headroom
+    if _free_bytes() < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    for k, v in PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("KDFAST_CUDA_KL_CHUNK", raising=False)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    s = (torch.randn(R, V, device=DEV, generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    t = (torch.randn(R, V, device=DEV, generator=g) * 2).to(torch.bfloat16)
+    rows = kdfast.softmax_kl_div(s, t, temperature=2.0, reduction="none")
+    (rows * 0.25).sum().backward()
+    check = [0, 1, R // 2, R - 2, R - 1]  # the last rows live past 2^31 elements
+    for r in check:
+        sd = s.detach()[r].double().cpu().requires_grad_()
+        want = ref.softmax_kl_div(sd, t[r].double().cpu(), temperature=2.0, reduction="none")
+        (want * 0.25).backward()
+        assert relerr(rows[r].detach().cpu(), want.detach()) < 1e-5, r
+        assert relerr(s.grad[r].cpu(), sd.grad.to(torch.bfloat16)) < 8e-3, r
+    assert torch.isfinite(rows).all()
+    del s, t, rows
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- ops: opcheck, compile
+
+def _op_args(rows, V, dtype, gs, gt, device=DEV):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(rows, dtype=acc, device=device) + 0.1
+    if rows > 1:
+        w[1] = 0
+    return (torch.randn(rows, V, dtype=dtype, device=device), torch.randn(rows, V, dtype=dtype, device=device),
+            0.5, w, gs, gt)
+
+
+@pytest.mark.parametrize("case", [((3, 17), torch.float32, (False, False)), ((3, 17), torch.float32, (True, True)),
+                                  ((1, 1), torch.float64, (True, False)), ((0, 8), torch.float32, (True, True)),
+                                  ((5, 3000), torch.bfloat16, (True, False)), ((2, 70001), torch.float32, (True, True))],
+                         ids=["3x17-fp32-none", "3x17-fp32-st", "1x1-fp64-s", "0x8-fp32-st", "5x3000-bf16-s",
+                              "2x70001-fp32-st"])
+def test_opcheck_softmax_kl(case):
+    shape, dtype, flags = case
+    torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, _op_args(*shape, dtype, *flags))
+
+
+@dtype_params((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+def test_opcheck_scale_rows(dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.randn(5, 3003, dtype=dtype, device=DEV)
+    ratio = torch.tensor([1.0, 0.5, -2.0, 1.0, 0.0], dtype=acc, device=DEV)
+    torch.library.opcheck(torch.ops.kdfast.scale_rows_.default, (g.clone(), ratio))
+    g2 = g.clone()
+    torch.ops.kdfast.scale_rows_(g2, ratio)
+    torch.testing.assert_close(g2, (g.double() * ratio.double().unsqueeze(1)).to(dtype))
+    assert same_bits(g2[0], g[0]) and same_bits(g2[3], g[3])  # ratio 1: rows untouched
+
+
+def test_op_matches_cpu_op():
+    """The CUDA op and the CPU op agree on the raw outputs."""
+    args = _op_args(6, 5000, torch.float32, True, True, device="cpu")
+    cpu = torch.ops.kdfast.softmax_kl(*args)
+    dev = torch.ops.kdfast.softmax_kl(*[a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args])
+    for a, b in zip(dev, cpu):
+        assert relerr(a.cpu(), b) < 1e-5
+
+
+def _compare_compiled(fn, args, grads_of):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    eager_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
+    comp_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
+    out_e = fn(*eager_args)
+    out_c = compiled(*comp_args)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=0)
+    out_e.backward()
+    out_c.backward()
+    for i in grads_of:
+        torch.testing.assert_close(comp_args[i].grad, eager_args[i].grad, rtol=1e-5, atol=1e-9)
+    torch._dynamo.reset()
+
+
+def test_compile_kd_loss_fullgraph():
+    def f(s, t):
+        return kdfast.kd_loss(s, t, temperature=2.0)
+    _compare_compiled(f, [logits(8, 1000).to(DEV).requires_grad_(), logits(8, 1000).to(DEV)], grads_of=[0])
+
+
+def test_compile_mask_teacher_grad_bf16():
+    def f(s, t, m):
+        return 0.5 * kdfast.softmax_kl_div(s, t, temperature=3.0, reduction="mean", mask=m)
+    mask = torch.rand(2, 4, device=DEV) > 0.3
+    mask[0, 0] = True
+    s = logits(2, 4, 500, dtype=torch.bfloat16).to(DEV).requires_grad_()
+    t = logits(2, 4, 500, dtype=torch.bfloat16).to(DEV).requires_grad_()
+    _compare_compiled(f, [s, t, mask], grads_of=[0, 1])
+
+
+# ----------------------------------------------------------------------------- relation ops
+
+def _points(B, n, D, dtype=torch.float32, dup=True):
+    x = torch.randn(B, n, D, dtype=torch.float64) + 3.0  # off the origin: the ops centre
+    if dup:
+        x[0, 3] = x[0, 1]  # duplicate points: a zero-length side
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("op", ["rkd_distance", "rkd_angle"])
+@pytest.mark.parametrize("shape", [(1, 5, 3, 4), (2, 70, 5, 7), (1, 300, 16, 8)], ids=["5", "2x70", "300"])
+@dtype_params((torch.float32, torch.float64))
+def test_relation_ops_match_cpu(op, shape, dtype):
+    """The CUDA relation ops against the CPU ops on the same inputs (values and both gradients),
+    with a group of weight 0 (no gradient) and duplicate points."""
+    B, n, Ds, Dt = shape
+    s, t = _points(B, n, Ds, dtype), _points(B, n, Dt, dtype)
+    w = torch.full((B,), 0.7, dtype=dtype)
+    if B > 1:
+        w[1] = 0
+    fn = getattr(torch.ops.kdfast, op)
+    extra = (1.0, False, 1e-12) if op == "rkd_distance" else (1.0, 1e-12)
+    cpu = fn(s, t, *extra, w, True, True)
+    dev = fn(s.to(DEV), t.to(DEV), *extra, w.to(DEV), True, True)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for a, b, name in zip(dev, cpu, ("loss", "grad_student", "grad_teacher")):
+        assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape, name
+        assert relerr(a.cpu(), b) < tol, name
+    if B > 1:
+        assert (dev[1][1] == 0).all() and (dev[2][1] == 0).all()
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_pairwise_distances_match_cpu(squared, normalize):
+    x = _points(2, 90, 12)
+    cpu = torch.ops.kdfast.pairwise_distances(x, squared, normalize, 1e-12)
+    dev = torch.ops.kdfast.pairwise_distances(x.to(DEV), squared, normalize, 1e-12)
+    assert relerr(dev.cpu(), cpu) < 1e-5
+    g = torch.randn(2, 90, 90)
+    cpu_b = torch.ops.kdfast.pairwise_distances_backward(g, x, squared, normalize, 1e-12)
+    dev_b = torch.ops.kdfast.pairwise_distances_backward(g.to(DEV), x.to(DEV), squared, normalize, 1e-12)
+    assert relerr(dev_b.cpu(), cpu_b) < 1e-4
+
+
+@pytest.mark.parametrize("fn", ["rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "pairwise_distances"])
+def test_relation_losses_against_reference(fn):
+    s, t = _points(2, 40, 8, torch.float64), _points(2, 40, 6, torch.float64)
+    f = getattr(kdfast, fn)
+    rf = getattr(ref, fn)
+    args = (s,) if fn == "pairwise_distances" else (s, t)
+    xs = [a.to(DEV).requires_grad_() for a in args]
+    xr = [a.clone().requires_grad_() for a in args]
+    out, want = f(*xs), rf(*xr)
+    up = torch.randn(want.shape, dtype=torch.float64)
+    (out * up.to(DEV)).sum().backward()
+    (want * up).sum().backward()
+    assert relerr(out.detach().cpu(), want.detach()) < 1e-9
+    for a, b in zip(xs, xr):
+        assert relerr(a.grad.cpu(), b.grad) < 1e-8
+
+
+def test_relation_ops_no_groups():
+    s, t = torch.randn(0, 5, 3, device=DEV), torch.randn(0, 5, 4, device=DEV)
+    w = torch.ones(0, device=DEV)
+    for out in (torch.ops.kdfast.rkd_distance(s, t, 1.0, False, 1e-12, w, True, True),
+                torch.ops.kdfast.rkd_angle(s, t, 1.0, 1e-12, w, True, True)):
+        assert out[0].shape == (0,) and out[1].shape == s.shape and out[2].shape == t.shape
+    assert torch.ops.kdfast.pairwise_distances(s, False, True, 1e-12).shape == (0, 5, 5)
+    for fn in (kdfast.rkd_loss, kdfast.rkd_distance_loss, kdfast.rkd_angle_loss):
+        try:  # as on the CPU: the mean over no groups (NaN), or a ValueError naming the argument
+            out = fn(s, t)
+        except (ValueError, TypeError) as e:
+            assert "student" in str(e)
+        else:
+            assert out.shape == () and out.isnan()
+
+
+def test_opcheck_relation_ops():
+    s, t = _points(2, 33, 5), _points(2, 33, 7)
+    w = torch.tensor([0.5, 0.0], device=DEV)
+    s, t = s.to(DEV), t.to(DEV)
+    for flags in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.kdfast.rkd_distance.default, (s, t, 1.0, False, 1e-12, w, *flags))
+        torch.library.opcheck(torch.ops.kdfast.rkd_angle.default, (s, t, 1.0, 1e-12, w, *flags))
+    torch.library.opcheck(torch.ops.kdfast.pairwise_distances.default, (s, False, True, 1e-12))
+    torch.library.opcheck(torch.ops.kdfast.pairwise_distances_backward.default,
+                          (torch.randn(2, 33, 33, device=DEV), s, False, True, 1e-12))
+
+
+def test_rkd_loss_memory_is_quadratic():
+    """rkd_loss forward and backward at N = 2048 stay within a few N x N matrices (no N^3 or N^2 D)."""
+    N, D = 2048, 256
+    s = torch.randn(N, D, device=DEV, requires_grad=True)
+    t = torch.randn(N, D, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    kdfast.rkd_loss(s, t).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 40 * N * N * 4, f"peak {peak / 2**20:.0f} MiB"
+    assert torch.isfinite(s.grad).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_devices_must_match():
+    s, t = logits(3, 10).to(DEV), logits(3, 10)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        kdfast.softmax_kl_div(s, t)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        kdfast.kd_loss(t, s)
+    with pytest.raises(ValueError, match="mask"):
+        kdfast.kd_loss(s, s, mask=torch.ones(3, dtype=torch.bool))
+
+
+def test_raw_op_rejects_mixed_devices():
+    s, t = torch.randn(3, 10, device=DEV), torch.randn(3, 10, device=DEV)
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.kdfast.softmax_kl(s, t, 1.0, torch.ones(3), True, False)
+
+
+def test_native_available_cuda():
+    assert kdfast.native_available("cuda")
+    info = kdfast.build_info()
+    assert info["cuda"] is True and info["cuda_archs"]
+
+
+# ============================================================================= CPU emulation
+#
+# The kernels of csrc/cuda/*.cu compiled with g++ against csrc/cuda/emu/ and called through the same
+# host functions the CUDA glue calls (ctypes). The relation ops' glue (ATen on the device in
+# csrc/cuda/rkd_ops.cpp) is mirrored in PyTorch here, step for step.
+
+def _cuda_include():
+    """The CUDA toolkit's include folder (for cuda_fp16.h and the runtime API types), or None."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        try:
+            with open(real, errors="ignore") as f:
+                cands += [m.group(1) for m in re.finditer(r"(/[^\s\"']+)/bin/nvcc", f.read(4096))]
+        except OSError:
+            pass
+        cands.append(os.path.dirname(os.path.dirname(real)))
+    cands.append("/usr/local/cuda")
+    for c in cands:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_fp16.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+class Emu:
+    P, I, D, Ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    SIGS = {
+        "emu_softmax_kl": [Ci, P, P, I, I, I, I, D, P, P, P, P],
+        "emu_scale_rows": [Ci, P, I, I, P],
+        "emu_rkd_inv_sides": [Ci, P, I, I, D, P],
+        "emu_rkd_pdist": [Ci, P, I, I, Ci, D, P],
+        "emu_rkd_pdist_backward": [Ci, P, P, P, P, P, I, I, Ci, D, P],
+        "emu_rkd_distance_blocks": [I],
+        "emu_rkd_distance_huber": [Ci, P, P, P, P, P, I, I, D, P, P, P],
+        "emu_rkd_angle_tiles": [I],
+        "emu_rkd_angle": [Ci, P, P, P, P, I, I, D, P, P, P, P, P, P, P, P],
+        "emu_rkd_angle_side_grad": [Ci, P, P, I, I, D, P],
+    }
+
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        for name, args in self.SIGS.items():
+            getattr(self.lib, name).argtypes = args
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, name)
+
+        def call(*args):  # `args` keeps temporaries alive until the call returns
+            rc = fn(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+            if name.endswith(("_blocks", "_tiles")):
+                return rc
+            assert rc == 0, f"{name} returned {rc}"
+        return call
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if not EMU:
+        pytest.skip("set KDFAST_CUDA_EMU=1 to run the CUDA kernels in the CPU emulation")
+    inc, cxx = _cuda_include(), shutil.which("g++")
+    if inc is None or cxx is None:
+        pytest.skip("the CUDA emulation needs g++ and the CUDA toolkit's headers")
+    out = str(tmp_path_factory.mktemp("emu") / "libkdfast_emu.so")
+    cuda = os.path.join(REPO, "csrc", "cuda")
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-DKDFAST_CUDA_EMULATE",
+           "-I" + os.path.join(REPO, "csrc"), "-I" + inc,
+           "-x", "c++", os.path.join(cuda, "softmax_kl.cu"), "-x", "c++", os.path.join(cuda, "rkd.cu"),
+           "-x", "none", os.path.join(cuda, "emu", "emu.cpp"), "-o", out]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return Emu(out)
+
+
+_KDT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+EMU_PATHS = {k: dict(v) for k, v in PATHS.items()}
+EMU_PATHS["chunks"]["KDFAST_CUDA_KL_CHUNK"] = "512"  # a few chunks per row (each block is 256 threads)
+
+
+def _emu_softmax_kl(emu, s, t, inv_t, w, gs=True, gt=True):
+    R, V = s.shape
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    kl = torch.full((R,), math.nan, dtype=acc)
+    G = torch.full((R, V), math.nan, dtype=s.dtype) if gs else None
+    H = torch.full((R, V), math.nan, dtype=s.dtype) if gt else None
+    emu.emu_softmax_kl(_KDT[s.dtype], s, t, R, V, s.stride(0), t.stride(0), inv_t, w, kl, G, H)
+    return kl, G, H
+
+
+def _emu_case(case, dtype):
+    """(student, teacher) views for an emulated softmax-KL case."""
+    R, V = {"tiny": (3, 7), "offset1": (4, 1001), "teacher_offset": (2, 5003), "broadcast": (3, 2000),
+            "special": (4, 3000)}[case]
+    s, t = logits(R * V + 3), logits(R * V + 3)
+    if case == "offset1":
+        s, t = s[1:1 + R * V].view(R, V), t[1:1 + R * V].view(R, V)
+    elif case == "teacher_offset":
+        s, t = s[:R * V].view(R, V), t[3:].view(R, V)
+    elif case == "broadcast":
+        s, t = s[:R * V].view(R, V), t[:V].view(1, V).expand(R, V)
+    else:
+        s, t = s[:R * V].view(R, V), t[:R * V].view(R, V)
+    if case == "special":
+        s, t = s.clone(), t.clone()
+        t[0, 1::3] = NINF                 # masked teacher vocabulary
+        s[0, 1::6] = NINF                 # ... and student -inf only where p_t = 0: finite
+        s[1, 5] = NINF                    # student -inf where p_t > 0: KL = +inf
+        s[2, :V // 2], t[2, :V // 2] = NINF, NINF  # leading half of the row -inf on both sides
+        s[3] = s[3] * 3000                # huge logits
+    return s.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("case", ["tiny", "offset1", "teacher_offset", "broadcast", "special"])
+@dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))
+@pytest.mark.parametrize("path_name", list(EMU_PATHS))
+def test_emu_softmax_kl(emu, path_name, dtype, case, monkeypatch):
+    if path_name in ("cluster16_nocache", "chunks") and dtype in (torch.float16, torch.float64):
+        pytest.skip("slow in emulation: fp32 and bf16 cover this path")
+    for k, v in EMU_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    s, t = _emu_case(case, dtype)
+    R = s.shape[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(R) + 0.5).to(acc)
+    if R > 2 and case != "special":
+        w[1] = 0  # a skipped row
+    kl, gs, gt = _emu_softmax_kl(emu, s, t, 0.7, w)
+    sd, td = s.double().requires_grad_(), t.double().requires_grad_()
+    rows = ref.softmax_kl_div(sd, td, temperature=1 / 0.7, reduction="none")
+    fin = torch.isfinite(rows.detach()) & (w != 0)
+    # a row with KL = +inf still has a finite student gradient (p_s - p_t); its teacher's is not compared
+    (torch.where(w != 0, rows, 0.0) * w.double()).sum().backward()
+    want_kl = torch.where(w != 0, rows.detach(), 0.0)
+    assert torch.equal(torch.isfinite(kl), torch.isfinite(want_kl)), (kl, want_kl)
+    assert torch.equal(kl[~torch.isfinite(want_kl)], want_kl[~torch.isfinite(want_kl)].to(acc))
+    vtol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert relerr(kl[fin], want_kl[fin]) < vtol
+    gtol = GRAD_TOL[dtype] if dtype != torch.float32 else 2e-5
+    for got, want, keep in ((gs, sd.grad, torch.ones(R, dtype=torch.bool)), (gt, td.grad, fin | (w == 0))):
+        got, want = got[keep], want[keep]
+        if dtype in HALF:
+            want = want.to(dtype)
+        assert torch.isfinite(got).all()
+        assert relerr(got, want) < gtol
+    assert (gs[w == 0] == 0).all() and (gt[w == 0] == 0).all()
+
+
+def test_emu_softmax_kl_nan_and_determinism(emu, monkeypatch):
+    monkeypatch.setenv("KDFAST_CUDA_KL", "cluster")
+    monkeypatch.setenv("KDFAST_CUDA_KL_CLUSTER", "4")
+    s, t = logits(3, 3001), logits(3, 3001)
+    s[1, 17] = math.nan
+    w = torch.ones(3)
+    a = _emu_softmax_kl(emu, s, t, 1.0, w)
+    b = _emu_softmax_kl(emu, s, t, 1.0, w)
+    assert a[0][1].isnan() and torch.isfinite(a[0][[0, 2]]).all()
+    for x, y in zip(a, b):
+        assert same_bits(x, y)
+
+
+@dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))
+def test_emu_scale_rows(emu, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    base = torch.randn(5 * 3003 + 1).to(dtype)
+    g = base[1:].view(5, 3003)  # contiguous at storage offset 1: misaligned
+    before = g.clone()
+    ratio = torch.tensor([1.0, 0.5, -2.0, 1.0, 0.0], dtype=acc)
+    emu.emu_scale_rows(_KDT[dtype], g, 5, 3003, ratio)
+    torch.testing.assert_close(g, (before.double() * ratio.double().unsqueeze(1)).to(dtype))
+    assert same_bits(g[0], before[0]) and same_bits(g[3], before[3])
+
+
+# ---- the relation ops' glue, mirrored from csrc/cuda/rkd_ops.cpp
+
+def _gram(x, acc):
+    xa = x.to(acc)
+    c = xa - xa.mean(1, keepdim=True)
+    g = c @ c.transpose(1, 2)
+    return c, ((g + g.transpose(1, 2)) * 0.5).contiguous()
+
+
+def _grad_points(gG, c, dtype):
+    g = (gG + gG.transpose(1, 2)) @ c
+    return (g - g.mean(1, keepdim=True)).to(dtype)
+
+
+def _sqdist_grad(M):
+    g = M * -2
+    g.diagonal(0, 1, 2).add_(M.sum(-1) + M.sum(-2))
+    return g
+
+
+def _acc_id(G):
+    return 1 if G.dtype == torch.float64 else 0
+
+
+def _pdist(emu, G, squared, eps):
+    B, n, _ = G.shape
+    d = torch.empty_like(G)
+    emu.emu_rkd_pdist(_acc_id(G), G, B, n, int(squared), eps, d)
+    pos = d > 0
+    cnt = pos.sum((1, 2)).double()
+    return d, torch.where(pos, d, 0.0).sum((1, 2), dtype=torch.float64) / cnt, cnt
+
+
+def _pdist_backward(emu, G, d, mean, cnt, squared, normalize, eps, gout):
+    B, n, _ = G.shape
+    if normalize:
+        im = (1.0 / mean).contiguous()
+        k = ((gout * d).sum((1, 2), dtype=torch.float64) / (mean * mean * cnt)).contiguous()
+    else:
+        im, k = torch.ones(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+    M = torch.empty_like(G)
+    emu.emu_rkd_pdist_backward(_acc_id(G), G, d, gout, im, k, B, n, int(squared), eps, M)
+    return _sqdist_grad(M)
+
+
+def _drop(gG, w):
+    return torch.where((w != 0).view(-1, 1, 1), gG, 0.0)
+
+
+def _emu_rkd_distance(emu, s, t, delta, squared, eps, w):
+    acc = w.dtype
+    cs, Gs = _gram(s, acc)
+    ct, Gt = _gram(t, acc)
+    B, n, _ = Gs.shape
+    ds, ms, ns = _pdist(emu, Gs, squared, eps)
+    dt, mt, nt = _pdist(emu, Gt, squared, eps)
+    coef = (w.double() / (n * n)).contiguous()
+    part = torch.empty(B, emu.emu_rkd_distance_blocks(n), dtype=torch.float64)
+    gps, gpt = torch.empty_like(Gs), torch.empty_like(Gt)
+    emu.emu_rkd_distance_huber(_acc_id(Gs), ds, dt, (1 / ms).contiguous(), (1 / mt).contiguous(), coef, B, n,
+                               delta, part, gps, gpt)
+    gGs = _drop(_pdist_backward(emu, Gs, ds, ms, ns, squared, True, eps, gps), w)
+    gGt = _drop(_pdist_backward(emu, Gt, dt, mt, nt, squared, True, eps, gpt), w)
+    return (part.sum(1) / (n * n)).to(acc), _grad_points(gGs, cs, s.dtype), _grad_points(gGt, ct, t.dtype)
+
+
+def _emu_rkd_angle(emu, s, t, delta, eps, w):
+    acc = w.dtype
+    cs, Gs = _gram(s, acc)
+    ct, Gt = _gram(t, acc)
+    B, n, _ = Gs.shape
+    a = _acc_id(Gs)
+    inv_s, inv_t = torch.empty_like(Gs), torch.empty_like(Gt)
+    emu.emu_rkd_inv_sides(a, Gs, B, n, eps, inv_s)
+    emu.emu_rkd_inv_sides(a, Gt, B, n, eps, inv_t)
+    coef = (w.double() / n ** 3).contiguous()
+    part = torch.empty(B, emu.emu_rkd_angle_tiles(n), dtype=torch.float64)
+    As, Rs, Ss, At, Rt, St = (torch.full_like(Gs, math.nan) for _ in range(6))
+    emu.emu_rkd_angle(a, Gs, Gt, inv_s, inv_t, B, n, delta, coef, part, As, At, Rs, Rt, Ss, St)
+
+    def compose(G, inv, A, R, S):
+        emu.emu_rkd_angle_side_grad(a, G, inv, B, n, eps, S)
+        g = A - 2 * R + _sqdist_grad(S)
+        g.diagonal(0, 1, 2).add_(R.sum(-1))
+        return g
+    gGs = _drop(compose(Gs, inv_s, As, Rs, Ss), w)
+    gGt = _drop(compose(Gt, inv_t, At, Rt, St), w)
+    return (part.sum(1) / n ** 3).to(acc), _grad_points(gGs, cs, s.dtype), _grad_points(gGt, ct, t.dtype)
+
+
+@pytest.mark.parametrize("kind", ["distance", "angle"])
+@pytest.mark.parametrize("shape", [(1, 5, 3, 4), (2, 70, 5, 7), (1, 130, 16, 8)], ids=["5", "2x70", "130"])
+@dtype_params((torch.float32, torch.float64))
+def test_emu_rkd(emu, kind, shape, dtype):
+    B, n, Ds, Dt = shape
+    s, t = torch.randn(B, n, Ds, dtype=torch.float64), torch.randn(B, n, Dt, dtype=torch.float64)
+    s[0, 3] = s[0, 1]  # a duplicate point: a zero-length side
+    w = torch.full((B,), 0.7, dtype=dtype)
+    if B > 1:
+        w[1] = 0  # no gradient for that group
+    if kind == "distance":
+        loss, gs, gt = _emu_rkd_distance(emu, s.to(dtype), t.to(dtype), 1.0, False, 1e-12, w)
+        ref_fn = ref.rkd_distance_loss
+    else:
+        loss, gs, gt = _emu_rkd_angle(emu, s.to(dtype), t.to(dtype), 1.0, 1e-12, w)
+        ref_fn = ref.rkd_angle_loss
+    sd, td = s.clone().requires_grad_(), t.clone().requires_grad_()
+    per_group = torch.stack([ref_fn(sd[b], td[b]) for b in range(B)])
+    (per_group * w.double()).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert relerr(loss, per_group.detach()) < tol
+    assert relerr(gs, sd.grad) < tol and relerr(gt, td.grad) < tol
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_emu_pairwise_distances(emu, squared, normalize):
+    x = torch.randn(2, 37, 6, dtype=torch.float64)
+    x[1, 5] = x[1, 9]
+    _, G = _gram(x, torch.float64)
+    d, mean, cnt = _pdist(emu, G, squared, 1e-12)
+    out = d / mean.view(-1, 1, 1) if normalize else d
+    xd = x.clone().requires_grad_()
+    want = torch.stack([ref.pairwise_distances(xd[b], squared=squared, normalize=normalize, eps=1e-12)
+                        for b in range(2)])
+    assert relerr(out, want.detach()) < 1e-10
+    up = torch.randn(2, 37, 37, dtype=torch.float64)
+    (want * up).sum().backward()
+    c, G = _gram(x, torch.float64)
+    gx = _grad_points(_pdist_backward(emu, G, d, mean, cnt, squared, normalize, 1e-12, up.contiguous()), c,
+                      torch.float64)
+    assert relerr(gx, xd.grad) < 1e-9
