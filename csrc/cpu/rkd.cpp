@@ -24,6 +24,11 @@ namespace {
 
 using at::vec::Vectorized;
 
+// Rows per task for the n x n passes: about 64k entries, so small groups run on one thread
+// instead of paying a parallel region's start and barrier (which, on a busy machine, can cost
+// more than the work).
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(n, 1)); }
+
 template <typename acc_t>
 acc_t side_sq(const acc_t* G, int64_t n, int64_t i, int64_t j) {
   if (i == j) return acc_t(0);
@@ -36,7 +41,7 @@ void add_sqdist_grad(const acc_t* M, int64_t n, acc_t* gG) {
   std::vector<acc_t> col(n, acc_t(0));
   for (int64_t a = 0; a < n; ++a)  // column sums in a fixed order
     for (int64_t b = 0; b < n; ++b) col[b] += M[a * n + b];
-  at::parallel_for(0, n, 16, [&](int64_t a0, int64_t a1) {
+  at::parallel_for(0, n, row_grain(n), [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       acc_t row = 0;
       for (int64_t b = 0; b < n; ++b) {
@@ -56,7 +61,7 @@ void pdist_typed(PdistArgs& p) {
   const acc_t eps = static_cast<acc_t>(p.eps);
   std::vector<double> rsum(n);
   std::vector<int64_t> rcnt(n);
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       double s = 0;
       int64_t c = 0;
@@ -94,7 +99,7 @@ void pdist_backward_typed(const PdistBackwardArgs& p) {
   }
   const acc_t inv_mean = p.normalize ? static_cast<acc_t>(1.0 / p.mean) : acc_t(1);
   std::vector<acc_t> M(n * n);
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t ij = i * n + j;
@@ -118,7 +123,7 @@ void distance_huber_typed(DistanceHuberArgs& p) {
   const int64_t n = p.n;
   const acc_t ims = p.inv_mean_s, imt = p.inv_mean_t, delta = p.delta, coef = p.coef;
   std::vector<double> part(n);
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       double s = 0;
       for (int64_t j = 0; j < n; ++j) {
@@ -140,7 +145,7 @@ void distance_huber_typed(DistanceHuberArgs& p) {
 template <typename acc_t>
 void compose_angle_grad(const acc_t* G, const acc_t* inv, acc_t* A, const acc_t* R, acc_t* S, int64_t n,
                         acc_t eps) {
-  at::parallel_for(0, n, 16, [&](int64_t a0, int64_t a1) {
+  at::parallel_for(0, n, row_grain(n), [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       acc_t rrow = 0;
       for (int64_t b = 0; b < n; ++b) {
@@ -169,7 +174,7 @@ void angle_typed(AngleArgs& p) {
   const bool want = p.grad_gram_s || p.grad_gram_t;
 
   std::vector<acc_t> inv_s(n * n), inv_t(n * n);
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t j = 0; j < n; ++j) {
         inv_s[i * n + j] = rkd::inv_side(side_sq(Gs, n, i, j), eps);

@@ -3,10 +3,25 @@
 // points), shared by the CPU and CUDA implementations.
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace kdfast {
+
+// Runs f without intra-op parallelism when the work is small. ATen ops called inside an
+// at::parallel_for body run on the calling thread; for the few small matrix ops around the kernels,
+// a parallel region's start and barrier cost more than the work, and far more on a busy machine.
+template <typename F>
+auto serial_if_small(int64_t elements, F f) {
+  using R = decltype(f());
+  if (elements > (int64_t(1) << 20)) return f();
+  R out;
+  at::parallel_for(0, 1, 2, [&](int64_t, int64_t) { out = f(); });
+  return out;
+}
 
 inline at::ScalarType relation_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -18,17 +33,22 @@ struct PointsGram {
     TORCH_CHECK(x.dim() == 3, op, ": points must be (B, N, D)");
     TORCH_CHECK(x.size(1) >= 2, op, ": needs at least 2 points");
     B = x.size(0), N = x.size(1);
-    at::Tensor xa = x.to(relation_acc(x.scalar_type()));
-    centred = xa - xa.mean({1}, true);
-    at::Tensor g = at::bmm(centred, centred.transpose(1, 2));
-    gram = ((g + g.transpose(1, 2)) * 0.5).contiguous();  // exactly symmetric: the kernels rely on it
+    std::tie(centred, gram) = serial_if_small(x.numel() + B * N * N, [&] {
+      at::Tensor xa = x.to(relation_acc(x.scalar_type()));
+      at::Tensor xc = xa - xa.mean({1}, true);
+      at::Tensor g = at::bmm(xc, xc.transpose(1, 2));
+      // exactly symmetric: the kernels rely on it
+      return std::make_tuple(xc, ((g + g.transpose(1, 2)) * 0.5).contiguous());
+    });
   }
 };
 
 // dL/dX from dL/dG (B, N, N) for G = Xc Xc^T with Xc = X - mean(X).
 inline at::Tensor grad_points(const at::Tensor& gG, const at::Tensor& centred, at::ScalarType dtype) {
-  at::Tensor g = at::bmm(gG + gG.transpose(1, 2), centred);
-  return (g - g.mean({1}, true)).to(dtype);
+  return serial_if_small(gG.numel() + centred.numel(), [&] {
+    at::Tensor g = at::bmm(gG + gG.transpose(1, 2), centred);
+    return (g - g.mean({1}, true)).to(dtype);
+  });
 }
 
 struct RelationInputs {
