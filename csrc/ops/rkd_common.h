@@ -33,18 +33,22 @@ struct PointsGram {
     TORCH_CHECK(x.dim() == 3, op, ": points must be (B, N, D)");
     TORCH_CHECK(x.size(1) >= 2, op, ": needs at least 2 points");
     B = x.size(0), N = x.size(1);
+    // Autocast must not lower these products: the kernels read G in the accumulation type.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     std::tie(centred, gram) = serial_if_small(x.numel() + B * N * N, [&] {
       at::Tensor xa = x.to(relation_acc(x.scalar_type()));
       at::Tensor xc = xa - xa.mean({1}, true);
       at::Tensor g = at::bmm(xc, xc.transpose(1, 2));
       // exactly symmetric: the kernels rely on it
-      return std::make_tuple(xc, ((g + g.transpose(1, 2)) * 0.5).contiguous());
+      const auto acc = relation_acc(x.scalar_type());
+      return std::make_tuple(xc.to(acc), ((g + g.transpose(1, 2)) * 0.5).to(acc).contiguous());
     });
   }
 };
 
 // dL/dX from dL/dG (B, N, N) for G = Xc Xc^T with Xc = X - mean(X).
 inline at::Tensor grad_points(const at::Tensor& gG, const at::Tensor& centred, at::ScalarType dtype) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return serial_if_small(gG.numel() + centred.numel(), [&] {
     at::Tensor g = at::bmm(gG + gG.transpose(1, 2), centred);
     return (g - g.mean({1}, true)).to(dtype);

@@ -15,8 +15,9 @@ inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, const at::
   TORCH_CHECK(t.device() == s.device() && w.device() == s.device(),
               "softmax_kl: student, teacher and row_weight must be on one device, got ", s.device(), ", ",
               t.device(), ", ", w.device());
-  TORCH_CHECK(s.stride(1) == 1 || s.size(1) <= 1, "softmax_kl: student must have unit stride along V");
-  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "softmax_kl: teacher must have unit stride along V");
+  const bool empty = s.size(0) == 0;  // no row is read
+  TORCH_CHECK(empty || s.stride(1) == 1 || s.size(1) <= 1, "softmax_kl: student must have unit stride along V");
+  TORCH_CHECK(empty || t.stride(1) == 1 || t.size(1) <= 1, "softmax_kl: teacher must have unit stride along V");
   auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(w.dim() == 1 && w.size(0) == s.size(0) && w.scalar_type() == acc && w.is_contiguous(),
               "softmax_kl: row_weight must be a contiguous ", acc, " vector of length rows");
