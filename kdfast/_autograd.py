@@ -10,6 +10,8 @@ place, and a second backward through the same graph (retain_graph=True) recomput
 """
 import torch
 
+from kdfast import reference
+
 _ops = torch.ops.kdfast
 
 
@@ -68,6 +70,15 @@ def _pairwise_setup(ctx, inputs, output):
 
 def _pairwise_backward(ctx, grad):
     (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled() and (x.requires_grad or grad.requires_grad):
+        # create_graph=True: the fused backward op has no derivative of its own, so the gradient
+        # is recomputed through the reference formulation, which autograd can differentiate again.
+        squared, normalize, eps = ctx.args
+        with torch.enable_grad():
+            xr = x if x.requires_grad else x.detach().requires_grad_()
+            d = reference.pairwise_distances(xr, squared=squared, normalize=normalize, eps=eps)
+            (gx,) = torch.autograd.grad(d, xr, grad.to(d.dtype), create_graph=True)
+        return gx, None, None, None
     return _ops.pairwise_distances_backward(grad, x, *ctx.args), None, None, None
 
 

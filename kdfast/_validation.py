@@ -9,9 +9,18 @@ KL_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 REDUCTIONS = ("none", "sum", "mean")
 
 
+def check_strided(x, name):
+    # Sparse and nested tensors would otherwise fail deep inside with errors naming no argument.
+    if x.is_nested or x.layout != torch.strided:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}; "
+                        "convert it first, e.g. .to_dense() or .to_padded_tensor(0.0)")
+
+
 def check_tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_strided(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
     return x
@@ -65,6 +74,7 @@ def check_mask(mask, logits):
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    check_strided(mask, "mask")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
     if mask.shape != logits.shape[:-1]:

@@ -3,6 +3,7 @@
 They follow the formulations people run today (F.kl_div with log_softmax, torchdistill /
 RepDistiller RKDLoss) with the semantics of DESIGN.md, and compute in at least float32.
 """
+import functools
 from typing import Sequence, Union
 
 import torch
@@ -124,6 +125,20 @@ def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1
 
 # ---------------------------------------------------------------- relation-based (RKD)
 
+def _fp32_under_autocast(fn):
+    """Relation math runs in its compute dtype even inside torch.autocast, as PyTorch's own losses
+    do: autocast would lower the Gram / unit-vector matmuls to bf16/fp16 and cost ~1e-3 relative."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        device = first.device.type if isinstance(first, torch.Tensor) else None
+        if device is not None and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def _centered(x, acc):
     # Distances and angles do not move when all points move together; centring keeps the
     # Gram-matrix formula accurate for features far from the origin (e.g. after a ReLU).
@@ -147,6 +162,7 @@ def _normalize_by_positive_mean(d):
     return d / mean
 
 
+@_fp32_under_autocast
 def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):
     """(N, D) -> (N, N) or (B, N, D) -> (B, N, N) distances; with normalize, each group is divided
     by the mean of its positive entries (RKD's psi)."""
@@ -158,6 +174,7 @@ def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):
     return d.to(v.result_dtype(x))
 
 
+@_fp32_under_autocast
 def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
     """Huber_delta between the psi-normalised distance matrices, averaged over N^2 entries and B."""
     v.check_relation_pair(student, teacher)
@@ -181,6 +198,7 @@ def _angles(x, eps):
     return unit @ unit.transpose(-1, -2)
 
 
+@_fp32_under_autocast
 def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     """Huber_delta between the triplet-angle cosines, averaged over N^3 entries and B."""
     v.check_relation_pair(student, teacher)

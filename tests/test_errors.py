@@ -1,6 +1,7 @@
 """Every bad input of DESIGN.md "Bad input", for every public function: a ValueError or TypeError
 whose message names the argument, never a crash, and the inputs left as they were."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,18 @@ pts = torch.randn(5, 3)
 pts_t = torch.randn(5, 6)
 pts3 = torch.randn(2, 5, 3)
 BOTH_LOGITS = r"(?s)student_logits.*teacher_logits"
+
+
+def _csr(t):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+        return t.to_sparse_csr()
+
+
+def _nested(layout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "nested tensors ... prototype stage"
+        return torch.nested.nested_tensor([torch.randn(3, 10), torch.randn(2, 10)], layout=layout)
 
 
 def _kl_fns():
@@ -64,6 +77,13 @@ for fname, f in _kl_fns():
     case(f"{fname}-mask-list", lambda f=f: f(x2, y2, mask=[True] * 4), TypeError, "mask")
     case(f"{fname}-mask-device", lambda f=f: f(x2, y2, mask=torch.ones(4, dtype=torch.bool, device="meta")),
          ValueError, "mask")
+    case(f"{fname}-sparse-student", lambda f=f: f(x2.to_sparse(), y2), TypeError, "student_logits")
+    case(f"{fname}-sparse-csr-teacher", lambda f=f: f(x2, _csr(y2)), TypeError, "teacher_logits")
+    case(f"{fname}-sparse-mask", lambda f=f: f(x2, y2, mask=torch.ones(4, dtype=torch.bool).to_sparse()),
+         TypeError, "mask")
+    for layout in (torch.strided, torch.jagged):
+        case(f"{fname}-nested-{layout}", lambda f=f, lo=layout: f(_nested(lo), _nested(lo)), TypeError,
+             "student_logits")
 
 # ---- logit_mse
 f = kdfast.logit_mse
@@ -113,6 +133,7 @@ case("pairwise_distances-no-points", lambda f=f: f(torch.randn(2, 0, 3)), ValueE
 case("pairwise_distances-empty-dim", lambda f=f: f(torch.randn(4, 0)), ValueError, r"\bx\b")
 case("pairwise_distances-int", lambda f=f: f(torch.randint(0, 3, (5, 3))), TypeError, r"\bx\b")
 case("pairwise_distances-non-tensor", lambda f=f: f([[1.0, 2.0], [3.0, 4.0]]), TypeError, r"\bx\b")
+case("pairwise_distances-sparse", lambda f=f: f(pts.to_sparse()), TypeError, r"\bx\b")
 case("pairwise_distances-eps-negative", lambda f=f: f(pts, eps=-1e-12), ValueError, "eps")
 case("pairwise_distances-eps-nan", lambda f=f: f(pts, eps=math.nan), ValueError, "eps")
 
@@ -133,6 +154,7 @@ for fname, f in _rkd_fns():
     case(f"{fname}-int-teacher", lambda f=f: f(pts, torch.randint(0, 3, (5, 6))), TypeError, "teacher")
     case(f"{fname}-non-tensor", lambda f=f: f(pts.tolist(), pts_t), TypeError, "student")
     case(f"{fname}-device", lambda f=f: f(pts, torch.empty(5, 6, device="meta")), ValueError, r"(?s)student.*teacher")
+    case(f"{fname}-sparse", lambda f=f: f(pts.to_sparse(), pts_t), TypeError, "student")
     for d in (0.0, -1.0, math.nan, math.inf):
         case(f"{fname}-delta={d}", lambda f=f, d=d: f(pts, pts_t, delta=d), ValueError, "delta")
     for d in (True, "1"):
