@@ -4,7 +4,7 @@ They follow the formulations people run today (F.kl_div with log_softmax, torchd
 RepDistiller RKDLoss) with the semantics of DESIGN.md, and compute in at least float32.
 """
 import functools
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

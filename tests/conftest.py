@@ -186,34 +186,37 @@ def _backward(out, upstream):
     if upstream is None:
         out.sum().backward()
     elif isinstance(upstream, torch.Tensor):
-        (out * upstream.to(out.dtype)).sum().backward()
+        (out * upstream.to(out.device, out.dtype)).sum().backward()
     else:
         (out * upstream).sum().backward()
 
 
 def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmean", mask=None,
              grad_student=True, grad_teacher=False, upstream=None, layout=None, value_tol=None,
-             grad_tol=None):
-    """Run kdfast.softmax_kl_div (or kd_loss) and its float64 reference on the same inputs and
-    compare values, gradients, dtypes and shapes; also check that the inputs are left untouched.
+             grad_tol=None, device="cpu"):
+    """Run kdfast.softmax_kl_div (or kd_loss) on `device` and its float64 reference on the CPU on
+    the same values, and compare values, gradients, dtypes and shapes; also check that the inputs
+    are left untouched.
 
-    student, teacher: the leaf data (any float dtype); they are cloned. layout(s, t) maps the
-    leaves to the tensors handed to the loss (transposes, slices, expand ...). upstream: None (the
-    output is summed), a float (out * g) or a tensor of the output's shape (sum(out * u)).
-    Returns (out, grad_student, grad_teacher)."""
+    student, teacher: CPU leaf data (any float dtype); they are copied to `device`. layout(s, t)
+    maps the leaves to the tensors handed to the loss (transposes, slices, expand ...). upstream:
+    None (the output is summed), a float (out * g) or a tensor of the output's shape (sum(out * u)).
+    Returns (out, grad_student, grad_teacher), on `device`."""
     layout = layout or (lambda s, t: (s, t))
     fn = kdfast.kd_loss if kd else kdfast.softmax_kl_div
     ref_fn = ref.kd_loss if kd else ref.softmax_kl_div
     kw = dict(temperature=temperature, reduction=reduction, mask=mask)
 
-    s_leaf = student.detach().clone().requires_grad_(grad_student)
-    t_leaf = teacher.detach().clone().requires_grad_(grad_teacher)
+    dev = torch.device(device)
+    s_leaf = student.detach().clone().to(dev).requires_grad_(grad_student)
+    t_leaf = teacher.detach().clone().to(dev).requires_grad_(grad_teacher)
     s_keep, t_keep = s_leaf.detach().clone(), t_leaf.detach().clone()
-    mask_keep = None if mask is None else mask.clone()
+    mask_in = None if mask is None else mask.clone().to(dev)
     s_in, t_in = layout(s_leaf, t_leaf)
-    out = fn(s_in, t_in, **kw)
+    out = fn(s_in, t_in, **dict(kw, mask=mask_in))
 
     lead = tuple(s_in.shape[:-1])
+    assert out.device == s_in.device, f"loss on {out.device}"
     assert out.dtype == result_dtype(s_in.dtype, t_in.dtype), f"loss dtype {out.dtype}"
     assert tuple(out.shape) == (lead if reduction == "none" else ()), f"loss shape {tuple(out.shape)}"
     if grad_student or grad_teacher:
@@ -224,7 +227,7 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
     assert same_bits(s_leaf.detach(), s_keep), "the student logits were modified"
     assert same_bits(t_leaf.detach(), t_keep), "the teacher logits were modified"
     if mask is not None:
-        assert torch.equal(mask, mask_keep), "the mask was modified"
+        assert torch.equal(mask_in.cpu(), mask), "the mask was modified"
 
     # float64 reference on copies of the very same values
     sd = student.detach().double().requires_grad_(True)
@@ -239,7 +242,7 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
     if reduction != "none":
         value_floor = value_floor.sum()
     vdt = result_dtype(s_in.dtype, t_in.dtype)
-    assert_close_scaled(out, expected, value_floor, value_tol or VALUE_TOL[vdt], "loss")
+    assert_close_scaled(out.detach().cpu(), expected, value_floor, value_tol or VALUE_TOL[vdt], "loss")
 
     # d loss / d KL_row, then the floors mapped back to the leaves through the layout (its adjoint)
     if isinstance(upstream, torch.Tensor):
@@ -268,7 +271,8 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
             continue
         g = leaf.grad
         assert g is not None, f"{name} is missing"
-        assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
+        assert g.device == leaf.device and g.dtype == leaf.dtype and g.shape == leaf.shape, \
+            f"{name}: {g.device} {g.dtype} {tuple(g.shape)}"
         exp_g = leaf_d.grad
         if leaf.dtype in HALF:
             exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
@@ -282,9 +286,26 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         skip = None
         if name.startswith("teacher"):
             skip = to_leaf(view_d, leaf_d, inf_rows.expand_as(floor).double()) > 0
-        assert_close_scaled(g, exp_g, fl, tol, name, skip=skip)
+        assert_close_scaled(g.cpu(), exp_g, fl, tol, name, skip=skip)
         grads.append(g)
     return out, grads[0], grads[1]
+
+
+def compare_compiled(fn, args, grads_of, rtol=1e-6, atol=1e-12):
+    """torch.compile(fn, fullgraph=True) against eager fn: the value and the gradients of the
+    args at indices grads_of (each side gets its own copies of the args)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    eager_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
+    comp_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
+    out_e = fn(*eager_args)
+    out_c = compiled(*comp_args)
+    torch.testing.assert_close(out_c, out_e, rtol=rtol, atol=0)
+    out_e.backward()
+    out_c.backward()
+    for i in grads_of:
+        torch.testing.assert_close(comp_args[i].grad, eager_args[i].grad, rtol=rtol, atol=atol)
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- subprocesses

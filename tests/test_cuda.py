@@ -20,8 +20,7 @@ import torch
 import kdfast
 from kdfast import reference as ref
 
-from conftest import (DTYPE_IDS, GRAD_TOL, HALF, VALUE_TOL, assert_close_scaled, kl_floors, relerr,
-                      result_dtype, row_value_weights, same_bits)
+from conftest import DTYPE_IDS, GRAD_TOL, HALF, check_kl, compare_compiled, relerr, same_bits
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
 EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
@@ -72,87 +71,10 @@ def dtype_params(dtypes=FLOAT_DTYPES):
     return pytest.mark.parametrize("dtype", dtypes, ids=[DTYPE_IDS[d] for d in dtypes])
 
 
-def _backward(out, upstream):
-    if upstream is None:
-        out.sum().backward()
-    elif isinstance(upstream, torch.Tensor):
-        (out * upstream.to(out.device, out.dtype)).sum().backward()
-    else:
-        (out * upstream).backward()
-
-
-def check_cuda(student, teacher, *, kd=False, temperature=1.0, reduction="batchmean", mask=None,
-               grad_student=True, grad_teacher=False, upstream=None, layout=None):
-    """kdfast on CUDA against kdfast.reference in float64 on the CPU, on the same values.
-
-    student, teacher: CPU leaf data. layout(s, t) maps leaves to the tensors handed to the loss (it
-    runs on the CUDA leaves and on the CPU float64 leaves alike). Returns (out, gs, gt) on CUDA."""
-    layout = layout or (lambda s, t: (s, t))
-    fn = kdfast.kd_loss if kd else kdfast.softmax_kl_div
-    ref_fn = ref.kd_loss if kd else ref.softmax_kl_div
-    kw = dict(temperature=temperature, reduction=reduction)
-
-    s_leaf = student.detach().to(DEV).requires_grad_(grad_student)
-    t_leaf = teacher.detach().to(DEV).requires_grad_(grad_teacher)
-    s_keep, t_keep = s_leaf.detach().clone(), t_leaf.detach().clone()
-    s_in, t_in = layout(s_leaf, t_leaf)
-    out = fn(s_in, t_in, mask=None if mask is None else mask.to(DEV), **kw)
-    lead = tuple(s_in.shape[:-1])
-    assert out.device.type == "cuda"
-    assert out.dtype == result_dtype(s_in.dtype, t_in.dtype), f"loss dtype {out.dtype}"
-    assert tuple(out.shape) == (lead if reduction == "none" else ()), f"loss shape {tuple(out.shape)}"
-    if grad_student or grad_teacher:
-        _backward(out, upstream)
-    assert same_bits(s_leaf.detach(), s_keep), "the student logits were modified"
-    assert same_bits(t_leaf.detach(), t_keep), "the teacher logits were modified"
-
-    sd = student.detach().double().requires_grad_(True)
-    td = teacher.detach().double().requires_grad_(True)
-    sdv, tdv = layout(sd, td)
-    expected = ref_fn(sdv, tdv, mask=mask, **kw)
-    _backward(expected, upstream)
-
-    vfloor, sfloor, tfloor = kl_floors(sdv, tdv, temperature)
-    wv = row_value_weights(lead, reduction, mask, kd, temperature)
-    value_floor = torch.where(wv == 0, 0.0, wv * vfloor).abs()
-    if reduction != "none":
-        value_floor = value_floor.sum()
-    vdt = result_dtype(s_in.dtype, t_in.dtype)
-    assert_close_scaled(out.cpu(), expected, value_floor, VALUE_TOL[vdt], "loss")
-
-    if isinstance(upstream, torch.Tensor):
-        wg = wv * upstream.double()
-    else:
-        wg = wv * (1.0 if upstream is None else float(upstream))
-    wg = wg.abs().unsqueeze(-1)
-    inf_rows = ~torch.isfinite(vfloor).unsqueeze(-1)
-
-    def to_leaf(view, leaf, x):
-        if view is leaf:
-            return x
-        return torch.autograd.grad(view, leaf, x, retain_graph=True)[0]
-
-    grads = []
-    for want, leaf, leaf_d, view_d, floor, name in (
-            (grad_student, s_leaf, sd, sdv, sfloor, "student gradient"),
-            (grad_teacher, t_leaf, td, tdv, tfloor, "teacher gradient")):
-        if not want:
-            assert leaf.grad is None
-            grads.append(None)
-            continue
-        g = leaf.grad
-        assert g is not None, f"{name} is missing"
-        assert g.device.type == "cuda" and g.dtype == leaf.dtype and g.shape == leaf.shape
-        exp_g = leaf_d.grad
-        if leaf.dtype in HALF:
-            exp_g = exp_g.to(leaf.dtype).double()
-        fl = to_leaf(view_d, leaf_d, torch.where(inf_rows, 0.0, wg * floor))
-        skip = None
-        if name.startswith("teacher"):
-            skip = to_leaf(view_d, leaf_d, inf_rows.expand_as(floor).double()) > 0
-        assert_close_scaled(g.cpu(), exp_g, fl, GRAD_TOL[leaf.dtype], name, skip=skip)
-        grads.append(g)
-    return out, grads[0], grads[1]
+def check_cuda(student, teacher, **kw):
+    """conftest.check_kl with the loss on CUDA: kdfast there against kdfast.reference in float64 on
+    the CPU, on the same values."""
+    return check_kl(student, teacher, device=DEV, **kw)
 
 
 # ----------------------------------------------------------------------------- values and gradients
@@ -481,25 +403,11 @@ def test_op_matches_cpu_op():
         assert relerr(a.cpu(), b) < 1e-5
 
 
-def _compare_compiled(fn, args, grads_of):
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    eager_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
-    comp_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
-    out_e = fn(*eager_args)
-    out_c = compiled(*comp_args)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=0)
-    out_e.backward()
-    out_c.backward()
-    for i in grads_of:
-        torch.testing.assert_close(comp_args[i].grad, eager_args[i].grad, rtol=1e-5, atol=1e-9)
-    torch._dynamo.reset()
-
-
 def test_compile_kd_loss_fullgraph():
     def f(s, t):
         return kdfast.kd_loss(s, t, temperature=2.0)
-    _compare_compiled(f, [logits(8, 1000).to(DEV).requires_grad_(), logits(8, 1000).to(DEV)], grads_of=[0])
+    compare_compiled(f, [logits(8, 1000).to(DEV).requires_grad_(), logits(8, 1000).to(DEV)], grads_of=[0],
+                     rtol=1e-5, atol=1e-9)
 
 
 def test_compile_mask_teacher_grad_bf16():
@@ -509,7 +417,7 @@ def test_compile_mask_teacher_grad_bf16():
     mask[0, 0] = True
     s = logits(2, 4, 500, dtype=torch.bfloat16).to(DEV).requires_grad_()
     t = logits(2, 4, 500, dtype=torch.bfloat16).to(DEV).requires_grad_()
-    _compare_compiled(f, [s, t, mask], grads_of=[0, 1])
+    compare_compiled(f, [s, t, mask], grads_of=[0, 1], rtol=1e-5, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- relation ops

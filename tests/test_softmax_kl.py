@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import kdfast
 from kdfast import reference as ref
 
-from conftest import DTYPE_IDS, DTYPES, HALF, check_kl, needs_native, relerr, same_bits
+from conftest import DTYPE_IDS, DTYPES, HALF, check_kl, compare_compiled, needs_native, relerr, same_bits
 
 pytestmark = needs_native
 NINF = float("-inf")
@@ -626,25 +626,10 @@ def test_opcheck_scale_rows(dtype):
 
 # ----------------------------------------------------------------------------- torch.compile
 
-def _compare_compiled(fn, args, grads_of):
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    eager_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
-    comp_args = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
-    out_e = fn(*eager_args)
-    out_c = compiled(*comp_args)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=0)
-    out_e.backward()
-    out_c.backward()
-    for i in grads_of:
-        torch.testing.assert_close(comp_args[i].grad, eager_args[i].grad, rtol=1e-6, atol=1e-12)
-    torch._dynamo.reset()
-
-
 def test_compile_kd_loss_fullgraph():
     def f(s, t):
         return kdfast.kd_loss(s, t, temperature=2.0)
-    _compare_compiled(f, [logits(8, 100).requires_grad_(), logits(8, 100)], grads_of=[0])
+    compare_compiled(f, [logits(8, 100).requires_grad_(), logits(8, 100)], grads_of=[0])
 
 
 def test_compile_softmax_kl_div_fullgraph_mask_teacher_grad():
@@ -652,7 +637,7 @@ def test_compile_softmax_kl_div_fullgraph_mask_teacher_grad():
         return 0.5 * kdfast.softmax_kl_div(s, t, temperature=3.0, reduction="mean", mask=m)
     mask = torch.rand(2, 4) > 0.3
     mask[0, 0] = True
-    _compare_compiled(f, [logits(2, 4, 50).requires_grad_(), logits(2, 4, 50).requires_grad_(), mask],
+    compare_compiled(f, [logits(2, 4, 50).requires_grad_(), logits(2, 4, 50).requires_grad_(), mask],
                       grads_of=[0, 1])
 
 
