@@ -149,5 +149,14 @@ class FusedLossFunction(torch.autograd.Function):
         return (None, gs if want_s else None, gt if want_t else None, None) + nones
 
 
+def fused_loss(op, student, teacher, weight, *params):
+    """op's per-row / per-group losses, differentiable; without grad mode (torch.no_grad, eval
+    loops) no gradient is computed at all. (Function.apply cannot tell: its needs_input_grad
+    follows requires_grad even under no_grad.)"""
+    if torch.is_grad_enabled():
+        return FusedLossFunction.apply(op, student, teacher, weight, *params)
+    return op(student, teacher, *params, weight, False, False)[0]
+
+
 def _scaled(g, ratio):
     return g * ratio.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))

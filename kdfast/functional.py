@@ -4,7 +4,7 @@ import torch
 from kdfast import _backend, _ops, _validation as v, reference
 
 if _ops.LOADED:
-    from kdfast._autograd import FusedLossFunction
+    from kdfast._autograd import fused_loss
 
 __all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss",
            "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
@@ -36,7 +36,7 @@ def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
             w = w / mask.sum().clamp(min=1).to(acc)
     elif reduction == "mean" and rows > 0:
         w = w / rows
-    kl = FusedLossFunction.apply(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature)
+    kl = fused_loss(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature)
     out_dtype = v.result_dtype(student, teacher)
     if reduction == "none":
         return (kl * w).reshape(lead).to(out_dtype)
@@ -90,7 +90,7 @@ def _native_relation(op, student, teacher, scale, *params):
     s3, t3 = _groups(student), _groups(teacher)
     acc = torch.float64 if s3.dtype == torch.float64 else torch.float32
     w = torch.full((s3.shape[0],), scale / s3.shape[0], dtype=acc, device=s3.device)
-    losses = FusedLossFunction.apply(op, s3, t3, w, *params)
+    losses = fused_loss(op, s3, t3, w, *params)
     return (losses * w).sum().to(v.result_dtype(student, teacher))
 
 

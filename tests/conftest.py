@@ -308,6 +308,20 @@ def compare_compiled(fn, args, grads_of, rtol=1e-6, atol=1e-12):
     torch._dynamo.reset()
 
 
+class FusedOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the (grad_student, grad_teacher) flags of every fused forward-and-gradient op
+    (softmax_kl, rkd_distance, rkd_angle: the last two arguments) called inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "kdfast" and func._opname in ("softmax_kl", "rkd_distance", "rkd_angle"):
+            self.flags.append(tuple(args[-2:]))
+        return func(*args, **(kwargs or {}))
+
+
 # ----------------------------------------------------------------------------- subprocesses
 
 class PythonJob:

@@ -29,7 +29,7 @@ import kdfast
 from kdfast import nn as knn
 from kdfast import reference as ref
 
-from conftest import GRAD_TOL, VALUE_TOL, needs_cuda, needs_native, relerr, same_bits
+from conftest import GRAD_TOL, VALUE_TOL, FusedOpCalls, needs_cuda, needs_native, relerr, same_bits
 
 pytestmark = needs_native
 KDFAST_DIR = os.path.dirname(os.path.abspath(kdfast.__file__))
@@ -458,11 +458,14 @@ def test_relation_no_grad_anywhere_builds_no_graph(name, fn):
     out = fn(s, t)
     assert out.grad_fn is None and not out.requires_grad
     s.requires_grad_()
-    with torch.no_grad():
-        out = fn(s, t)
-    assert out.grad_fn is None and not out.requires_grad
-    with torch.inference_mode():
-        assert fn(s, t).grad_fn is None
+    with FusedOpCalls() as calls:  # and computes no gradient
+        with torch.no_grad():
+            out = fn(s, t)
+        assert out.grad_fn is None and not out.requires_grad
+        with torch.inference_mode():
+            assert fn(s, t).grad_fn is None
+    assert all(f == (False, False) for f in calls.flags)
+    assert len(calls.flags) == {"rkd_loss": 4, "pairwise_distances": 0}.get(name, 2)
 
 
 @pytest.mark.parametrize("name,fn", RELATION_FNS, ids=[n for n, _ in RELATION_FNS])

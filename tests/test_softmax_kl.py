@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import kdfast
 from kdfast import reference as ref
 
-from conftest import DTYPE_IDS, DTYPES, HALF, check_kl, compare_compiled, needs_native, relerr, same_bits
+from conftest import DTYPE_IDS, DTYPES, HALF, FusedOpCalls, check_kl, compare_compiled, needs_native, relerr, same_bits
 
 pytestmark = needs_native
 NINF = float("-inf")
@@ -351,12 +351,14 @@ def test_no_grad_anywhere_builds_no_graph():
         out = check_kl(s, t, kd=kd, grad_student=False, grad_teacher=False)[0]
         assert out.grad_fn is None
     s.requires_grad_()
-    with torch.no_grad():
-        out = kdfast.kd_loss(s, t, reduction="none")
-    assert out.grad_fn is None and not out.requires_grad
-    with torch.inference_mode():
-        out = kdfast.softmax_kl_div(s, t)
-    assert out.grad_fn is None
+    with FusedOpCalls() as calls:  # no gradient is computed either (eval loops pay the forward only)
+        with torch.no_grad():
+            out = kdfast.kd_loss(s, t, reduction="none")
+        assert out.grad_fn is None and not out.requires_grad
+        with torch.inference_mode():
+            out = kdfast.softmax_kl_div(s, t)
+        assert out.grad_fn is None
+    assert calls.flags == [(False, False)] * 2
 
 
 # ----------------------------------------------------------------------------- determinism, inputs, NaN
