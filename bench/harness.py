@@ -11,6 +11,8 @@ How a case is run (run_case), and why:
     warm-up so that a turn lasts about `round_s` (pytest-benchmark's rounds x iterations): tiny
     cases are not dominated by timer resolution, slow ones run once per round.
   * A step is what a training loop pays: leaf .grad = None, loss = fn(*inputs), loss.backward().
+    A turn starts with the leaves' gradients already freed (outside the clock), so that no
+    contender pays for unmapping the previous contender's gradient.
   * Rounds stop after `budget_s` once `min_rounds` are done (so a 2 s eager step is timed 3 times,
     a 50 ms one many more), or at `max_rounds`.
   * Reported: median with IQR, min and max over rounds (pytest-benchmark's robust statistics),
@@ -180,7 +182,13 @@ def _sync(device):
 
 
 def timed_turn(fn, inputs, leaves, iterations, device):
-    """Seconds per step over `iterations` steps: CUDA events on the GPU, perf_counter on the CPU."""
+    """Seconds per step over `iterations` steps: CUDA events on the GPU, perf_counter on the CPU.
+
+    The gradients the previous contender left are freed before the clock starts: freeing them is
+    that contender's cost (a 262 MB eager gradient takes ~20 ms to unmap on this 2-core machine),
+    and would otherwise be charged to whoever runs next. Within a turn each step frees its own."""
+    for x in leaves:
+        x.grad = None
     if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
