@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -289,6 +290,41 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         assert_close_scaled(g.cpu(), exp_g, fl, tol, name, skip=skip)
         grads.append(g)
     return out, grads[0], grads[1]
+
+
+def assert_kl_deterministic(s, t):
+    """Two forward+backward calls of kd_loss (with an upstream gradient other than the predicted
+    one, so the rescale runs too) give the same bits: losses and both gradients."""
+    results = []
+    for _ in range(2):
+        s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+        out = kdfast.kd_loss(s1, t1, temperature=2.0, reduction="none")
+        (out * 0.5).sum().backward()
+        results.append((out.detach(), s1.grad, t1.grad))
+    for a, b in zip(*results):
+        assert same_bits(a, b)
+
+
+def run_in_threads(fns, repeats=3):
+    """Run fns[i]() in thread i, `repeats` times each, all threads at once; return the last results."""
+    results, errors = [None] * len(fns), []
+    barrier = threading.Barrier(len(fns))
+
+    def worker(i):
+        try:
+            barrier.wait()
+            for _ in range(repeats):
+                results[i] = fns[i]()
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(fns))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    return results
 
 
 def compare_compiled(fn, args, grads_of, rtol=1e-6, atol=1e-12):

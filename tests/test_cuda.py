@@ -20,7 +20,8 @@ import torch
 import kdfast
 from kdfast import reference as ref
 
-from conftest import DTYPE_IDS, GRAD_TOL, HALF, check_kl, compare_compiled, relerr, same_bits
+from conftest import (DTYPE_IDS, GRAD_TOL, HALF, assert_kl_deterministic, check_kl, compare_compiled, relerr,
+                      same_bits)
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
 EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
@@ -281,15 +282,7 @@ def test_row_weight_zero_skips_rows(path):
 @pytest.mark.parametrize("shape", [(64, 1000), (3, 70001)], ids=["1000", "70001"])
 @dtype_params((torch.float32, torch.bfloat16))
 def test_deterministic(shape, dtype, path):
-    s, t = logits(*shape, dtype=dtype).to(DEV), logits(*shape, dtype=dtype).to(DEV)
-    results = []
-    for _ in range(2):
-        s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
-        out = kdfast.kd_loss(s1, t1, temperature=2.0, reduction="none")
-        (out * 0.5).sum().backward()
-        results.append((out.detach(), s1.grad, t1.grad))
-    for a, b in zip(*results):
-        assert same_bits(a, b)
+    assert_kl_deterministic(logits(*shape, dtype=dtype).to(DEV), logits(*shape, dtype=dtype).to(DEV))
 
 
 def test_paths_agree():

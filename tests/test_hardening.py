@@ -18,7 +18,6 @@ import os
 import pickle
 import re
 import sys
-import threading
 import warnings
 
 import pytest
@@ -29,7 +28,7 @@ import kdfast
 from kdfast import nn as knn
 from kdfast import reference as ref
 
-from conftest import GRAD_TOL, VALUE_TOL, FusedOpCalls, needs_cuda, needs_native, relerr, same_bits
+from conftest import GRAD_TOL, VALUE_TOL, FusedOpCalls, run_in_threads, needs_cuda, needs_native, relerr, same_bits
 
 pytestmark = needs_native
 KDFAST_DIR = os.path.dirname(os.path.abspath(kdfast.__file__))
@@ -208,28 +207,6 @@ def test_rkd_at_n_4096():
 
 # ============================================================================= concurrency
 
-def _run_in_threads(fns, repeats=3):
-    """Run fns[i]() in thread i, `repeats` times each, all threads at once; return the last results."""
-    results, errors = [None] * len(fns), []
-    barrier = threading.Barrier(len(fns))
-
-    def worker(i):
-        try:
-            barrier.wait()
-            for _ in range(repeats):
-                results[i] = fns[i]()
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(fns))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
-    return results
-
-
 def _relation_job(fn, s, t, kw):
     def run():
         sl, tl = s.clone().requires_grad_(), t.clone().requires_grad_()
@@ -265,7 +242,7 @@ def test_relation_ops_from_python_threads_match_serial():
     bits as the same calls made one after another."""
     jobs = [_relation_job(fn, s, t, kw) for fn, s, t, kw in _relation_inputs()]
     serial = [job() for job in jobs]
-    for got, want in zip(_run_in_threads(jobs), serial):
+    for got, want in zip(run_in_threads(jobs), serial):
         assert all(same_bits(a, b) for a, b in zip(got, want))
 
 
@@ -297,7 +274,7 @@ def test_kl_mixed_configs_from_python_threads_match_serial():
     (Same-config fp32 threads: test_softmax_kl.py.)"""
     jobs = _kl_jobs()
     serial = [j() for j in jobs]
-    for got, want in zip(_run_in_threads(jobs), serial):
+    for got, want in zip(run_in_threads(jobs), serial):
         assert all(same_bits(a, b) for a, b in zip(got, want))
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import kdfast
 from kdfast import reference as ref
 
-from conftest import DTYPE_IDS, DTYPES, HALF, FusedOpCalls, check_kl, compare_compiled, needs_native, relerr, same_bits
+from conftest import (DTYPE_IDS, DTYPES, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, compare_compiled,
+                      needs_native, relerr, run_in_threads, same_bits)
 
 pytestmark = needs_native
 NINF = float("-inf")
@@ -366,22 +367,12 @@ def test_no_grad_anywhere_builds_no_graph():
 @pytest.mark.parametrize("shape", [(64, 1000), (3, 70001)], ids=["row_path", "split_path"])
 @dtype_params((torch.float32, torch.bfloat16, torch.float64))
 def test_deterministic(shape, dtype):
-    s, t = logits(*shape, dtype=dtype), logits(*shape, dtype=dtype)
-    results = []
-    for _ in range(2):
-        s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
-        out = kdfast.kd_loss(s1, t1, temperature=2.0, reduction="none")
-        (out * 0.5).sum().backward()
-        results.append((out.detach(), s1.grad, t1.grad))
-    for a, b in zip(*results):
-        assert same_bits(a, b)
+    assert_kl_deterministic(logits(*shape, dtype=dtype), logits(*shape, dtype=dtype))
 
 
 def test_concurrent_python_threads_match_serial():
     """Calls from several Python threads at once (sharing the kernel table and the gradient block
     cache) give the same bits as serial calls."""
-    import threading
-
     shapes = [(64, 32768), (3, 70001), (16, 999), (64, 32768)]
     data = [(logits(*sh), logits(*sh)) for sh in shapes]
 
@@ -392,21 +383,7 @@ def test_concurrent_python_threads_match_serial():
         return out.detach(), s1.grad
 
     serial = [run(s, t) for s, t in data]
-    results, errors = [None] * len(data), []
-
-    def worker(i):
-        try:
-            for _ in range(3):
-                results[i] = run(*data[i])
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(data))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    results = run_in_threads([lambda d=d: run(*d) for d in data])
     for got, want in zip(results, serial):
         assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])
 
