@@ -85,6 +85,25 @@ inline FVec add_term(FVec acc, FVec et, FVec a, FVec b) {
 #endif
 }
 
+// The sums Z_s, Z_t and A over K elements at s and t, with exponentials relative to the maxima in
+// vms / vmt; the exponentials also go to es_out / et_out when given.
+template <typename T>
+inline void sums_k(const T* s, const T* t, FVec vms, FVec vmt, FVec vit, FVec& zs, FVec& zt, FVec& acc,
+                   float* es_out, float* et_out) {
+  FVec a0, a1, b0, b1;
+  scaled(s, t, vms, vmt, vit, a0, a1, b0, b1);
+  FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
+  zs = zs + (es0 + es1);
+  zt = zt + (et0 + et1);
+  acc = add_term(add_term(acc, et0, a0, b0), et1, a1, b1);
+  if (es_out) {
+    es0.store(es_out);
+    es1.store(es_out + FVec::size());
+    et0.store(et_out);
+    et1.store(et_out + FVec::size());
+  }
+}
+
 template <typename T>
 RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float invt, float* es_out,
                    float* et_out) {
@@ -93,18 +112,7 @@ RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float 
   FVec zs(0.f), zt(0.f), acc(0.f);
   int64_t i = 0;
   for (; i + K <= n; i += K) {
-    FVec a0, a1, b0, b1;
-    scaled(s + i, t + i, vms, vmt, vit, a0, a1, b0, b1);
-    FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
-    zs = zs + (es0 + es1);
-    zt = zt + (et0 + et1);
-    acc = add_term(add_term(acc, et0, a0, b0), et1, a1, b1);
-    if (es_out) {
-      es0.store(es_out + i);
-      es1.store(es_out + i + FVec::size());
-      et0.store(et_out + i);
-      et1.store(et_out + i + FVec::size());
-    }
+    sums_k(s + i, t + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + i : nullptr, et_out ? et_out + i : nullptr);
   }
   auto sum = [](FVec& x, FVec& y) { return x + y; };
   RowStats r;
@@ -190,20 +198,8 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
     int64_t i = 0;
     for (; i + K <= bn; i += K) {
       prefetch_k(sb + i + kBlock, tb + i + kBlock);
-      FVec a0, a1, b0v, b1v;
-      scaled(sb + i, tb + i, vms, vmt, vit, a0, a1, b0v, b1v);
-      FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0v), et1 = exp_nonpos(b1v);
-      zs = zs + (es0 + es1);
-      zt = zt + (et0 + et1);
-      acc = add_term(add_term(acc, et0, a0, b0v), et1, a1, b1v);
-      if (es_out) {
-        float* eo = es_out + b0 + i;
-        float* to = et_out + b0 + i;
-        es0.store(eo);
-        es1.store(eo + FVec::size());
-        et0.store(to);
-        et1.store(to + FVec::size());
-      }
+      sums_k(sb + i, tb + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + b0 + i : nullptr,
+             es_out ? et_out + b0 + i : nullptr);
     }
     for (; i < bn; ++i) {  // only the row's last block has a tail (kBlock is a multiple of K)
       float a = (static_cast<float>(sb[i]) - rs) * invt, b = (static_cast<float>(tb[i]) - rt) * invt;
