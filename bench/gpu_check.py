@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -44,8 +43,12 @@ KL_CASES = [  # (rows, V, dtype): the 8192 x 131072 pair carries the performance
 COMPILE_CASES = {(8192, 131072, torch.bfloat16), (8192, 131072, torch.float32), (2048, 32000, torch.bfloat16)}
 KDFAST_CONFIGS = {  # environment knobs of the CUDA kernel (see csrc/cuda/softmax_kl.cu)
     "auto": {},
+    "cluster C=4 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "4",
+                               "KDFAST_CUDA_KL_CACHE": "none"},
     "cluster C=8 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "8",
                                "KDFAST_CUDA_KL_CACHE": "none"},
+    "cluster C=8 cache=inplace": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "8",
+                                  "KDFAST_CUDA_KL_CACHE": "inplace"},
     "cluster C=16 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
                                 "KDFAST_CUDA_KL_CACHE": "none"},
     "cluster C=16 cache=separate": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
