@@ -41,20 +41,11 @@ KL_CASES = [  # (rows, V, dtype): the 8192 x 131072 pair carries the performance
     (256, 128256, torch.float32),
 ]
 COMPILE_CASES = {(8192, 131072, torch.bfloat16), (8192, 131072, torch.float32), (2048, 32000, torch.bfloat16)}
+CLUSTER_CONFIGS = [(4, "none"), (8, "none"), (8, "inplace"), (16, "none"), (16, "separate"), (16, "inplace")]
 KDFAST_CONFIGS = {  # environment knobs of the CUDA kernel (see csrc/cuda/softmax_kl.cu)
     "auto": {},
-    "cluster C=4 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "4",
-                               "KDFAST_CUDA_KL_CACHE": "none"},
-    "cluster C=8 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "8",
-                               "KDFAST_CUDA_KL_CACHE": "none"},
-    "cluster C=8 cache=inplace": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "8",
-                                  "KDFAST_CUDA_KL_CACHE": "inplace"},
-    "cluster C=16 cache=none": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
-                                "KDFAST_CUDA_KL_CACHE": "none"},
-    "cluster C=16 cache=separate": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
-                                    "KDFAST_CUDA_KL_CACHE": "separate"},
-    "cluster C=16 cache=inplace": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
-                                   "KDFAST_CUDA_KL_CACHE": "inplace"},
+    **{f"cluster C={c} cache={cache}": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": str(c),
+                                        "KDFAST_CUDA_KL_CACHE": cache} for c, cache in CLUSTER_CONFIGS},
     "rows (fallback)": {"KDFAST_CUDA_KL": "rows"},
     "chunks (fallback)": {"KDFAST_CUDA_KL": "chunks"},
 }
