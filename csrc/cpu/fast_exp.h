@@ -1,7 +1,8 @@
 #pragma once
 // exp(x) for x <= 0 (softmax arguments relative to their maximum), NaN propagating.
 // On AVX-512, 2^n * p(f) with n = round(x log2 e), f = x log2 e - n taken by one vreduceps, p a
-// degree-5 minimax polynomial and one vscalefps (10 uops), with a relative error of 2.1e-7 in float32 arithmetic (checked against float64 in the tests).
+// degree-5 minimax polynomial and one vscalefps (10 uops), with a relative error of 2.1e-7 in
+// float32 arithmetic (checked against float64 in the tests).
 // Elsewhere ATen's exp_u20.
 #include <ATen/cpu/vec/vec.h>
 

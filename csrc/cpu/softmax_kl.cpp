@@ -112,7 +112,8 @@ RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float 
   FVec zs(0.f), zt(0.f), acc(0.f);
   int64_t i = 0;
   for (; i + K <= n; i += K) {
-    sums_k(s + i, t + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + i : nullptr, et_out ? et_out + i : nullptr);
+    sums_k(s + i, t + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + i : nullptr,
+           et_out ? et_out + i : nullptr);
   }
   auto sum = [](FVec& x, FVec& y) { return x + y; };
   RowStats r;
@@ -139,24 +140,15 @@ RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float 
 // scratch rows. block_ms/block_mt record, per block, the maxima its exponentials are relative to.
 constexpr int64_t kBlock = 2048;
 
-// Software prefetch of the lines of K elements at s and t: the row pass asks for the next block
-// while it computes this one, so that memory and arithmetic overlap instead of taking turns (the
-// hardware prefetcher alone runs too little ahead; measured: forward 46 -> 26 ms at 2048 x 32000).
-template <typename T>
-inline void prefetch_k(const T* s, const T* t) {
-  constexpr int64_t kLine = 64, kBytes = 2 * FVec::size() * sizeof(T);
-  for (int64_t off = 0; off < kBytes; off += kLine) {
-    __builtin_prefetch(reinterpret_cast<const char*>(s) + off);
-    __builtin_prefetch(reinterpret_cast<const char*>(t) + off);
-  }
-}
-
-// The gradient pass asks for its destination lines 2 KB ahead of its stores, which otherwise stall
-// on reading each line first (measured: 49 -> 45 ms at 2048 x 32000 fp32).
-template <typename T>
-inline void prefetch_for_write(T* p) {
+// Software prefetch of the cache lines of K elements at p (for writing when kWrite). The row pass
+// asks for the next block while it computes this one, so that memory and arithmetic overlap
+// instead of taking turns (the hardware prefetcher alone runs too little ahead; measured: forward
+// 46 -> 26 ms at 2048 x 32000); the gradient pass asks for its destination 2 KB ahead of its
+// stores, which otherwise stall on reading each line first (49 -> 45 ms).
+template <int kWrite = 0, typename T>
+inline void prefetch_k(const T* p) {
   for (int64_t off = 0; off < int64_t(2 * FVec::size() * sizeof(T)); off += 64) {
-    __builtin_prefetch(reinterpret_cast<char*>(p) + off, 1);
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + off, kWrite);
   }
 }
 
@@ -197,7 +189,8 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
     const T* tb = t + b0;
     int64_t i = 0;
     for (; i + K <= bn; i += K) {
-      prefetch_k(sb + i + kBlock, tb + i + kBlock);
+      prefetch_k(sb + i + kBlock);
+      prefetch_k(tb + i + kBlock);
       sums_k(sb + i, tb + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + b0 + i : nullptr,
              es_out ? et_out + b0 + i : nullptr);
     }
@@ -236,8 +229,8 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
     int64_t i = 0;
     for (; i + K <= bn; i += K) {
       const FVec et0 = FVec::loadu(tb + i), et1 = FVec::loadu(tb + i + FVec::size());
-      if (gs) prefetch_for_write(gs + b0 + i + kWriteAhead);
       if (gs) {  // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's
+        prefetch_k<1>(gs + b0 + i + kWriteAhead);
         const FVec es0 = FVec::loadu(eb + i), es1 = FVec::loadu(eb + i + FVec::size());
         store2(gs + b0 + i, vcoef * at::vec::fmsub(es0, vcs, et0 * vct),
                vcoef * at::vec::fmsub(es1, vcs, et1 * vct));
