@@ -3,10 +3,12 @@
 
 torch.ops.kdfast.softmax_kl is a forward-and-gradient primitive: it returns each row's KL and,
 when asked, row_weight[r] * dKL_r/d(input) computed in the same pass over the logits (the way
-Liger-Kernel's fused losses do). SoftmaxKLFunction predicts row_weight as the gradient that the
-reduction will send back, so in the usual `loss.backward()` its backward has nothing to do but hand
-the gradient over; when the upstream gradient differs, it rescales rows of its private buffer in
-place, and a second backward through the same graph (retain_graph=True) recomputes.
+Liger-Kernel's fused losses do). FusedLossFunction returns the weighted losses row_weight[r] * KL_r,
+whose gradient is then exactly the op's buffer times the upstream gradient of each row: 1 in the
+usual `loss.sum().backward()`, so its backward has nothing to do but hand the buffer over (one
+scale_rows_ launch that skips rows whose factor is 1). When the upstream gradient differs, it
+rescales rows of its private buffer in place, and a second backward through the same graph
+(retain_graph=True) recomputes. Few launches matter: small losses are bound by them.
 """
 import torch
 
@@ -89,7 +91,8 @@ class FusedLossFunction(torch.autograd.Function):
     """Autograd for the forward-and-gradient ops (softmax_kl, rkd_distance, rkd_angle).
 
     op(student, teacher, *params, weight, grad_student, grad_teacher) returns (per-row or per-group
-    losses, grad_student, grad_teacher) with gradients for the upstream gradient `weight`.
+    losses, grad_student, grad_teacher) with gradients of sum(weight * losses). The Function
+    returns weight * losses.
     """
 
     @staticmethod
@@ -105,7 +108,7 @@ class FusedLossFunction(torch.autograd.Function):
             losses, _, _ = op(student, teacher, *params, weight, False, False)
             ctx.save_for_backward(student, teacher, weight)
             ctx.fused = None
-            return losses
+            return losses * weight
         losses, gs, gt = op(student, teacher, *params, weight, want_s, want_t)
         if torch.compiler.is_compiling():
             # Graphs get a functional backward: everything goes through save_for_backward.
@@ -116,30 +119,31 @@ class FusedLossFunction(torch.autograd.Function):
             # them over without a copy (AccumulateGrad then adopts the buffer as .grad).
             ctx.save_for_backward(student, teacher, weight)
             ctx.fused = [gs, gt]
-        return losses
+        return losses * weight
 
     @staticmethod
-    def backward(ctx, g_losses):
+    def backward(ctx, ratio):
+        # ratio: the upstream gradient of each weighted loss, i.e. the factor between the gradient
+        # wanted and the buffer the op wrote (often an expanded scalar: stride 0, no copy made).
         if torch.is_grad_enabled():
             raise RuntimeError("kdfast: double backward (create_graph=True) through a fused loss is not "
                                "supported; use kdfast.set_backend('reference') for higher-order gradients")
         want_s, want_t = ctx.want
         nones = (None,) * len(ctx.params)
-        if g_losses is None:
+        if ratio is None:
             return (None, None, None, None) + nones
         saved = ctx.saved_tensors
         student, teacher, weight = saved[:3]
-        g_losses = g_losses.to(weight.dtype)
-        ratio = torch.where(weight != 0, g_losses / weight, torch.ones_like(weight))
+        ratio = ratio.to(weight.dtype)
         if len(saved) == 5:  # traced: out-of-place
             gs, gt = saved[3], saved[4]
             gs = _scaled(gs, ratio) if want_s else None
             gt = _scaled(gt, ratio) if want_t else None
         elif ctx.fused is None or (student.dtype == torch.float16 and not bool((ratio == 1).all())):
             # handed out already (a second backward through this graph), deferred, or float16
-            # with an upstream gradient other than the one predicted: compute it for g_losses
+            # with an upstream gradient other than the one predicted: compute it for this gradient
             ctx.fused = None
-            _, gs, gt = ctx.op(student, teacher, *ctx.params, g_losses.contiguous(), want_s, want_t)
+            _, gs, gt = ctx.op(student, teacher, *ctx.params, (ratio * weight).contiguous(), want_s, want_t)
         else:
             gs, gt = ctx.fused
             ctx.fused = None
@@ -150,12 +154,12 @@ class FusedLossFunction(torch.autograd.Function):
 
 
 def fused_loss(op, student, teacher, weight, *params):
-    """op's per-row / per-group losses, differentiable; without grad mode (torch.no_grad, eval
-    loops) no gradient is computed at all. (Function.apply cannot tell: its needs_input_grad
-    follows requires_grad even under no_grad.)"""
+    """weight * op's per-row / per-group losses, differentiable; without grad mode
+    (torch.no_grad, eval loops) no gradient is computed at all. (Function.apply cannot tell: its
+    needs_input_grad follows requires_grad even under no_grad.)"""
     if torch.is_grad_enabled():
         return FusedLossFunction.apply(op, student, teacher, weight, *params)
-    return op(student, teacher, *params, weight, False, False)[0]
+    return op(student, teacher, *params, weight, False, False)[0] * weight
 
 
 def _scaled(g, ratio):

@@ -36,11 +36,11 @@ def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
             w = w / mask.sum().clamp(min=1).to(acc)
     elif reduction == "mean" and rows > 0:
         w = w / rows
-    kl = fused_loss(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature)
+    kl = fused_loss(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature)  # w * KL per row
     out_dtype = v.result_dtype(student, teacher)
     if reduction == "none":
-        return (kl * w).reshape(lead).to(out_dtype)
-    return (kl * w).sum().to(out_dtype)
+        return kl.reshape(lead).to(out_dtype)
+    return kl.sum().to(out_dtype)
 
 
 def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
@@ -90,8 +90,7 @@ def _native_relation(op, student, teacher, scale, *params):
     s3, t3 = _groups(student), _groups(teacher)
     acc = torch.float64 if s3.dtype == torch.float64 else torch.float32
     w = torch.full((s3.shape[0],), scale / s3.shape[0], dtype=acc, device=s3.device)
-    losses = fused_loss(op, s3, t3, w, *params)
-    return (losses * w).sum().to(v.result_dtype(student, teacher))
+    return fused_loss(op, s3, t3, w, *params).sum().to(v.result_dtype(student, teacher))
 
 
 def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):

@@ -386,6 +386,22 @@ class PythonJob:
             self.proc.communicate()
 
 
+def check_scale_rows(dtype, device, V):
+    """scale_rows_ against float64: per-row factors (rows with factor 1 untouched, bit for bit), an
+    expanded scalar factor (stride 0, what backward of a sum hands over), and opcheck."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.randn(5, V, dtype=dtype, device=device)
+    ratio = torch.tensor([1.0, 0.5, -2.0, 1.0, 0.0], dtype=acc, device=device)
+    torch.library.opcheck(torch.ops.kdfast.scale_rows_.default, (g.clone(), ratio))
+    for r in (ratio, torch.tensor(-3.0, dtype=acc, device=device).expand(5)):
+        g2 = g.clone()
+        torch.ops.kdfast.scale_rows_(g2, r)
+        torch.testing.assert_close(g2, (g.double() * r.double().unsqueeze(1)).to(dtype))
+    g2 = g.clone()
+    torch.ops.kdfast.scale_rows_(g2, ratio)
+    assert same_bits(g2[0], g[0]) and same_bits(g2[3], g[3])  # ratio 1: rows untouched
+
+
 def start_python(args, env=None):
     """Start `python *args` (e.g. ["-c", code] or ["-m", "kdfast"]) in the background."""
     return PythonJob(args, env)

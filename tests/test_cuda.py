@@ -20,8 +20,8 @@ import torch
 import kdfast
 from kdfast import reference as ref
 
-from conftest import (DTYPE_IDS, GRAD_TOL, HALF, assert_kl_deterministic, check_kl, compare_compiled, relerr,
-                      same_bits)
+from conftest import (DTYPE_IDS, GRAD_TOL, HALF, assert_kl_deterministic, check_kl, check_scale_rows,
+                      compare_compiled, relerr, same_bits)
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
 EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
@@ -377,14 +377,7 @@ def test_opcheck_softmax_kl(case):
 
 @dtype_params((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 def test_opcheck_scale_rows(dtype):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    g = torch.randn(5, 3003, dtype=dtype, device=DEV)
-    ratio = torch.tensor([1.0, 0.5, -2.0, 1.0, 0.0], dtype=acc, device=DEV)
-    torch.library.opcheck(torch.ops.kdfast.scale_rows_.default, (g.clone(), ratio))
-    g2 = g.clone()
-    torch.ops.kdfast.scale_rows_(g2, ratio)
-    torch.testing.assert_close(g2, (g.double() * ratio.double().unsqueeze(1)).to(dtype))
-    assert same_bits(g2[0], g[0]) and same_bits(g2[3], g[3])  # ratio 1: rows untouched
+    check_scale_rows(dtype, DEV, 3003)
 
 
 def test_op_matches_cpu_op():
@@ -571,7 +564,7 @@ class Emu:
     P, I, D, Ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     SIGS = {
         "emu_softmax_kl": [Ci, P, P, I, I, I, I, D, P, P, P, P],
-        "emu_scale_rows": [Ci, P, I, I, P],
+        "emu_scale_rows": [Ci, P, I, I, P, I],
         "emu_rkd_inv_sides": [Ci, P, I, I, D, P],
         "emu_rkd_pdist": [Ci, P, I, I, Ci, D, P],
         "emu_rkd_pdist_backward": [Ci, P, P, P, P, P, I, I, Ci, D, P],
@@ -709,9 +702,13 @@ def test_emu_scale_rows(emu, dtype):
     g = base[1:].view(5, 3003)  # contiguous at storage offset 1: misaligned
     before = g.clone()
     ratio = torch.tensor([1.0, 0.5, -2.0, 1.0, 0.0], dtype=acc)
-    emu.emu_scale_rows(_KDT[dtype], g, 5, 3003, ratio)
+    emu.emu_scale_rows(_KDT[dtype], g, 5, 3003, ratio, 1)
     torch.testing.assert_close(g, (before.double() * ratio.double().unsqueeze(1)).to(dtype))
     assert same_bits(g[0], before[0]) and same_bits(g[3], before[3])
+    # stride 0: one factor for every row (backward of a sum hands over an expanded scalar)
+    before = g.clone()
+    emu.emu_scale_rows(_KDT[dtype], g, 5, 3003, torch.tensor([-3.0], dtype=acc), 0)
+    torch.testing.assert_close(g, (before.double() * -3.0).to(dtype))
 
 
 # ---- the relation ops' glue, mirrored from csrc/cuda/rkd_ops.cpp

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import kdfast
 from kdfast import reference as ref
 
-from conftest import (DTYPE_IDS, DTYPES, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, compare_compiled,
-                      needs_native, relerr, run_in_threads, same_bits)
+from conftest import (DTYPE_IDS, DTYPES, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, check_scale_rows,
+                      compare_compiled, needs_native, relerr, run_in_threads, same_bits)
 
 pytestmark = needs_native
 NINF = float("-inf")
@@ -594,13 +594,7 @@ def test_softmax_kl_op_semantics():
 
 @dtype_params()
 def test_opcheck_scale_rows(dtype):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    g = torch.randn(5, 33, dtype=dtype)
-    ratio = torch.tensor([1.0, 0.5, -2.0, 1.0, 0.0], dtype=acc)
-    torch.library.opcheck(torch.ops.kdfast.scale_rows_.default, (g.clone(), ratio))
-    g2 = g.clone()
-    torch.ops.kdfast.scale_rows_(g2, ratio)
-    torch.testing.assert_close(g2, (g.double() * ratio.double().unsqueeze(1)).to(dtype))
+    check_scale_rows(dtype, "cpu", 33)
 
 
 # ----------------------------------------------------------------------------- torch.compile

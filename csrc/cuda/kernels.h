@@ -19,10 +19,11 @@ size_t softmax_kl_workspace(const cpu::SoftmaxKLArgs& a);
 // softmax_kl_workspace(a) bytes. Never synchronises with the host.
 cudaError_t softmax_kl(const cpu::SoftmaxKLArgs& a, void* workspace, cudaStream_t stream);
 
-// grad[r, :] *= ratio[r] for a contiguous rows x V gradient, skipping rows whose ratio is exactly 1.
-// ratio has the accumulation type (double for double gradients, else float).
+// grad[r, :] *= ratio[r * ratio_stride] for a contiguous rows x V gradient, skipping rows whose ratio
+// is exactly 1. ratio has the accumulation type (double for double gradients, else float); stride 0
+// reads one value for every row (an expanded scalar, as backward of a sum hands over).
 cudaError_t scale_rows(cpu::DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio,
-                       cudaStream_t stream);
+                       int64_t ratio_stride, cudaStream_t stream);
 
 // ---- relational KD (acc = Float or Double; B groups of n points; matrices (B, n, n) contiguous;
 // per-group scalars are double device arrays of length B)

@@ -626,11 +626,12 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLParams p, int64_t c
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scale_rows_kernel(T* grad, int64_t V, int64_t row0, int64_t chunk,
-                                                              const typename Elem<T>::acc* ratio) {
+                                                              const typename Elem<T>::acc* ratio,
+                                                              int64_t ratio_stride) {
   using A = typename Elem<T>::acc;
   constexpr int P = vec_elems<T>();
   const int64_t row = row0 + blockIdx.x;
-  const A r = ratio[row];
+  const A r = ratio[row * ratio_stride];
   if (r == A(1)) return;
   for (int64_t v0 = static_cast<int64_t>(blockIdx.y) * chunk; v0 < V; v0 += static_cast<int64_t>(gridDim.y) * chunk) {
     const int64_t n = V - v0 < chunk ? V - v0 : chunk;
@@ -979,7 +980,8 @@ cudaError_t softmax_kl(const SoftmaxKLArgs& a, void* workspace, cudaStream_t str
   return by_dtype(a.dtype, [&](auto tag) { return run<decltype(tag)>(a, workspace, stream, nullptr); });
 }
 
-cudaError_t scale_rows(DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio, cudaStream_t stream) {
+cudaError_t scale_rows(DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio, int64_t ratio_stride,
+                       cudaStream_t stream) {
   if (rows == 0 || vocab == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -989,7 +991,7 @@ cudaError_t scale_rows(DType dtype, void* grad, int64_t rows, int64_t vocab, con
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerLaunch) {
       const int64_t nr = std::min(rows - r0, kMaxRowsPerLaunch);
       KD_LAUNCH(dim3(static_cast<unsigned>(nr), static_cast<unsigned>(nchunk)), kThreads, 0, stream, scale_rows_kernel<T>)(
-          static_cast<T*>(grad), vocab, r0, chunk, static_cast<const A*>(ratio));
+          static_cast<T*>(grad), vocab, r0, chunk, static_cast<const A*>(ratio), ratio_stride);
       cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess) return e;
     }

@@ -44,9 +44,10 @@ void scale_rows_cuda(at::Tensor& grad, const at::Tensor& ratio) {
               ratio.device());
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor r = ratio.to(acc).contiguous();  // on the device: no host synchronisation
+  // On the device: no host synchronisation. Strided as handed over (often an expanded scalar).
+  const at::Tensor r = ratio.to(acc);
   C10_CUDA_CHECK(cuda::scale_rows(to_kernel_dtype(grad.scalar_type()), grad.data_ptr(), grad.size(0),
-                                  grad.size(1), r.data_ptr(),
+                                  grad.size(1), r.data_ptr(), r.stride(0),
                                   c10::cuda::getCurrentCUDAStream(grad.get_device()).stream()));
 }
 

@@ -257,8 +257,8 @@ int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_
     return kdfast::cuda::softmax_kl(a, ws ? buf.data() : nullptr, nullptr);
   });
 }
-int emu_scale_rows(int dtype, void* grad, int64_t rows, int64_t V, const void* ratio) {
-  return guarded([&] { return kdfast::cuda::scale_rows(dt(dtype), grad, rows, V, ratio, nullptr); });
+int emu_scale_rows(int dtype, void* grad, int64_t rows, int64_t V, const void* ratio, int64_t ratio_stride) {
+  return guarded([&] { return kdfast::cuda::scale_rows(dt(dtype), grad, rows, V, ratio, ratio_stride, nullptr); });
 }
 int emu_rkd_inv_sides(int acc, const void* gram, int64_t B, int64_t n, double eps, void* inv) {
   return guarded([&] { return kdfast::cuda::rkd_inv_sides(dt(acc), gram, B, n, eps, inv, nullptr); });
