@@ -41,15 +41,21 @@ KL_CASES = [  # (rows, V, dtype): the 8192 x 131072 pair carries the performance
     (256, 128256, torch.float32),
 ]
 COMPILE_CASES = {(8192, 131072, torch.bfloat16), (8192, 131072, torch.float32), (2048, 32000, torch.bfloat16)}
-CLUSTER_CONFIGS = [(4, "none"), (8, "none"), (8, "inplace"), (16, "none"), (16, "separate"), (16, "inplace")]
+CLUSTER_CONFIGS = [  # (path, cluster size, cache): "stream" is the persistent double-buffered variant
+    ("cluster", 4, "none"), ("cluster", 8, "none"), ("cluster", 8, "inplace"), ("cluster", 16, "none"),
+    ("cluster", 16, "separate"), ("cluster", 16, "inplace"),
+    ("stream", 4, "none"), ("stream", 8, "none"), ("stream", 8, "inplace"), ("stream", 16, "none"),
+    ("stream", 16, "inplace"),
+]
 KDFAST_CONFIGS = {  # environment knobs of the CUDA kernel (see csrc/cuda/softmax_kl.cu)
     "auto": {},
-    **{f"cluster C={c} cache={cache}": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": str(c),
-                                        "KDFAST_CUDA_KL_CACHE": cache} for c, cache in CLUSTER_CONFIGS},
+    **{f"{path} C={c} cache={cache}": {"KDFAST_CUDA_KL": path, "KDFAST_CUDA_KL_CLUSTER": str(c),
+                                       "KDFAST_CUDA_KL_CACHE": cache} for path, c, cache in CLUSTER_CONFIGS},
     "rows (fallback)": {"KDFAST_CUDA_KL": "rows"},
     "chunks (fallback)": {"KDFAST_CUDA_KL": "chunks"},
 }
-KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK")
+KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK",
+         "KDFAST_CUDA_KL_GRID")
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
@@ -215,19 +221,12 @@ def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters,
         check = {}
         try:
             s.grad = None
-            err = []
-            os.environ["KDFAST_CUDA_KL_LOG"] = "1"
-            try:
-                with captured_stderr(err):
-                    lk = kdfast_kd(s, t)
-                    lk.backward()
-                    sync(device)
-            finally:
-                os.environ.pop("KDFAST_CUDA_KL_LOG", None)
-            plans = [ln.split("cuda: ", 1)[1] for ln in "".join(err).splitlines() if "softmax_kl cuda: " in ln]
-            if plans:
-                check["plan"] = plans[-1]
-                log(f"   {case}: kdfast plan {plans[-1]}")
+            with logged_plan(device) as plan:
+                lk = kdfast_kd(s, t)
+                lk.backward()
+            if plan:
+                check["plan"] = plan[-1]
+                log(f"   {case}: kdfast plan {plan[-1]}")
             gk = s.grad.clone()
             s.grad = None
             le = eager_kd(s, t)
@@ -302,9 +301,13 @@ def sweep_configs(device, budget, iters, cases, errors, out, save):
                 continue  # in place needs 4-byte inputs
             with knobs(env):
                 try:
-                    ms = time_ms(kd_op(s, t), device, iters=iters)
-                    out.append({"case": case, "config": name, "ms": ms, "GBps": nbytes / (ms * 1e-3) / 1e9})
-                    log(f"   {case:22s} {name:28s} {ms:9.3f} ms")
+                    op = kd_op(s, t)
+                    with logged_plan(device) as plan:  # what the knobs got (a plan that cannot run falls back)
+                        op()
+                    ms = time_ms(op, device, iters=iters)
+                    out.append({"case": case, "config": name, "ms": ms, "GBps": nbytes / (ms * 1e-3) / 1e9,
+                                "plan": plan[-1] if plan else None})
+                    log(f"   {case:22s} {name:28s} {ms:9.3f} ms  {plan[-1] if plan else ''}")
                 except Exception as e:  # noqa: BLE001
                     out.append({"case": case, "config": name, "error": f"{type(e).__name__}: {e}"[:300]})
                     log(f"   {case:22s} {name:28s} {type(e).__name__}: {e}"[:200])
@@ -314,6 +317,21 @@ def sweep_configs(device, budget, iters, cases, errors, out, save):
         del s, t
         free_memory(device)
     return out
+
+
+@contextlib.contextmanager
+def logged_plan(device):
+    """The plans the CUDA op prints (KDFAST_CUDA_KL_LOG) for the calls inside the block, appended
+    to the list it yields once the block ends."""
+    plans, err = [], []
+    os.environ["KDFAST_CUDA_KL_LOG"] = "1"
+    try:
+        with captured_stderr(err):
+            yield plans
+            sync(device)
+    finally:
+        os.environ.pop("KDFAST_CUDA_KL_LOG", None)
+    plans += [ln.split("cuda: ", 1)[1] for ln in "".join(err).splitlines() if "softmax_kl cuda: " in ln]
 
 
 @contextlib.contextmanager
@@ -551,11 +569,11 @@ def main():
     report["rkd"] = bench_rkd(device, budget, *rkd_nd, errors)
     log(f"   {report['rkd']}")
     save()
-    if device.type == "cuda" and kdfast.native_available("cuda"):
-        log("== kdfast CUDA configurations")
+    if args.selftest_cpu or (device.type == "cuda" and kdfast.native_available("cuda")):
+        log("== kdfast CUDA configurations" + (" (selftest: the knobs do nothing on the CPU)" if args.selftest_cpu else ""))
         report["kdfast_configs"] = []
-        sweep_configs(device, Budget(min(90.0, max(budget.left() - 5, 0))), 5, KL_CASES[:2], errors,
-                      report["kdfast_configs"], save)
+        sweep_configs(device, Budget(min(90.0, max(budget.left() - 5, 0))), 5,
+                      cases if args.selftest_cpu else KL_CASES[:2], errors, report["kdfast_configs"], save)
     save(final=True)
     log(f"== wrote {path}")
     if errors:

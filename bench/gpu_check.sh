@@ -127,6 +127,7 @@ else
   stage "tests/test_cuda.py" 170 140 "$LOGS/tests.log" \
     "$PYTHON" -m pytest -q -p no:cacheprovider -rfs --durations=8 tests/test_cuda.py
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -n 40
+  grep -E "^E  " "$LOGS/tests.log" | head -n 40  # the failures' messages (the summary cuts them short)
   tail -n 22 "$LOGS/tests.log"
 
   # 3. benchmarks (they measure the build from step 1, whatever the tests said)

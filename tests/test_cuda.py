@@ -39,11 +39,14 @@ PATHS = {
                           "KDFAST_CUDA_KL_CACHE": "separate"},
     "cluster16_nocache": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
                           "KDFAST_CUDA_KL_CACHE": "none"},
+    # the streamed (persistent) cluster path, its grid capped so that each cluster walks several rows
+    "stream4_grid2": {"KDFAST_CUDA_KL": "stream", "KDFAST_CUDA_KL_CLUSTER": "4", "KDFAST_CUDA_KL_GRID": "2"},
+    "stream1_grid3": {"KDFAST_CUDA_KL": "stream", "KDFAST_CUDA_KL_CLUSTER": "1", "KDFAST_CUDA_KL_GRID": "3"},
     "rows": {"KDFAST_CUDA_KL": "rows"},
     "chunks": {"KDFAST_CUDA_KL": "chunks", "KDFAST_CUDA_KL_CHUNK": "64"},
 }
 _KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK",
-          "KDFAST_CUDA_KL_LOG")
+          "KDFAST_CUDA_KL_GRID", "KDFAST_CUDA_KL_LOG")
 
 
 @pytest.fixture(autouse=True)
@@ -327,14 +330,14 @@ def _free_bytes():
     return free
 
 
-@pytest.mark.parametrize("path_name", ["auto", "rows", "chunks"])
+@pytest.mark.parametrize("path_name", ["auto", "stream", "rows", "chunks"])
 def test_rows_times_vocab_at_least_2_pow_31(path_name, monkeypatch):
     """16384 x 131072 bf16 = 2^31 elements: offsets past 2^31 must not wrap (64-bit indexing)."""
     R, V = 16384, 131072
     need = 3 * R * V * 2 + (2 << 30)  # student, teacher, gradient, headroom
     if _free_bytes() < need:
         pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
-    for k, v in PATHS[path_name].items():
+    for k, v in PATHS.get(path_name, {"KDFAST_CUDA_KL": path_name}).items():  # stream: its default grid
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("KDFAST_CUDA_KL_CHUNK", raising=False)
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -651,7 +654,7 @@ def _emu_case(case, dtype):
 @dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 @pytest.mark.parametrize("path_name", list(EMU_PATHS))
 def test_emu_softmax_kl(emu, path_name, dtype, case, monkeypatch):
-    if path_name in ("cluster16_nocache", "chunks") and dtype in (torch.float16, torch.float64):
+    if path_name in ("cluster16_nocache", "chunks", "stream4_grid2") and dtype in (torch.float16, torch.float64):
         pytest.skip("slow in emulation: fp32 and bf16 cover this path")
     for k, v in EMU_PATHS[path_name].items():
         monkeypatch.setenv(k, v)
@@ -693,6 +696,24 @@ def test_emu_softmax_kl_nan_and_determinism(emu, monkeypatch):
     assert a[0][1].isnan() and torch.isfinite(a[0][[0, 2]]).all()
     for x, y in zip(a, b):
         assert same_bits(x, y)
+
+
+@pytest.mark.parametrize("C", ["1", "4"])
+def test_emu_stream_matches_cluster(emu, C, monkeypatch):
+    """The streamed path does each row's work exactly as the cluster path: same bits, also when a
+    cluster's every row has weight 0 (it never touches distributed shared memory) and when rows
+    outnumber the grid several times (both stages reused)."""
+    s, t = logits(7, 3001), logits(7, 3001)
+    w = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.5, 0.0, 1.0])  # grid 2: cluster 1 gets rows 1, 3, 5
+    monkeypatch.setenv("KDFAST_CUDA_KL_CLUSTER", C)
+    monkeypatch.setenv("KDFAST_CUDA_KL", "cluster")
+    want = _emu_softmax_kl(emu, s, t, 0.5, w)
+    monkeypatch.setenv("KDFAST_CUDA_KL", "stream")
+    monkeypatch.setenv("KDFAST_CUDA_KL_GRID", "2")
+    got = _emu_softmax_kl(emu, s, t, 0.5, w)
+    for a, b in zip(got, want):
+        assert same_bits(a, b)
+    assert (got[1][w == 0] == 0).all() and torch.isfinite(got[0]).all()
 
 
 @dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))

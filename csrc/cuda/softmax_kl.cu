@@ -11,6 +11,9 @@
 //    (16-byte cp.async), the row maxima and sums are combined across the cluster through distributed
 //    shared memory, and the gradient is written from the on-chip copy. HBM sees one read of each
 //    input and one write of each gradient: the floor.
+//  * stream (opt-in, KDFAST_CUDA_KL=stream, until an H100 run shows it wins): the same per-row
+//    work in a persistent grid of clusters that walk the rows with two shared-memory stages, so
+//    the copy of the next row overlaps the arithmetic on the current one.
 //  * rows (fallback, any arch): one block per row, three passes over the row in global memory
 //    (max, sums, gradient), the re-reads served by L1/L2.
 //  * chunks (fallback for very long rows): (row, chunk) blocks write partial maxima and sums, a
@@ -362,6 +365,8 @@ __device__ __forceinline__ double kl_value(double zs, double zt, double acc) {
 }
 
 // Copies positions [0, npos) from the aligned base src to dst in shared memory, 16 bytes at a time.
+// Asynchronous where cp.async exists: cp_async_commit() closes a group, cp_async_wait<N>() waits
+// until at most N of this thread's groups are in flight (a __syncthreads then publishes them).
 template <typename T>
 __device__ __forceinline__ void load_async(T* dst, const T* src, int64_t npos) {
   const int64_t chunks = (npos * static_cast<int64_t>(sizeof(T)) + 15) / 16;
@@ -377,75 +382,90 @@ __device__ __forceinline__ void load_async(T* dst, const T* src, int64_t npos) {
   }
 }
 
-__device__ __forceinline__ void load_async_wait() {
+__device__ __forceinline__ void cp_async_commit() {
 #if KD_CP_ASYNC
   asm volatile("cp.async.commit_group;\n" ::: "memory");
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if KD_CP_ASYNC
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
 enum CacheMode : int { kCacheNone = 0, kCacheInPlace = 1, kCacheSeparate = 2 };
 
-// The cluster path: blockIdx.x / C is the row (from p.row0), the cluster rank picks the slice.
-// Shared memory: [student slice | teacher slice] of raw_bytes each, then (kCacheSeparate) the
-// exponentials, raw_bytes / sizeof(T) accumulators per input.
+// One row's slice [v0, v0 + len) in global memory (clipped to the row; empty past its end), and
+// whether the 16-byte walk applies: every operand shares its offset within 16 bytes.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C, int64_t slice,
-                                                              int64_t raw_bytes, int cache) {
-  using A = typename Elem<T>::acc;
-  constexpr int P = vec_elems<T>();
-  KD_DYNAMIC_SHARED(smem);
-  KD_SHARED(A, red, [32 * 3]);
-  KD_SHARED(A, slots_max, [kMaxCluster * 2]);
-  KD_SHARED(A, slots_sum, [kMaxCluster * 3]);
-
-  int rank = 0;
-#if KD_CLUSTERS
-  if (C > 1) rank = static_cast<int>(cg::this_cluster().block_rank());
-#endif
-  const int64_t row = p.row0 + blockIdx.x / C;
-  const int64_t V = p.V;
-  const A w = static_cast<const A*>(p.w)[row];
-  const int64_t v0 = rank * slice;
-  const int64_t n = v0 < V ? (V - v0 < slice ? V - v0 : slice) : 0;
-  T* gs = p.gs && n > 0 ? static_cast<T*>(p.gs) + row * V + v0 : nullptr;
-  T* gt = p.gt && n > 0 ? static_cast<T*>(p.gt) + row * V + v0 : nullptr;
-  A* KL = static_cast<A*>(p.kl);
-  if (w == A(0)) {  // the whole cluster leaves here: no cluster barrier is pending
-    zero_fill(gs, n);
-    zero_fill(gt, n);
-    if (rank == 0 && threadIdx.x == 0) KL[row] = A(0);
-    return;
+struct GlobalSlice {
+  const T* s;
+  const T* t;
+  T* gs;
+  T* gt;
+  int64_t n;
+  int o, ot;
+  bool vec;
+  __device__ __forceinline__ GlobalSlice(const KLParams& p, int64_t row, int64_t v0, int64_t len) {
+    n = v0 >= p.V ? 0 : (p.V - v0 < len ? p.V - v0 : len);
+    s = static_cast<const T*>(p.s) + row * p.s_stride + v0;
+    t = static_cast<const T*>(p.t) + row * p.t_stride + v0;
+    gs = p.gs && n > 0 ? static_cast<T*>(p.gs) + row * p.V + v0 : nullptr;
+    gt = p.gt && n > 0 ? static_cast<T*>(p.gt) + row * p.V + v0 : nullptr;
+    o = align_off(s);
+    ot = align_off(t);
+    vec = o == ot && (gs == nullptr || align_off(gs) == o) && (gt == nullptr || align_off(gt) == o);
   }
-
-  // Distributed shared memory may be touched only once every CTA of the cluster runs: arrive now,
-  // wait just before the first remote write (the load below hides the wait).
-  if (C > 1) kd_cluster_arrive();
-  T* bs = reinterpret_cast<T*>(smem);
-  T* bt = reinterpret_cast<T*>(smem + raw_bytes);
-  int os = 0, ot = 0;
-  bool vec = false;
-  if (n > 0) {
-    const T* s = static_cast<const T*>(p.s) + row * p.s_stride + v0;
-    const T* t = static_cast<const T*>(p.t) + row * p.t_stride + v0;
-    os = align_off(s), ot = align_off(t);
-    vec = os == ot && (gs == nullptr || align_off(gs) == os) && (gt == nullptr || align_off(gt) == os);
-    load_async(bs, s - os, os + n);
+  // Starts the copy of the slice into shared memory: student at bs[o + i], teacher at bt[ot + i].
+  __device__ __forceinline__ void load(T* bs, T* bt) const {
+    if (n == 0) return;
+    load_async(bs, s - o, o + n);
     load_async(bt, t - ot, ot + n);
-    load_async_wait();
   }
-  __syncthreads();
-  // Student element i is at bs[os + i], teacher element i at bt[ot + i]. The P == 1 walks use
+};
+
+// Shared memory of the cluster kernels: block and cluster reduction slots.
+template <typename A>
+struct ClusterSlots {
+  A* red;
+  A* max;
+  A* sum;
+};
+
+// A row whose weight is 0: zero gradients and KL, no cluster barrier (every CTA of the cluster
+// sees the same weight).
+template <typename T, typename A>
+__device__ __forceinline__ void zero_row(const KLParams& p, const GlobalSlice<T>& sl, int64_t row, int rank) {
+  zero_fill(sl.gs, sl.n);
+  zero_fill(sl.gt, sl.n);
+  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = A(0);
+}
+
+// The work of one CTA on its slice of a row once the slice is in shared memory (bs, bt as loaded
+// by GlobalSlice::load; extra: room for the kCacheSeparate exponentials): cluster-wide maxima and
+// sums, the row's KL (rank 0) and the slice's gradients. `waited` pairs the kernel's early cluster
+// arrive with one wait before the first remote write.
+template <typename T, typename A>
+__device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice<T>& sl, int64_t row, A w, int C,
+                                            int rank, T* bs, T* bt, unsigned char* extra, int64_t raw_bytes,
+                                            int cache, const ClusterSlots<A>& sh, bool& waited) {
+  constexpr int P = vec_elems<T>();
+  // Student element i is at bs[o + i], teacher element i at bt[ot + i]. The P == 1 walks use
   // bases moved to element 0.
-  const T* s1 = bs + os;
-  const T* t1 = bt + ot;
-  const int64_t nn = n;
+  const bool vec = sl.vec;
+  const int os = sl.o;
+  const T* s1 = bs + sl.o;
+  const T* t1 = bt + sl.ot;
+  const int64_t nn = sl.n;
 
   A m[2] = {neg_inf<A>(), neg_inf<A>()};
   if (vec) pass_max<P>(bs, bt, os, nn, m[0], m[1]);
   else pass_max<1>(s1, t1, 0, nn, m[0], m[1]);
-  block_reduce(m, red, MaxOp());
-  cluster_reduce(m, slots_max, C, rank, MaxOp(), true);
+  block_reduce(m, sh.red, MaxOp());
+  cluster_reduce(m, sh.max, C, rank, MaxOp(), !waited);
+  waited = true;
   // A side whose row is all -inf uses reference 0: its exponentials are 0 whatever the reference.
   const A rs = m[0] == neg_inf<A>() ? A(0) : m[0];
   const A rt = m[1] == neg_inf<A>() ? A(0) : m[1];
@@ -456,7 +476,7 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
   // Exponential caches, addressed like the walk that uses them.
   A *cs = nullptr, *ct = nullptr;
   if (want_grad && cache == kCacheSeparate) {
-    cs = reinterpret_cast<A*>(smem + 2 * raw_bytes);
+    cs = reinterpret_cast<A*>(extra);
     ct = cs + raw_bytes / static_cast<int64_t>(sizeof(T));
   }
   if constexpr (sizeof(T) == sizeof(A)) {
@@ -473,12 +493,14 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
     if (vec) pass_sum<P, false>(bs, bt, cs, ct, os, nn, rs, rt, c, sums[0], sums[1], sums[2]);
     else pass_sum<1, false>(s1, t1, cs, ct, 0, nn, rs, rt, c, sums[0], sums[1], sums[2]);
   }
-  block_reduce(sums, red, AddOp());
-  cluster_reduce(sums, slots_sum, C, rank, AddOp(), false);
-  if (rank == 0 && threadIdx.x == 0) KL[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
-  if (!want_grad || n == 0) return;
+  block_reduce(sums, sh.red, AddOp());
+  cluster_reduce(sums, sh.sum, C, rank, AddOp(), false);
+  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
+  if (!want_grad || nn == 0) return;
 
   const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
+  T* gs = sl.gs;
+  T* gt = sl.gt;
   if (cs != nullptr) {  // pass_sum's writes are read by the same threads: no barrier needed
     if (vec) pass_grad<P, true>(bs, bt, cs, ct, os, nn, k, gs ? gs - os : nullptr, gt ? gt - os : nullptr);
     else pass_grad<1, true>(s1, t1, cs, ct, 0, nn, k, gs, gt);
@@ -488,26 +510,97 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
   }
 }
 
-// Per-(row, chunk) pointers into global memory, and whether the 16-byte walk applies.
+#define KD_CLUSTER_SHARED(A, sh)               \
+  KD_SHARED(A, red_, [32 * 3]);                \
+  KD_SHARED(A, slots_max_, [kMaxCluster * 2]); \
+  KD_SHARED(A, slots_sum_, [kMaxCluster * 3]); \
+  const ClusterSlots<A> sh { red_, slots_max_, slots_sum_ }
+
+__device__ __forceinline__ int cluster_rank_of(int C) {
+#if KD_CLUSTERS
+  if (C > 1) return static_cast<int>(cg::this_cluster().block_rank());
+#endif
+  (void)C;
+  return 0;
+}
+
+// The cluster path: blockIdx.x / C is the row (from p.row0), the cluster rank picks the slice.
+// Shared memory: [student slice | teacher slice] of raw_bytes each, then (kCacheSeparate) the
+// exponentials, raw_bytes / sizeof(T) accumulators per input.
 template <typename T>
-struct GlobalSlice {
-  const T* s;
-  const T* t;
-  T* gs;
-  T* gt;
-  int64_t n;
-  int o;
-  bool vec;
-  __device__ __forceinline__ GlobalSlice(const KLParams& p, int64_t row, int64_t v0, int64_t len) {
-    n = p.V - v0 < len ? p.V - v0 : len;
-    s = static_cast<const T*>(p.s) + row * p.s_stride + v0;
-    t = static_cast<const T*>(p.t) + row * p.t_stride + v0;
-    gs = p.gs ? static_cast<T*>(p.gs) + row * p.V + v0 : nullptr;
-    gt = p.gt ? static_cast<T*>(p.gt) + row * p.V + v0 : nullptr;
-    o = align_off(s);
-    vec = o == align_off(t) && (gs == nullptr || align_off(gs) == o) && (gt == nullptr || align_off(gt) == o);
+__global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C, int64_t slice,
+                                                              int64_t raw_bytes, int cache) {
+  using A = typename Elem<T>::acc;
+  KD_DYNAMIC_SHARED(smem);
+  KD_CLUSTER_SHARED(A, sh);
+  const int rank = cluster_rank_of(C);
+  const int64_t row = p.row0 + blockIdx.x / C;
+  const A w = static_cast<const A*>(p.w)[row];
+  const GlobalSlice<T> sl(p, row, rank * slice, slice);
+  if (w == A(0)) {  // the whole cluster leaves here: no cluster barrier is pending
+    zero_row<T, A>(p, sl, row, rank);
+    return;
   }
-};
+  // Distributed shared memory may be touched only once every CTA of the cluster runs: arrive now,
+  // wait just before the first remote write (the load below hides the wait).
+  if (C > 1) kd_cluster_arrive();
+  T* bs = reinterpret_cast<T*>(smem);
+  T* bt = reinterpret_cast<T*>(smem + raw_bytes);
+  sl.load(bs, bt);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  bool waited = false;
+  cluster_row(p, sl, row, w, C, rank, bs, bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
+}
+
+// The streamed cluster path: a persistent grid of gridDim.x / C clusters, each walking the rows
+// blockIdx.x / C, + clusters, ... through two shared-memory stages: the copy of the next row's
+// slice is in flight while the CTA works on the current one, so each SM's loads overlap its own
+// arithmetic and gradient stores (the plain cluster path leaves that overlap to whichever other
+// CTAs share the SM). Shared memory: stage 0 [student | teacher], stage 1 [student | teacher]
+// (raw_bytes each), then the kCacheSeparate exponentials.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 3) kl_stream_kernel(KLParams p, int C, int64_t slice,
+                                                             int64_t raw_bytes, int cache) {
+  using A = typename Elem<T>::acc;
+  KD_DYNAMIC_SHARED(smem);
+  KD_CLUSTER_SHARED(A, sh);
+  const int rank = cluster_rank_of(C);
+  const int64_t clusters = gridDim.x / C;
+  const int64_t v0 = rank * slice;
+  const A* W = static_cast<const A*>(p.w);
+  unsigned char* extra = smem + 4 * raw_bytes;
+  // One commit per row, loaded or not, so that "all but the newest group" is the current row.
+  auto fetch = [&](int64_t row, int stage) {
+    if (row < p.rows && W[row] != A(0)) {
+      unsigned char* b = smem + stage * 2 * raw_bytes;
+      GlobalSlice<T>(p, row, v0, slice).load(reinterpret_cast<T*>(b), reinterpret_cast<T*>(b + raw_bytes));
+    }
+    cp_async_commit();
+  };
+  if (C > 1) kd_cluster_arrive();
+  bool waited = false;
+  int stage = 0;
+  fetch(blockIdx.x / C, 0);
+  for (int64_t row = blockIdx.x / C; row < p.rows; row += clusters, stage ^= 1) {
+    fetch(row + clusters, stage ^ 1);  // the previous row's stage: free since its closing barrier
+    cp_async_wait<1>();
+    __syncthreads();
+    const A w = W[row];
+    const GlobalSlice<T> sl(p, row, v0, slice);
+    unsigned char* b = smem + stage * 2 * raw_bytes;
+    if (w == A(0)) {
+      zero_row<T, A>(p, sl, row, rank);
+    } else {
+      cluster_row(p, sl, row, w, C, rank, reinterpret_cast<T*>(b), reinterpret_cast<T*>(b + raw_bytes), extra,
+                  raw_bytes, cache, sh, waited);
+    }
+    __syncthreads();  // every thread is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+  if (C > 1 && !waited) kd_cluster_wait();
+}
 
 // Fallback, one block per (row, chunk). full: the chunk is the whole row; the block writes the KL
 // and the gradients. Otherwise it writes its chunk's maxima and sums to part[(row, chunk)].
@@ -683,8 +776,10 @@ cudaError_t device_info(int dev, DeviceInfo& out) {
 }
 
 // Environment knobs, for tests and tuning runs (read per call; the defaults need none of them):
-//   KDFAST_CUDA_KL=auto|cluster|rows|chunks   force a path ("cluster" falls back if it cannot run)
+//   KDFAST_CUDA_KL=auto|cluster|stream|rows|chunks   force a path ("cluster" and "stream" fall back
+//                                              if they cannot run)
 //   KDFAST_CUDA_KL_CLUSTER=1|2|4|8|16         force the cluster size
+//   KDFAST_CUDA_KL_GRID=<clusters>             at most this many clusters in the stream path's grid
 //   KDFAST_CUDA_KL_CACHE=none|inplace|separate force how the gradient pass gets its exponentials
 //   KDFAST_CUDA_KL_CHUNK=<elements>            chunk length of the chunks path
 //   KDFAST_CUDA_KL_LOG=1                       print each call's plan to stderr
@@ -693,11 +788,12 @@ const char* env(const char* name) {
   return v != nullptr && *v != '\0' ? v : nullptr;
 }
 
-enum class Path { Cluster, Rows, Chunks };
+enum class Path { Cluster, Stream, Rows, Chunks };
 
 struct Plan {
   Path path = Path::Rows;
   int C = 1;
+  int64_t clusters = 0;  // stream path: the persistent grid, in clusters
   int64_t slice = 0, raw_bytes = 0;
   int cache = kCacheNone;
   size_t smem = 0;
@@ -709,8 +805,9 @@ constexpr int64_t kMaxRowsPerLaunch = int64_t(1) << 26;  // keeps C * rows withi
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// stages: 1 (cluster path) or 2 (stream path) copies of [student slice | teacher slice].
 template <typename T>
-void cluster_layout(int64_t V, int C, int cache, Plan& pl) {
+void cluster_layout(int64_t V, int C, int cache, int stages, Plan& pl) {
   using A = typename Elem<T>::acc;
   constexpr int P = vec_elems<T>();
   pl.C = C;
@@ -718,39 +815,59 @@ void cluster_layout(int64_t V, int C, int cache, Plan& pl) {
   // room for the offset within 16 bytes and the rounding to whole 16-byte chunks
   pl.raw_bytes = round_up(pl.slice * static_cast<int64_t>(sizeof(T)) + 32, 256);
   pl.cache = cache;
-  int64_t bytes = 2 * pl.raw_bytes;
+  int64_t bytes = 2 * stages * pl.raw_bytes;
   if (cache == kCacheSeparate) bytes += 2 * (pl.raw_bytes / static_cast<int64_t>(sizeof(T))) * static_cast<int64_t>(sizeof(A));
   pl.smem = static_cast<size_t>(bytes);
 }
 
-// Sets the kernel's dynamic shared memory ceiling (and permission for clusters of 16) once per device.
-template <typename T>
-cudaError_t prepare_cluster_kernel(int dev, const DeviceInfo& d) {
+using ClusterKernel = void (*)(KLParams, int, int64_t, int64_t, int);
+
+// The launch configuration of C-CTA clusters (C > 1), ctas CTAs in all.
+struct ClusterLaunch {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = {};
+  ClusterLaunch(int C, int64_t ctas, size_t smem, cudaStream_t stream) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = C;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(ctas), 1, 1);
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+};
+
+// Sets a cluster kernel's dynamic shared memory ceiling (and permission for clusters of 16) once
+// per device.
+cudaError_t prepare_cluster_kernel(ClusterKernel kernel, int dev, const DeviceInfo& d) {
   static std::mutex mu;
-  static std::map<int, cudaError_t> done;
+  static std::map<std::pair<int, ClusterKernel>, cudaError_t> done;
   std::lock_guard<std::mutex> lock(mu);
-  auto it = done.find(dev);
+  const auto key = std::make_pair(dev, kernel);
+  auto it = done.find(key);
   if (it != done.end()) return it->second;
   cudaFuncAttributes fa;
-  cudaError_t e = cudaFuncGetAttributes(&fa, kl_cluster_kernel<T>);
+  cudaError_t e = cudaFuncGetAttributes(&fa, kernel);
   if (e == cudaSuccess) {
     const int dyn = d.smem_optin - static_cast<int>(fa.sharedSizeBytes);
-    e = cudaFuncSetAttribute(kl_cluster_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn);
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn);
   }
   if (e == cudaSuccess && d.major >= 9) {
-    e = cudaFuncSetAttribute(kl_cluster_kernel<T>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   }
   if (e != cudaSuccess) cudaGetLastError();  // not sticky; the caller falls back
-  done[dev] = e;
+  done[key] = e;
   return e;
 }
 
-// How many clusters (or, for C == 1, blocks per SM) of this shape can be resident; 0 if none.
-template <typename T>
-int cluster_capacity(int dev, const Plan& pl) {
+// How many clusters of this shape can be resident on the whole device; 0 if none.
+int cluster_capacity(ClusterKernel kernel, int dev, const DeviceInfo& d, const Plan& pl) {
   static std::mutex mu;
-  static std::map<std::tuple<int, int, size_t>, int> cache;
-  const auto key = std::make_tuple(dev, pl.C, pl.smem);
+  static std::map<std::tuple<int, ClusterKernel, int, size_t>, int> cache;
+  const auto key = std::make_tuple(dev, kernel, pl.C, pl.smem);
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
@@ -759,20 +876,11 @@ int cluster_capacity(int dev, const Plan& pl) {
   int n = 0;
   cudaError_t e;
   if (pl.C == 1) {
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kl_cluster_kernel<T>, kThreads, pl.smem);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, pl.smem);
+    n *= d.sms;
   } else {
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = pl.C;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(pl.C, 1, 1);
-    cfg.blockDim = dim3(kThreads, 1, 1);
-    cfg.dynamicSmemBytes = pl.smem;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    e = cudaOccupancyMaxActiveClusters(&n, kl_cluster_kernel<T>, &cfg);
+    const ClusterLaunch l(pl.C, pl.C, pl.smem, nullptr);
+    e = cudaOccupancyMaxActiveClusters(&n, kernel, &l.cfg);
   }
   if (e != cudaSuccess) {
     cudaGetLastError();
@@ -799,8 +907,12 @@ Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
   const char* force = env("KDFAST_CUDA_KL");
   const bool forced = force != nullptr && std::strcmp(force, "auto") != 0;
   Plan pl;
+  const bool stream = forced && !std::strcmp(force, "stream");
+  const ClusterKernel kernel = stream ? kl_stream_kernel<T> : kl_cluster_kernel<T>;
+  const int stages = stream ? 2 : 1;
 
-  if ((!forced || !std::strcmp(force, "cluster")) && d.major >= 8 && prepare_cluster_kernel<T>(dev, d) == cudaSuccess) {
+  if ((!forced || !std::strcmp(force, "cluster") || stream) && d.major >= 8 &&
+      prepare_cluster_kernel(kernel, dev, d) == cudaSuccess) {
     const bool inplace_ok = sizeof(T) == sizeof(A) && a.grad_teacher == nullptr;
     int cache = want_grad && inplace_ok ? kCacheInPlace : kCacheNone;
     cache = want_grad ? parse_cache(env("KDFAST_CUDA_KL_CACHE"), cache) : kCacheNone;
@@ -817,7 +929,7 @@ Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
     std::vector<Plan> cands;
     auto add = [&](int C, int64_t budget) {
       Plan c;
-      cluster_layout<T>(V, C, cache, c);
+      cluster_layout<T>(V, C, cache, stages, c);
       if (static_cast<int64_t>(c.smem) <= budget) cands.push_back(c);
     };
     if (want_c >= 1 && want_c <= max_c && (want_c & (want_c - 1)) == 0) {
@@ -836,13 +948,17 @@ Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
       if (!cands.empty()) {  // few rows: spread the first choice over more CTAs
         Plan& c = cands.front();
         while (c.C * 2 <= std::min(8, max_c) && R * c.C < 2 * d.sms && c.slice >= 8192) {
-          cluster_layout<T>(V, c.C * 2, cache, c);
+          cluster_layout<T>(V, c.C * 2, cache, stages, c);
         }
       }
     }
     for (Plan& c : cands) {
-      if (cluster_capacity<T>(dev, c) > 0) {
-        c.path = Path::Cluster;
+      const int capacity = cluster_capacity(kernel, dev, d, c);
+      if (capacity > 0) {
+        c.path = stream ? Path::Stream : Path::Cluster;
+        int64_t grid = capacity;
+        if (const char* g = env("KDFAST_CUDA_KL_GRID")) grid = std::max<int64_t>(1, std::min<int64_t>(grid, std::atoll(g)));
+        c.clusters = std::min<int64_t>(R, grid);
         return c;
       }
     }
@@ -888,6 +1004,16 @@ KLParams to_params(const SoftmaxKLArgs& a) {
   return p;
 }
 
+cudaError_t launch_clusters(ClusterKernel kernel, int64_t ctas, const Plan& pl, const KLParams& p,
+                            cudaStream_t stream) {
+  if (pl.C == 1) {
+    KD_LAUNCH(dim3(static_cast<unsigned>(ctas)), kThreads, pl.smem, stream, kernel)(p, 1, pl.slice, pl.raw_bytes, pl.cache);
+    return cudaGetLastError();
+  }
+  const ClusterLaunch l(pl.C, ctas, pl.smem, stream);
+  return cudaLaunchKernelEx(&l.cfg, kernel, p, pl.C, pl.slice, pl.raw_bytes, pl.cache);
+}
+
 template <typename T>
 cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, size_t* ws_only) {
   using A = typename Elem<T>::acc;
@@ -902,9 +1028,10 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
     return cudaSuccess;
   }
   if (env("KDFAST_CUDA_KL_LOG")) {
-    if (pl.path == Path::Cluster) {
-      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=cluster C=%d cache=%d smem=%zu\n",
-                   (long long)a.rows, (long long)a.vocab, pl.C, pl.cache, pl.smem);
+    if (pl.path == Path::Cluster || pl.path == Path::Stream) {
+      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s C=%d cache=%d smem=%zu clusters=%lld\n",
+                   (long long)a.rows, (long long)a.vocab, pl.path == Path::Stream ? "stream" : "cluster", pl.C,
+                   pl.cache, pl.smem, (long long)(pl.path == Path::Stream ? pl.clusters : a.rows));
     } else {
       std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s chunk=%lld nchunk=%d\n",
                    (long long)a.rows, (long long)a.vocab, pl.path == Path::Rows ? "rows" : "chunks",
@@ -912,29 +1039,12 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
     }
   }
   KLParams p = to_params(a);
+  if (pl.path == Path::Stream) return launch_clusters(kl_stream_kernel<T>, pl.clusters * pl.C, pl, p, stream);
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
     const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
     p.row0 = r0;
     if (pl.path == Path::Cluster) {
-      const dim3 grid(static_cast<unsigned>(nr * pl.C));
-      if (pl.C == 1) {
-        KD_LAUNCH(grid, kThreads, pl.smem, stream, kl_cluster_kernel<T>)(p, 1, pl.slice, pl.raw_bytes, pl.cache);
-        e = cudaGetLastError();
-      } else {
-        cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = pl.C;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        cfg.gridDim = grid;
-        cfg.blockDim = dim3(kThreads);
-        cfg.dynamicSmemBytes = pl.smem;
-        cfg.stream = stream;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        e = cudaLaunchKernelEx(&cfg, kl_cluster_kernel<T>, p, pl.C, pl.slice, pl.raw_bytes, pl.cache);
-      }
+      e = launch_clusters(kl_cluster_kernel<T>, nr * pl.C, pl, p, stream);
     } else if (pl.path == Path::Rows) {
       KD_LAUNCH(dim3(static_cast<unsigned>(nr), 1), kThreads, 0, stream, kl_rows_kernel<T>)(p, a.vocab, true, nullptr);
       e = cudaGetLastError();
