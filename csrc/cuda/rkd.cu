@@ -153,6 +153,16 @@ struct AngleParams {
   A *as, *at, *rs, *rt, *ss, *st;  // outputs, or null
 };
 
+// Group b's n x n matrices (Gram and inverse side lengths, student and teacher) and scalars.
+template <typename A>
+struct AngleGroup {
+  const A *Gs, *Gt, *Is, *It;
+  A coef, delta;
+  __device__ __forceinline__ AngleGroup(const AngleParams<A>& p, int64_t b, int64_t nn)
+      : Gs(p.gs + b * nn), Gt(p.gt + b * nn), Is(p.is + b * nn), It(p.it + b * nn),
+        coef(static_cast<A>(p.coef[b])), delta(p.delta) {}
+};
+
 // One (j, k) tile of 64 x 64 per block, 4 x 4 per thread; walks every vertex i.
 template <typename A, bool kGrad>
 __global__ void __launch_bounds__(kThreads) angle_jk_kernel(AngleParams<A> p) {
@@ -161,13 +171,10 @@ __global__ void __launch_bounds__(kThreads) angle_jk_kernel(AngleParams<A> p) {
   const int64_t n = p.n, nn = n * n, b = blockIdx.z;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile, k0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  const A* Gs = p.gs + b * nn;
-  const A* Gt = p.gt + b * nn;
-  const A* Is = p.is + b * nn;
-  const A* It = p.it + b * nn;
-  const A coef = static_cast<A>(p.coef[b]);
+  const AngleGroup<A> g(p, b, nn);
+  const A *Gs = g.Gs, *Gt = g.Gt, *Is = g.Is, *It = g.It;
+  const A coef = g.coef, delta = g.delta;
   const bool grad = kGrad && coef != A(0);
-  const A delta = p.delta;
 
   A gjk_s[4][4], gjk_t[4][4], acc_s[4][4], acc_t[4][4];
 #pragma unroll
@@ -254,13 +261,10 @@ __global__ void __launch_bounds__(kThreads) angle_ij_kernel(AngleParams<A> p) {
   const int64_t n = p.n, nn = n * n, b = blockIdx.z;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileI, j0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  const A* Gs = p.gs + b * nn;
-  const A* Gt = p.gt + b * nn;
-  const A* Is = p.is + b * nn;
-  const A* It = p.it + b * nn;
-  const A coef = static_cast<A>(p.coef[b]);
+  const AngleGroup<A> g(p, b, nn);
+  const A *Gs = g.Gs, *Gt = g.Gt, *Is = g.Is, *It = g.It;
+  const A coef = g.coef, delta = g.delta;
   const bool grad = coef != A(0);
-  const A delta = p.delta;
 
   A bs[2][4], bt[2][4], ws_ij[2][4], wt_ij[2][4], r_s[2][4], r_t[2][4], s_s[2][4], s_t[2][4];
 #pragma unroll
@@ -276,22 +280,9 @@ __global__ void __launch_bounds__(kThreads) angle_ij_kernel(AngleParams<A> p) {
       r_s[a][c] = r_t[a][c] = s_s[a][c] = s_t[a][c] = A(0);
     }
   }
-  if (!grad) {  // a group of weight 0 gets no gradient (block-uniform: no barrier is skipped)
-#pragma unroll
-    for (int a = 0; a < 2; ++a) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int64_t i = i0 + 2 * ty + a, j = j0 + 4 * tx + c;
-        if (i < n && j < n) {
-          const int64_t o = b * nn + i * n + j;
-          if (p.rs) p.rs[o] = A(0), p.ss[o] = A(0);
-          if (p.rt) p.rt[o] = A(0), p.st[o] = A(0);
-        }
-      }
-    }
-    return;
-  }
-  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+  // A group of weight 0 skips the walk and stores its zero accumulators (grad is block-uniform: no
+  // barrier is skipped).
+  for (int64_t k0 = 0; grad && k0 < n; k0 += kChunk) {
     __syncthreads();
     for (int e = threadIdx.x; e < kChunk * 2 * kTile; e += kThreads) {
       const int kk = e / (2 * kTile), q = (e / kTile) % 2, l = e % kTile;

@@ -424,6 +424,17 @@ struct GlobalSlice {
     load_async(bs, s - o, o + n);
     load_async(bt, t - ot, ot + n);
   }
+  // Writes the slice's gradients, the exponentials recomputed from the inputs in global memory.
+  template <typename A>
+  __device__ __forceinline__ void grads_from_global(const RowK<A>& k) const {
+    constexpr int P = vec_elems<T>();
+    if (vec) {
+      pass_grad<P, false>(s - o, t - o, (const A*)nullptr, (const A*)nullptr, o, n, k, gs ? gs - o : nullptr,
+                          gt ? gt - o : nullptr);
+    } else {
+      pass_grad<1, false>(s, t, (const A*)nullptr, (const A*)nullptr, 0, n, k, gs, gt);
+    }
+  }
 };
 
 // Shared memory of the cluster kernels: block and cluster reduction slots.
@@ -644,12 +655,7 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
   if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
   if (sl.gs == nullptr && sl.gt == nullptr) return;
   const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
-  if (sl.vec) {
-    pass_grad<P, false>(sl.s - sl.o, sl.t - sl.o, (const A*)nullptr, (const A*)nullptr, sl.o, sl.n, k,
-                        sl.gs ? sl.gs - sl.o : nullptr, sl.gt ? sl.gt - sl.o : nullptr);
-  } else {
-    pass_grad<1, false>(sl.s, sl.t, (const A*)nullptr, (const A*)nullptr, 0, sl.n, k, sl.gs, sl.gt);
-  }
+  sl.grads_from_global(k);
 }
 
 // Combines the chunk partials of each row, in chunk order, into the row's KL and gradient constants
@@ -709,12 +715,7 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLParams p, int64_t c
   }
   const A* st = stats + (row - p.row0) * 5;
   const RowK<A> k = row_constants(w, static_cast<A>(p.inv_t), st[0], st[1], st[2], st[3], st[4]);
-  if (sl.vec) {
-    pass_grad<P, false>(sl.s - sl.o, sl.t - sl.o, (const A*)nullptr, (const A*)nullptr, sl.o, sl.n, k,
-                        sl.gs ? sl.gs - sl.o : nullptr, sl.gt ? sl.gt - sl.o : nullptr);
-  } else {
-    pass_grad<1, false>(sl.s, sl.t, (const A*)nullptr, (const A*)nullptr, 0, sl.n, k, sl.gs, sl.gt);
-  }
+  sl.grads_from_global(k);
 }
 
 template <typename T>
