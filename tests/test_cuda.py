@@ -732,6 +732,17 @@ def test_emu_scale_rows(emu, dtype):
     torch.testing.assert_close(g, (before.double() * -3.0).to(dtype))
 
 
+def test_emu_scale_rows_many_long_rows(emu):
+    """Enough rows to fill the device: one block per row walks all of its 16384-element chunks."""
+    R, V = 600, 2 * 16384 + 5
+    g = torch.randn(R, V)
+    ratio = torch.rand(R) + 0.5
+    ratio[::7] = 1.0
+    want = g.double() * ratio.double().unsqueeze(1)
+    emu.emu_scale_rows(_KDT[torch.float32], g, R, V, ratio, 1)
+    torch.testing.assert_close(g, want.float())
+
+
 # ---- the relation ops' glue, mirrored from csrc/cuda/rkd_ops.cpp
 
 def _gram(x, acc):

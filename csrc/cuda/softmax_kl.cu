@@ -1094,11 +1094,19 @@ cudaError_t softmax_kl(const SoftmaxKLArgs& a, void* workspace, cudaStream_t str
 cudaError_t scale_rows(DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio, int64_t ratio_stride,
                        cudaStream_t stream) {
   if (rows == 0 || vocab == 0) return cudaSuccess;
+  int dev = 0;
+  DeviceInfo d;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = device_info(dev, d);
+  if (err != cudaSuccess) return err;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Elem<T>::acc;
+    // Rows are cut into chunks only as far as few rows need it to fill the device: in the usual
+    // backward every row's ratio is 1 and its blocks exit at once, so fewer blocks cost less.
     const int64_t chunk = 16384;
-    const int64_t nchunk = std::min<int64_t>((vocab + chunk - 1) / chunk, 65535);
+    const int64_t fill = std::max<int64_t>(1, (4 * d.sms + rows - 1) / rows);
+    const int64_t nchunk = std::min<int64_t>({(vocab + chunk - 1) / chunk, fill, 65535});
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerLaunch) {
       const int64_t nr = std::min(rows - r0, kMaxRowsPerLaunch);
       KD_LAUNCH(dim3(static_cast<unsigned>(nr), static_cast<unsigned>(nchunk)), kThreads, 0, stream, scale_rows_kernel<T>)(
