@@ -265,10 +265,11 @@ def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters,
             free_memory(device)
             c = row["contenders"][name]
             for label, x in ((name, c), (name + " synced", c.get("synced")), (name + " op", c.get("op_alone"))):
-                if x is not None:
-                    log(f"   {case:22s} {label:14s} " + (f"{x['ms']:9.3f} ms {x['GBps']:8.1f} GB/s"
-                                                          + (f" {x['pct_copy']:5.1f}% of copy" if x.get("pct_copy") else "")
-                                                          if "ms" in x else str(x)))
+                if x is None:
+                    continue
+                pct = f" {x['pct_copy']:5.1f}% of copy" if x.get("pct_copy") else ""
+                log(f"   {case:22s} {label:14s} "
+                    + (f"{x['ms']:9.3f} ms {x['GBps']:8.1f} GB/s{pct}" if "ms" in x else str(x)))
         k = row["contenders"].get("kdfast", {})
         if "ms" in k:
             row["speedup"] = {n: c["ms"] / k["ms"] for n, c in row["contenders"].items()
@@ -570,7 +571,8 @@ def main():
     log(f"   {report['rkd']}")
     save()
     if args.selftest_cpu or (device.type == "cuda" and kdfast.native_available("cuda")):
-        log("== kdfast CUDA configurations" + (" (selftest: the knobs do nothing on the CPU)" if args.selftest_cpu else ""))
+        log("== kdfast CUDA configurations"
+            + (" (selftest: the knobs do nothing on the CPU)" if args.selftest_cpu else ""))
         report["kdfast_configs"] = []
         sweep_configs(device, Budget(min(90.0, max(budget.left() - 5, 0))), 5,
                       cases if args.selftest_cpu else KL_CASES[:2], errors, report["kdfast_configs"], save)

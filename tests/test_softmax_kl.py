@@ -346,6 +346,22 @@ def test_create_graph_raises_clear_error():
         kdfast.kd_loss(s2, logits(3, 20)).backward(create_graph=True)
 
 
+def test_kd_step_launches():
+    """A kd_loss step dispatches five compute ops of kdfast's own (on CUDA, five launches): the row
+    weights, the fused op, weighting and sum; backward is one scale_rows_ (and autograd's root
+    gradient). Views and metadata ops launch nothing and are not counted."""
+    s, t = logits(4, 50).requires_grad_(), logits(4, 50)
+    kdfast.kd_loss(s, t).backward()  # first call: lazy initialisation outside the count
+    s.grad = None
+    with FusedOpCalls() as calls:
+        kdfast.kd_loss(s, t).backward()
+    metadata = ("aten.view.", "aten.expand.", "aten.detach.", "aten.reshape.", "aten.promote_types.")
+    compute = sorted(op for op in calls.ops if not op.startswith(metadata))
+    assert compute == sorted(["aten.full.default", "kdfast.softmax_kl.default", "aten.mul.Tensor", "aten.sum.default",
+                              "aten.ones_like.default", "kdfast.scale_rows_.default"]), calls.ops
+    assert s.grad is not None
+
+
 def test_no_grad_anywhere_builds_no_graph():
     s, t = logits(3, 20), logits(3, 20)
     for kd in (False, True):
