@@ -404,6 +404,52 @@ def bench_rkd(device, budget, N, D, errors):
     return res
 
 
+# ----------------------------------------------------------------------------- feature losses
+
+FEATURE_CASES = [  # (loss, shape, dtype): memory-bound one-pass losses
+    ("logit_mse", (8192, 32768), torch.bfloat16), ("cosine_loss", (65536, 768), torch.float32),
+]
+
+
+def bench_feature(device, copy_gbps, budget, cases, iters, errors, results, save):
+    """kdfast's fused feature losses against eager and torch.compile of the same PyTorch code:
+    forward plus student gradient; GB/s against reading both inputs and writing the gradient."""
+    eager = {"logit_mse": lambda s, t: F.mse_loss(s, t),
+             "cosine_loss": lambda s, t: (1 - F.cosine_similarity(s, t, dim=-1)).mean()}
+    for loss, shape, dtype in cases:
+        case = f"{ {'logit_mse': 'mse'}.get(loss, 'cosine')} {'x'.join(map(str, shape))} {DT[dtype]}"
+        if budget.left() < 15:
+            errors.append(f"{case}: skipped, out of time")
+            continue
+        s, t = kl_inputs(*shape, dtype, device)
+        nbytes = s.numel() * 3 * s.element_size()
+        row = {"case": case, "bytes_floor": nbytes, "contenders": {}}
+        kd = getattr(kdfast, loss)
+        try:
+            lk, le = kd(s, t), eager[loss](s, t)
+            row["loss_relerr_vs_eager"] = relerr(lk, le)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{case}: {type(e).__name__}: {e}"[:300])
+        contenders = {"kdfast": kd, "eager": eager[loss]}
+        if device.type == "cuda":
+            contenders["torch.compile"] = torch.compile(eager[loss])
+        for name, fn in contenders.items():
+            try:
+                ms = time_ms(fwd_bwd(fn, s, t), device, warmup=3, iters=iters)
+                row["contenders"][name] = {"ms": ms, **rates(nbytes, ms, copy_gbps)}
+                log(f"   {case:28s} {name:14s} {ms:9.3f} ms")
+            except Exception as e:  # noqa: BLE001
+                row["contenders"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                errors.append(f"{case} {name}: {type(e).__name__}: {e}"[:300])
+            s.grad = None
+            free_memory(device)
+        results.append(row)
+        save()
+        del s, t
+        free_memory(device)
+    return results
+
+
 # ----------------------------------------------------------------------------- report
 
 def fmt_table(report):
@@ -434,6 +480,14 @@ def fmt_table(report):
     if cfgs:
         lines.append("kdfast kernel configurations (ms): " + "; ".join(
             f"{c['case']} {c['config']}: " + (f"{c['ms']:.3f}" if "ms" in c else "error") for c in cfgs))
+    for row in report.get("feature", []):
+        k = row["contenders"].get("kdfast", {})
+        for name, c in row["contenders"].items():
+            if "ms" in c:
+                sp = c["ms"] / k["ms"] if "ms" in k and name != "kdfast" else None
+                pct = f"{c['pct_copy']:6.1f}" if c.get("pct_copy") is not None else f"{'':6s}"
+                lines.append(f"{row['case']:22s} {name:14s} {c['ms']:9.3f} {c['GBps']:8.1f} {pct} "
+                             + (f"{sp:8.2f}" if sp else f"{'':8s}"))
     rk = report.get("rkd")
     if rk:
         if "ms" in rk:
@@ -482,6 +536,7 @@ def main():
         cases = [(64, 1000, torch.bfloat16), (32, 3001, torch.float32)]
         compile_cases = set()
         rkd_nd = (64, 16)
+        feature_cases = [("logit_mse", (64, 1000), torch.bfloat16), ("cosine_loss", (300, 64), torch.float32)]
         copy_bytes = 64 << 20
         iters = 3
     else:
@@ -492,6 +547,7 @@ def main():
         cases = KL_CASES[:2] if args.quick else KL_CASES
         compile_cases = COMPILE_CASES
         rkd_nd = (8192, 256)
+        feature_cases = FEATURE_CASES[:1] if args.quick else FEATURE_CASES
         copy_bytes = 2 << 30
         iters = 5 if args.quick else 10
 
@@ -570,6 +626,9 @@ def main():
     report["rkd"] = bench_rkd(device, budget, *rkd_nd, errors)
     log(f"   {report['rkd']}")
     save()
+    log("== feature losses forward + backward")
+    report["feature"] = []
+    bench_feature(device, copy_gbps, budget, feature_cases, iters, errors, report["feature"], save)
     if args.selftest_cpu or (device.type == "cuda" and kdfast.native_available("cuda")):
         log("== kdfast CUDA configurations"
             + (" (selftest: the knobs do nothing on the CPU)" if args.selftest_cpu else ""))

@@ -104,6 +104,11 @@ TORCH_LIBRARY(kdfast, m) {
   // mean of its positive entries when normalize. In the accumulation dtype (float32 or float64).
   m.def("pairwise_distances(Tensor x, bool squared, bool normalize, float eps) -> Tensor");
   m.def("pairwise_distances_backward(Tensor grad, Tensor x, bool squared, bool normalize, float eps) -> Tensor");
+  // Feature matching per row of (rows, D), in the same forward-and-gradient form: the squared error
+  // sum_d (s - t)^2 (cosine=False) or the cosine distance 1 - <s, t> / (max(|s|, eps) max(|t|, eps))
+  // (cosine=True; gradients as F.cosine_similarity gives them, see csrc/common/feature.h).
+  m.def("feature_match(Tensor student, Tensor teacher, bool cosine, float eps, Tensor row_weight, "
+        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
   m.def("_select_cpu_isa(str name, str path) -> str", &kdfast::select_cpu_isa);
   m.def("_cpu_supports(str isa) -> bool", &kdfast::cpu_supports);
   m.def("_empty_cpu_cache() -> ()", &kdfast::empty_cpu_cache);

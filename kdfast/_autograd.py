@@ -26,6 +26,11 @@ def _softmax_kl_fake(student, teacher, inv_temperature, row_weight, grad_student
     return kl, gs, gt
 
 
+@torch.library.register_fake("kdfast::feature_match")
+def _feature_match_fake(student, teacher, cosine, eps, row_weight, grad_student, grad_teacher):
+    return _softmax_kl_fake(student, teacher, 1.0, row_weight, grad_student, grad_teacher)
+
+
 @torch.library.register_fake("kdfast::scale_rows_")
 def _scale_rows_fake(grad, ratio):
     return None
@@ -125,15 +130,16 @@ class FusedLossFunction(torch.autograd.Function):
     def backward(ctx, ratio):
         # ratio: the upstream gradient of each weighted loss, i.e. the factor between the gradient
         # wanted and the buffer the op wrote (often an expanded scalar: stride 0, no copy made).
-        if torch.is_grad_enabled():
-            raise RuntimeError("kdfast: double backward (create_graph=True) through a fused loss is not "
-                               "supported; use kdfast.set_backend('reference') for higher-order gradients")
         want_s, want_t = ctx.want
         nones = (None,) * len(ctx.params)
         if ratio is None:
             return (None, None, None, None) + nones
         saved = ctx.saved_tensors
         student, teacher, weight = saved[:3]
+        if torch.is_grad_enabled():
+            gs, gt = _differentiable_grads(ctx.op, student, teacher, weight, ctx.params, ratio, ctx.want)
+            ctx.fused = None
+            return (None, gs, gt, None) + nones
         ratio = ratio.to(weight.dtype)
         if len(saved) == 5:  # traced: out-of-place
             gs, gt = saved[3], saved[4]
@@ -151,6 +157,36 @@ class FusedLossFunction(torch.autograd.Function):
                 if want and g.numel():
                     _ops.scale_rows_(g.view(g.shape[0], -1), ratio)
         return (None, gs if want_s else None, gt if want_t else None, None) + nones
+
+
+def _kl_rows(student, teacher, inv_temperature):
+    return reference.kl_rows(student, teacher, 1.0 / inv_temperature)
+
+
+def _feature_rows(student, teacher, cosine, eps):
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s, t = student.to(acc), teacher.to(acc)
+    if cosine:
+        return 1 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=eps)
+    return ((s - t) ** 2).sum(-1)
+
+
+# Per-row losses in plain PyTorch, for create_graph=True: the fused ops have no derivative of their
+# own, so a higher-order gradient is recomputed through these, which autograd can differentiate.
+_ROW_REFERENCE = {_ops.softmax_kl: _kl_rows, _ops.feature_match: _feature_rows}
+
+
+def _differentiable_grads(op, student, teacher, weight, params, ratio, want):
+    rows = _ROW_REFERENCE.get(op)
+    if rows is None:
+        raise RuntimeError("kdfast: double backward (create_graph=True) through a fused relation loss is not "
+                           "supported; use kdfast.set_backend('reference') for higher-order gradients")
+    inputs = [x if x.requires_grad else x.detach().requires_grad_() for x in (student, teacher)]
+    with torch.enable_grad():
+        out = rows(*inputs, *params) * weight
+        wanted = [x for x, w in zip(inputs, want) if w]
+        grads = iter(torch.autograd.grad(out, wanted, ratio.to(out.dtype), create_graph=True))
+    return tuple(next(grads) if w else None for w in want)
 
 
 def fused_loss(op, student, teacher, weight, *params):

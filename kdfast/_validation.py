@@ -61,6 +61,15 @@ def check_reduction(reduction, allowed):
     return reduction
 
 
+def check_dim(dim, x, name):
+    """A valid dim of x, made non-negative."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim} is out of range for {name} of shape {tuple(x.shape)}")
+    return dim % x.dim()
+
+
 def check_logits(student, teacher):
     check_pair(student, teacher)
     if student.dim() == 0:

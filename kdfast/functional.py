@@ -15,14 +15,23 @@ def _rows2d(x, V):
     return x if x.stride(-1) == 1 or V == 1 else x.contiguous()
 
 
-def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
+def _common_dtype(student, teacher):
     if student.dtype != teacher.dtype:
         common = torch.promote_types(student.dtype, teacher.dtype)
         student, teacher = student.to(common), teacher.to(common)
+    return student, teacher
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
+    student, teacher = _common_dtype(student, teacher)
     lead, V = student.shape[:-1], student.shape[-1]
     s2, t2 = _rows2d(student, V), _rows2d(teacher, V)
     rows = s2.shape[0]
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(student)
     # row_weight is the gradient the loss will send back to each row's KL (the reduction's factor
     # times `scale`), so the op can write the final gradient in the same pass as the loss.
     if reduction == "batchmean":
@@ -70,10 +79,78 @@ def _kl(student, teacher, temperature, reduction, mask, squared_t):
     return out * scale if squared_t else out
 
 
-# Losses without a fused kernel run their plain-PyTorch code under every backend.
-logit_mse = reference.logit_mse
-feature_l2 = reference.feature_l2
-cosine_loss = reference.cosine_loss
+# ---------------------------------------------------------------- feature-based
+
+def _feature_rows(x):
+    """A (rows, C) view for the squared error, which only needs the total: C is the product of the
+    trailing dims up to at least 4096 elements, so rows are long enough for the vector loop and
+    there are enough of them to share between threads."""
+    C = 1
+    for d in reversed(x.shape):
+        if C >= 4096:
+            break
+        C *= d
+    return _rows2d(x, C)
+
+
+def _native_sq_error(student, teacher, reduction):
+    """sum or mean of (student - teacher)^2 through the fused op (both non-empty)."""
+    s, t = _common_dtype(student, teacher)
+    s2, t2 = _feature_rows(s), _feature_rows(t)
+    factor = 1.0 / s.numel() if reduction == "mean" else 1.0
+    w = torch.full((s2.shape[0],), factor, dtype=_acc_dtype(s), device=s.device)
+    return fused_loss(torch.ops.kdfast.feature_match, s2, t2, w, False, 0.0).sum()
+
+
+def _native_ok(student):
+    return student.numel() > 0 and _backend.use_native(student.device)
+
+
+def logit_mse(student_logits, teacher_logits, *, reduction="mean"):
+    """Mean (or sum, or elementwise with reduction="none") squared difference of the logits."""
+    v.check_pair(student_logits, teacher_logits)
+    v.check_reduction(reduction, v.REDUCTIONS)
+    if reduction == "none" or not _native_ok(student_logits):
+        return reference.logit_mse(student_logits, teacher_logits, reduction=reduction)
+    out = _native_sq_error(student_logits, teacher_logits, reduction)
+    return out.to(v.result_dtype(student_logits, teacher_logits))
+
+
+def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
+    """Sum over layer pairs of the squared L2 distance: each pair's mean (reduction="mean") or sum
+    (reduction="sum") over its elements."""
+    v.check_reduction(reduction, ("mean", "sum"))
+    pairs = reference.feature_pairs(student_feats, teacher_feats)
+    total = None
+    for i, (fs, ft) in enumerate(pairs):
+        v.check_pair(fs, ft, f"student_feats[{i}]", f"teacher_feats[{i}]")
+        if _native_ok(fs):
+            term = _native_sq_error(fs, ft, reduction)
+        else:
+            term = reference.feature_l2(fs, ft, reduction=reduction)
+        total = term if total is None else total + term.to(total.dtype)
+    return total.to(v.result_dtype(*[t for p in pairs for t in p]))
+
+
+def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1e-8):
+    """1 - cos(student, teacher) along `dim`, with each norm clamped at eps as F.cosine_similarity
+    does; reduction "mean", "sum" or "none" (shape of the inputs without `dim`)."""
+    v.check_pair(student_feats, teacher_feats, "student_feats", "teacher_feats")
+    v.check_reduction(reduction, v.REDUCTIONS)
+    dim = v.check_dim(dim, student_feats, "student_feats")
+    eps = v.check_positive(eps, "eps")
+    if student_feats.shape[dim] == 0 or not _native_ok(student_feats):
+        return reference.cosine_loss(student_feats, teacher_feats, dim=dim, reduction=reduction, eps=eps)
+    s, t = _common_dtype(student_feats, teacher_feats)
+    s, t = s.movedim(dim, -1), t.movedim(dim, -1)
+    D = s.shape[-1]
+    s2, t2 = _rows2d(s, D), _rows2d(t, D)
+    rows = s2.shape[0]
+    factor = 1.0 / rows if reduction == "mean" else 1.0
+    w = torch.full((rows,), factor, dtype=_acc_dtype(s), device=s.device)
+    out = fused_loss(torch.ops.kdfast.feature_match, s2, t2, w, True, eps)  # factor * (1 - cos) per row
+    out = out.reshape(s.shape[:-1]) if reduction == "none" else out.sum()
+    return out.to(v.result_dtype(student_feats, teacher_feats))
 
 
 # ---------------------------------------------------------------- relation-based (RKD)
@@ -84,12 +161,9 @@ def _groups(x):
 
 def _native_relation(op, student, teacher, scale, *params):
     """sum_b w_b loss_b with w_b = scale / B: the relation losses average their groups."""
-    if student.dtype != teacher.dtype:
-        common = torch.promote_types(student.dtype, teacher.dtype)
-        student, teacher = student.to(common), teacher.to(common)
     s3, t3 = _groups(student), _groups(teacher)
-    acc = torch.float64 if s3.dtype == torch.float64 else torch.float32
-    w = torch.full((s3.shape[0],), scale / s3.shape[0], dtype=acc, device=s3.device)
+    s3, t3 = _common_dtype(s3, t3)
+    w = torch.full((s3.shape[0],), scale / s3.shape[0], dtype=_acc_dtype(s3), device=s3.device)
     return fused_loss(op, s3, t3, w, *params).sum().to(v.result_dtype(student, teacher))
 
 

@@ -34,7 +34,7 @@ def reduce_rows(rows, mask, reduction, batch):
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def _kl_rows(student_logits, teacher_logits, temperature):
+def kl_rows(student_logits, teacher_logits, temperature):
     acc = v.compute_dtype(student_logits, teacher_logits)
     log_ps = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
@@ -51,7 +51,7 @@ def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction
     temperature = v.check_positive(temperature, "temperature")
     v.check_reduction(reduction, v.KL_REDUCTIONS)
     mask = v.check_mask(mask, student_logits)
-    rows = _kl_rows(student_logits, teacher_logits, temperature)
+    rows = kl_rows(student_logits, teacher_logits, temperature)
     batch = student_logits.shape[0]
     return reduce_rows(rows, mask, reduction, batch).to(v.result_dtype(student_logits, teacher_logits))
 
@@ -74,7 +74,8 @@ def logit_mse(student_logits, teacher_logits, *, reduction="mean"):
 
 # ---------------------------------------------------------------- feature-based
 
-def _as_pairs(student_feats, teacher_feats):
+def feature_pairs(student_feats, teacher_feats):
+    """[(student, teacher)] for a pair of tensors or of equally long sequences of tensors."""
     if isinstance(student_feats, torch.Tensor) or isinstance(teacher_feats, torch.Tensor):
         if not (isinstance(student_feats, torch.Tensor) and isinstance(teacher_feats, torch.Tensor)):
             raise TypeError("student_feats and teacher_feats must both be tensors or both be sequences "
@@ -95,7 +96,7 @@ def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
     """Sum over layer pairs of the squared L2 distance: each pair's mean (reduction="mean") or sum
     (reduction="sum") over its elements."""
     v.check_reduction(reduction, ("mean", "sum"))
-    pairs = _as_pairs(student_feats, teacher_feats)
+    pairs = feature_pairs(student_feats, teacher_feats)
     total = None
     for i, (fs, ft) in enumerate(pairs):
         v.check_pair(fs, ft, f"student_feats[{i}]", f"teacher_feats[{i}]")
@@ -109,10 +110,7 @@ def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1
     """1 - cos(student, teacher) along `dim`, as F.cosine_similarity computes it."""
     v.check_pair(student_feats, teacher_feats, "student_feats", "teacher_feats")
     v.check_reduction(reduction, v.REDUCTIONS)
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if student_feats.dim() == 0 or not -student_feats.dim() <= dim < student_feats.dim():
-        raise ValueError(f"dim={dim} is out of range for student_feats of shape {tuple(student_feats.shape)}")
+    dim = v.check_dim(dim, student_feats, "student_feats")
     eps = v.check_positive(eps, "eps")
     acc = v.compute_dtype(student_feats, teacher_feats)
     out = 1 - F.cosine_similarity(student_feats.to(acc), teacher_feats.to(acc), dim=dim, eps=eps)

@@ -346,8 +346,8 @@ def compare_compiled(fn, args, grads_of, rtol=1e-6, atol=1e-12):
 
 class FusedOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the (grad_student, grad_teacher) flags of every fused forward-and-gradient op
-    (softmax_kl, rkd_distance, rkd_angle: the last two arguments) called inside the block, and the
-    name of every op dispatched (ops)."""
+    (softmax_kl, rkd_distance, rkd_angle, feature_match: the last two arguments) called inside the
+    block, and the name of every op dispatched (ops)."""
 
     def __init__(self):
         super().__init__()
@@ -356,7 +356,7 @@ class FusedOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
-        if func.namespace == "kdfast" and func._opname in ("softmax_kl", "rkd_distance", "rkd_angle"):
+        if func.namespace == "kdfast" and func._opname in ("softmax_kl", "rkd_distance", "rkd_angle", "feature_match"):
             self.flags.append(tuple(args[-2:]))
         return func(*args, **(kwargs or {}))
 

@@ -20,7 +20,7 @@ import torch
 import kdfast
 from kdfast import reference as ref
 
-from conftest import (DTYPE_IDS, GRAD_TOL, HALF, assert_kl_deterministic, check_kl, check_scale_rows,
+from conftest import (DTYPE_IDS, GRAD_TOL, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, check_scale_rows,
                       compare_compiled, relerr, same_bits)
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
@@ -516,6 +516,113 @@ def test_rkd_loss_memory_is_quadratic():
 
 # ----------------------------------------------------------------------------- bad input
 
+# ----------------------------------------------------------------------------- feature matching
+
+def feature_rows_reference(s, t, cosine, eps, w):
+    """(loss per row, w * d loss/ds, w * d loss/dt) in float64 on the CPU, by autograd through the
+    PyTorch formulation (F.cosine_similarity clamps each norm at eps)."""
+    s64 = s.detach().cpu().double().requires_grad_()
+    t64 = t.detach().cpu().double().requires_grad_()
+    if cosine:
+        rows = 1 - torch.nn.functional.cosine_similarity(s64, t64, dim=-1, eps=eps)
+    else:
+        rows = ((s64 - t64) ** 2).sum(-1)
+    gs, gt = torch.autograd.grad((rows * w.cpu().double()).sum(), [s64, t64])
+    return rows.detach(), gs, gt
+
+
+def feature_inputs(R, D, dtype, case="plain", device="cpu"):
+    """(student, teacher) of shape (R, D): plain, misaligned (offset 1), teacher broadcast (row
+    stride 0) or special (a zero row, a row beyond float32's squared range, a tiny row)."""
+    g = torch.Generator().manual_seed(R * 1000 + D)
+    base_s = torch.randn(R * D + 1, generator=g, dtype=torch.float64)
+    base_t = torch.randn(R * D + 1, generator=g, dtype=torch.float64)
+    if case == "misaligned":
+        s, t = base_s[1:].view(R, D), base_t[1:].view(R, D)
+    elif case == "broadcast":
+        s, t = base_s[:R * D].view(R, D), base_t[:D].view(1, D).expand(R, D)
+    else:
+        s, t = base_s[:R * D].view(R, D).clone(), base_t[:R * D].view(R, D).clone()
+    if case == "special":
+        s[0] = 0                       # zero student row: its norm is clamped at eps
+        s[1], t[1] = s[1] * 1e20, t[1] * 3e19  # |x|^2 beyond float32: the sums redo in double
+        t[2] = t[2] * 1e-12            # teacher norm below eps
+    s, t = s.to(dtype), t.to(dtype)
+    return s.to(device), t.to(device)
+
+
+FEATURE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def check_feature_rows(got, s, t, cosine, eps, w, skip_loss_rows=()):
+    want = feature_rows_reference(s, t, cosine, eps, w)
+    tol = FEATURE_TOL[s.dtype]
+    for a, b, name in zip(got, want, ("loss", "grad_student", "grad_teacher")):
+        if a is None:
+            continue
+        a = a.detach().cpu().double()
+        if name == "loss":
+            keep = [r for r in range(a.shape[0]) if r not in skip_loss_rows]
+            a, b = a[keep], b[keep]
+        assert torch.isfinite(a).all(), name
+        assert relerr(a, b) < max(tol, 1e-6 if name == "loss" else tol), (name, relerr(a, b))
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["sq_error", "cosine"])
+@pytest.mark.parametrize("D", [1, 33, 768, 4097, 9001])
+@pytest.mark.parametrize("case", ["plain", "misaligned", "broadcast"])
+@dtype_params((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+def test_feature_match_op(cosine, D, case, dtype):
+    """The CUDA feature_match op against float64 autograd through the PyTorch formulation: every
+    vector width, rows of several chunks, offsets and a broadcast teacher; a row of weight 0."""
+    s, t = feature_inputs(5, D, dtype, case, DEV)
+    w = torch.tensor([0.5, 1.0, 0.0, 2.0, 1e-3], device=DEV, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    loss, gs, gt = torch.ops.kdfast.feature_match(s, t, cosine, 1e-8, w, True, True)
+    assert loss[2] == 0 and (gs[2] == 0).all() and (gt[2] == 0).all()
+    check_feature_rows((loss, gs, gt), s, t, cosine, 1e-8, w, skip_loss_rows=(2,))
+
+
+@dtype_params((torch.float32, torch.bfloat16))
+def test_feature_match_special_rows(dtype):
+    s, t = feature_inputs(4, 300, dtype, "special", DEV)
+    w = torch.ones(4, device=DEV)
+    got = torch.ops.kdfast.feature_match(s, t, True, 1e-8, w, True, True)
+    check_feature_rows(got, s, t, True, 1e-8, w)
+
+
+@pytest.mark.parametrize("fn", ["logit_mse", "feature_l2", "cosine_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_feature_losses_against_reference(fn, reduction):
+    """The public feature losses on CUDA call the fused op and match the reference on the CPU in
+    float64, values and both gradients, for a strided (sliced) student."""
+    s = torch.randn(6, 3, 50, dtype=torch.float64, device=DEV)[:, :, 1:].requires_grad_()
+    t = torch.randn(6, 3, 49, dtype=torch.float64, device=DEV).requires_grad_()
+    s_cpu, t_cpu = s.detach().cpu().requires_grad_(), t.detach().cpu().requires_grad_()
+    kw = {"dim": 1} if fn == "cosine_loss" else {}
+    with FusedOpCalls() as calls:
+        out = getattr(kdfast, fn)(s, t, reduction=reduction, **kw)
+    assert any("kdfast.feature_match" in op for op in calls.ops)
+    want = getattr(ref, fn)(s_cpu, t_cpu, reduction=reduction, **kw)
+    assert relerr(out.cpu(), want.detach()) < 1e-10
+    for a, b in zip(torch.autograd.grad(out, [s, t]), torch.autograd.grad(want, [s_cpu, t_cpu])):
+        assert relerr(a.cpu(), b) < 1e-10
+
+
+def test_opcheck_feature_match():
+    s, t = feature_inputs(3, 37, torch.float32, "misaligned", DEV)
+    w = torch.tensor([0.5, 0.0, 2.0], device=DEV)
+    for cosine in (False, True):
+        for flags in ((True, True), (False, False), (True, False)):
+            torch.library.opcheck(torch.ops.kdfast.feature_match.default, (s, t, cosine, 1e-8, w, *flags))
+
+
+def test_compile_cosine_loss_fullgraph():
+    def f(s, t):
+        return kdfast.cosine_loss(s, t, dim=1) + kdfast.logit_mse(s, t)
+    compare_compiled(f, [torch.randn(8, 300, device=DEV).requires_grad_(), torch.randn(8, 300, device=DEV)],
+                     grads_of=[0], rtol=1e-5, atol=1e-9)
+
+
 def test_devices_must_match():
     s, t = logits(3, 10).to(DEV), logits(3, 10)
     with pytest.raises(ValueError, match="teacher_logits"):
@@ -568,6 +675,7 @@ class Emu:
     SIGS = {
         "emu_softmax_kl": [Ci, P, P, I, I, I, I, D, P, P, P, P],
         "emu_scale_rows": [Ci, P, I, I, P, I],
+        "emu_feature_match": [Ci, P, P, I, I, I, I, Ci, D, P, P, P, P],
         "emu_rkd_inv_sides": [Ci, P, I, I, D, P],
         "emu_rkd_pdist": [Ci, P, I, I, Ci, D, P],
         "emu_rkd_pdist_backward": [Ci, P, P, P, P, P, I, I, Ci, D, P],
@@ -606,7 +714,7 @@ def emu(tmp_path_factory):
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-DKDFAST_CUDA_EMULATE",
            "-I" + os.path.join(REPO, "csrc"), "-I" + inc,
            "-x", "c++", os.path.join(cuda, "softmax_kl.cu"), "-x", "c++", os.path.join(cuda, "rkd.cu"),
-           "-x", "none", os.path.join(cuda, "emu", "emu.cpp"), "-o", out]
+           "-x", "c++", os.path.join(cuda, "feature.cu"), "-x", "none", os.path.join(cuda, "emu", "emu.cpp"), "-o", out]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     return Emu(out)
@@ -875,3 +983,37 @@ def test_emu_pairwise_distances(emu, squared, normalize):
     gx = _grad_points(_pdist_backward(emu, G, d, mean, cnt, squared, normalize, 1e-12, up.contiguous()), c,
                       torch.float64)
     assert relerr(gx, xd.grad) < 1e-9
+
+
+def _emu_feature_match(emu, s, t, cosine, eps, w, gs=True, gt=True):
+    R, D = s.shape
+    loss = torch.full((R,), math.nan, dtype=w.dtype)
+    G = torch.full((R, D), math.nan, dtype=s.dtype) if gs else None
+    H = torch.full((R, D), math.nan, dtype=s.dtype) if gt else None
+    emu.emu_feature_match(_KDT[s.dtype], s, t, R, D, s.stride(0), t.stride(0), int(cosine), eps, w, loss, G, H)
+    return loss, G, H
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["sq_error", "cosine"])
+@pytest.mark.parametrize("R,D,case", [(3, 17, "plain"), (4, 33, "misaligned"), (3, 4096 + 37, "plain"),
+                                      (3, 2 * 4096 + 9, "misaligned"), (4, 40, "broadcast"), (4, 300, "special")],
+                         ids=["17", "33_offset1", "4133", "8201_offset1", "broadcast", "special"])
+@dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))
+def test_emu_feature_match(emu, cosine, R, D, case, dtype):
+    """The CUDA feature kernels in emulation against float64 autograd through the PyTorch formulation:
+    scalar and vector walks, rows of several squared-error chunks (partial sums), a broadcast
+    teacher, a weight-0 row; special rows: zero norm, |x|^2 beyond float32 (sums redone in double),
+    a norm below eps."""
+    if case == "special" and (not cosine or dtype in HALF):
+        pytest.skip("the special rows are about the cosine's norms in float32 / float64")
+    s, t = feature_inputs(R, D, dtype, case)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.tensor([0.5, 1.0, 2.0, 0.0][:R], dtype=acc)
+    got = _emu_feature_match(emu, s, t, cosine, 1e-8, w)
+    zero = [r for r in range(R) if w[r] == 0]
+    for r in zero:
+        assert got[0][r] == 0 and (got[1][r] == 0).all() and (got[2][r] == 0).all()
+    check_feature_rows(got, s, t, cosine, 1e-8, w, skip_loss_rows=zero)
+    # the student gradient alone matches the one computed with both
+    alone = _emu_feature_match(emu, s, t, cosine, 1e-8, w, gt=False)
+    assert same_bits(alone[1], got[1]) and same_bits(alone[0], got[0])

@@ -72,6 +72,22 @@ struct AngleArgs {
   void* grad_gram_t;
 };
 
+// Feature matching over rows x dim (see csrc/common/feature.h): squared error or cosine distance
+// per row, with gradients in the softmax-KL form.
+struct FeatureArgs {
+  DType dtype;
+  const void* student;  // rows x dim, unit stride along dim
+  const void* teacher;
+  int64_t rows, dim;
+  int64_t student_row_stride, teacher_row_stride;  // in elements
+  bool cosine;
+  double eps;              // cosine: the norm clamp
+  const void* row_weight;  // rows, acc type; 0 gives the row loss 0 and zero gradients
+  void* loss_rows;         // rows, acc type: unweighted loss of each row
+  void* grad_student;      // rows x dim contiguous, or null: row_weight * dL/ds
+  void* grad_teacher;      // rows x dim contiguous, or null
+};
+
 struct Kernels {
   const char* isa;
   void (*softmax_kl)(const SoftmaxKLArgs&);
@@ -79,6 +95,7 @@ struct Kernels {
   void (*pdist_backward)(const PdistBackwardArgs&);
   void (*distance_huber)(DistanceHuberArgs&);
   void (*angle)(AngleArgs&);
+  void (*feature_match)(const FeatureArgs&);
 };
 
 }  // namespace cpu

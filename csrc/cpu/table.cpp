@@ -12,10 +12,11 @@ void pdist(PdistArgs&);
 void pdist_backward(const PdistBackwardArgs&);
 void distance_huber(DistanceHuberArgs&);
 void angle(AngleArgs&);
+void feature_match(const FeatureArgs&);
 
 const Kernels* table() {
   static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl, &pdist, &pdist_backward, &distance_huber,
-                         &angle};
+                         &angle, &feature_match};
   return &k;
 }
 }  // namespace CPU_CAPABILITY

@@ -25,6 +25,12 @@ cudaError_t softmax_kl(const cpu::SoftmaxKLArgs& a, void* workspace, cudaStream_
 cudaError_t scale_rows(cpu::DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio,
                        int64_t ratio_stride, cudaStream_t stream);
 
+// Feature matching (cpu::FeatureArgs contract). Squared error over rows longer than one chunk writes
+// rows x feature_match_chunks(a) partial sums (acc type) into `partial` instead of loss_rows, for
+// the caller to sum per row; otherwise `partial` is unused.
+int64_t feature_match_chunks(const cpu::FeatureArgs& a);
+cudaError_t feature_match(const cpu::FeatureArgs& a, void* partial, cudaStream_t stream);
+
 // ---- relational KD (acc = Float or Double; B groups of n points; matrices (B, n, n) contiguous;
 // per-group scalars are double device arrays of length B)
 

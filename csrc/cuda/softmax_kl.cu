@@ -37,6 +37,7 @@
 
 #include "common/softmax_kl.h"
 #include "cuda/compat.cuh"
+#include "cuda/elem.cuh"
 #include "cuda/kernels.h"
 
 namespace kdfast {
@@ -52,35 +53,6 @@ constexpr int kMaxCluster = 16;
 constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.69314718055994530942;
 
-// ------------------------------------------------------------------ element types
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using acc = float;
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Elem<double> {
-  using acc = double;
-  static __device__ __forceinline__ double to(double x) { return x; }
-  static __device__ __forceinline__ double from(double x) { return x; }
-};
-template <>
-struct Elem<__half> {
-  using acc = float;
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using acc = float;
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-
 __device__ __forceinline__ float ex2(float x) { return exp2f(x); }
 __device__ __forceinline__ double ex2(double x) { return exp2(x); }
 // NaN-ignoring maximum: a NaN logit still makes its row NaN through the sums.
@@ -91,38 +63,6 @@ template <typename A>
 __device__ __forceinline__ A neg_inf() {
   return -std::numeric_limits<A>::infinity();
 }
-
-// P elements that fill 16 bytes, loaded and stored as one vector.
-template <typename T, int P>
-struct alignas(sizeof(T) * P) Vec {
-  T v[P];
-};
-
-template <typename T>
-constexpr int vec_elems() {
-  return 16 / static_cast<int>(sizeof(T));
-}
-
-template <typename T>
-__device__ __forceinline__ int align_off(const T* p) {
-  return static_cast<int>((reinterpret_cast<uintptr_t>(p) & 15) / sizeof(T));
-}
-
-// ------------------------------------------------------------------ slices
-//
-// A slice of n elements is walked in groups of P positions from an aligned base pointer: element i
-// of the slice sits at position o + i, and group g covers positions [g*P, g*P + P). With P > 1 every
-// operand's base is 16-byte aligned and shares the offset o; with P == 1, o is 0 and the bases are
-// the slices themselves. A group wholly inside [o, o + n) is "full"; the first and last may not be.
-// Positions outside the slice in a partial group lie in the same 16-byte granules as slice elements,
-// so reading them is safe; their values are never used and nothing is stored there.
-
-struct Span {
-  int64_t o, end, groups;
-  __device__ __forceinline__ Span(int64_t o_, int64_t n, int P) : o(o_), end(o_ + n), groups((o_ + n + P - 1) / P) {}
-  __device__ __forceinline__ bool full(int64_t j0, int P) const { return j0 >= o && j0 + P <= end; }
-  __device__ __forceinline__ bool valid(int64_t j) const { return j >= o && j < end; }
-};
 
 template <int P, typename T, typename A>
 __device__ __forceinline__ void pass_max(const T* sb, const T* tb, int64_t o, int64_t n, A& ms, A& mt) {
@@ -1065,17 +1005,6 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
-}
-
-template <typename F>
-auto by_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float: return f(float{});
-    case DType::Double: return f(double{});
-    case DType::Half: return f(__half{});
-    case DType::BFloat16: break;
-  }
-  return f(__nv_bfloat16{});
 }
 
 }  // namespace

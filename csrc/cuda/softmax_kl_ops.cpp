@@ -10,7 +10,7 @@
 
 #include "cuda/kernels.h"
 #include "ops/cpu_dispatch.h"
-#include "ops/softmax_kl_args.h"
+#include "ops/row_args.h"
 
 namespace kdfast {
 namespace {

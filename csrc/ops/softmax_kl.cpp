@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "ops/cpu_dispatch.h"
-#include "ops/softmax_kl_args.h"
+#include "ops/row_args.h"
 
 namespace kdfast {
 namespace {

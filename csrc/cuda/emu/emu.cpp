@@ -1,7 +1,7 @@
 // The CPU emulation behind cuda_emu.h, and a C interface to kdfast's CUDA host functions for the
 // tests (ctypes). Build (tests/test_cuda.py does it):
 //   g++ -std=c++20 -O1 -pthread -fPIC -shared -DKDFAST_CUDA_EMULATE -Icsrc -I<cuda>/include \
-//       -x c++ csrc/cuda/softmax_kl.cu -x c++ csrc/cuda/rkd.cu -x none csrc/cuda/emu/emu.cpp -o libkdfast_emu.so
+//       -x c++ csrc/cuda/softmax_kl.cu -x c++ csrc/cuda/rkd.cu -x c++ csrc/cuda/feature.cu -x none csrc/cuda/emu/emu.cpp -o libkdfast_emu.so
 #include <pthread.h>
 
 #include <algorithm>
@@ -255,6 +255,29 @@ int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_
     const size_t ws = kdfast::cuda::softmax_kl_workspace(a);
     std::vector<double> buf(ws / sizeof(double) + 2);
     return kdfast::cuda::softmax_kl(a, ws ? buf.data() : nullptr, nullptr);
+  });
+}
+int emu_feature_match(int dtype, const void* s, const void* t, int64_t rows, int64_t D, int64_t ss, int64_t ts,
+                      int cosine, double eps, const void* w, void* loss, void* gs, void* gt) {
+  kdfast::cpu::FeatureArgs a;
+  a.dtype = dt(dtype);
+  a.student = s, a.teacher = t, a.rows = rows, a.dim = D;
+  a.student_row_stride = ss, a.teacher_row_stride = ts, a.cosine = cosine != 0, a.eps = eps;
+  a.row_weight = w, a.loss_rows = loss, a.grad_student = gs, a.grad_teacher = gt;
+  return guarded([&] {
+    // partial sums in the accumulation type, summed per row in chunk order as the glue does
+    const int64_t nchunk = kdfast::cuda::feature_match_chunks(a);
+    const bool dbl = a.dtype == kdfast::cpu::DType::Double;
+    std::vector<double> pd(nchunk > 1 ? rows * nchunk : 0);
+    std::vector<float> pf(nchunk > 1 ? rows * nchunk : 0);
+    cudaError_t e = kdfast::cuda::feature_match(a, dbl ? static_cast<void*>(pd.data()) : pf.data(), nullptr);
+    for (int64_t r = 0; nchunk > 1 && r < rows; ++r) {
+      double acc = 0;
+      for (int64_t c = 0; c < nchunk; ++c) acc += dbl ? pd[r * nchunk + c] : pf[r * nchunk + c];
+      if (dbl) static_cast<double*>(loss)[r] = acc;
+      else static_cast<float*>(loss)[r] = static_cast<float>(acc);
+    }
+    return e;
   });
 }
 int emu_scale_rows(int dtype, void* grad, int64_t rows, int64_t V, const void* ratio, int64_t ratio_stride) {

@@ -1,0 +1,43 @@
+// CUDA implementation of the feature-matching op: argument checks, output allocation on the
+// current stream's device, kernel call (csrc/cuda/feature.cu). Same contract as csrc/ops/feature.cpp.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/kernels.h"
+#include "ops/cpu_dispatch.h"
+#include "ops/row_args.h"
+
+namespace kdfast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_match_cuda(const at::Tensor& s, const at::Tensor& t,
+                                                                  bool cosine, double eps,
+                                                                  const at::Tensor& row_weight, bool grad_student,
+                                                                  bool grad_teacher) {
+  check_row_inputs("feature_match", s, t, row_weight);
+  TORCH_CHECK(eps >= 0, "feature_match: eps must be >= 0, got ", eps);
+  TORCH_CHECK(s.is_cuda(), "feature_match: expected CUDA tensors, got ", s.device());
+  const c10::cuda::CUDAGuard guard(s.device());
+  const int64_t R = s.size(0), D = s.size(1);
+  at::Tensor loss = at::empty({R}, row_weight.options());
+  at::Tensor gs = grad_student ? at::empty({R, D}, s.options()) : at::empty({0}, s.options());
+  at::Tensor gt = grad_teacher ? at::empty({R, D}, t.options()) : at::empty({0}, t.options());
+  if (R == 0) return {loss, gs, gt};
+  cpu::FeatureArgs a = feature_args(s, t, cosine, eps, row_weight, loss, gs, gt, grad_student, grad_teacher);
+  const int64_t nchunk = cuda::feature_match_chunks(a);
+  at::Tensor partial = nchunk > 1 ? at::empty({R, nchunk}, row_weight.options()) : at::Tensor();
+  C10_CUDA_CHECK(cuda::feature_match(a, nchunk > 1 ? partial.data_ptr() : nullptr,
+                                     c10::cuda::getCurrentCUDAStream(s.get_device()).stream()));
+  if (nchunk > 1) at::sum_out(loss, partial, {1});
+  return {loss, gs, gt};
+}
+
+}  // namespace
+}  // namespace kdfast
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) { m.impl("feature_match", &kdfast::feature_match_cuda); }

@@ -1,0 +1,71 @@
+#pragma once
+// What the CPU and CUDA row ops (softmax-KL, feature matching) share: the checks that guard the kernels against direct
+// torch.ops calls (user-facing validation is in kdfast/_validation.py) and the kernel arguments.
+#include <ATen/core/Tensor.h>
+
+#include "ops/cpu_dispatch.h"
+
+namespace kdfast {
+
+// The (rows, D) operand pair of a row op (softmax_kl, feature_match) and its row weights.
+inline void check_row_inputs(const char* op, const at::Tensor& s, const at::Tensor& t, const at::Tensor& w) {
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2, op, ": student and teacher must be 2-D (rows, D)");
+  TORCH_CHECK(s.sizes() == t.sizes(), op, ": student ", s.sizes(), " and teacher ", t.sizes(), " differ in shape");
+  TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher dtypes differ");
+  TORCH_CHECK(t.device() == s.device() && w.device() == s.device(), op,
+              ": student, teacher and row_weight must be on one device, got ", s.device(), ", ", t.device(), ", ",
+              w.device());
+  const bool empty = s.size(0) == 0;  // no row is read
+  TORCH_CHECK(empty || s.stride(1) == 1 || s.size(1) <= 1, op, ": student must have unit stride along D");
+  TORCH_CHECK(empty || t.stride(1) == 1 || t.size(1) <= 1, op, ": teacher must have unit stride along D");
+  auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == s.size(0) && w.scalar_type() == acc && w.is_contiguous(), op,
+              ": row_weight must be a contiguous ", acc, " vector of length rows");
+}
+
+inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w) {
+  check_row_inputs("softmax_kl", s, t, w);
+  TORCH_CHECK(s.size(1) > 0, "softmax_kl: the vocabulary (last dim) is empty");
+}
+
+// Kernel arguments for outputs already allocated (gs / gt are ignored unless asked for).
+inline cpu::SoftmaxKLArgs kl_args(const at::Tensor& s, const at::Tensor& t, double inv_temperature,
+                                  const at::Tensor& w, at::Tensor& kl, at::Tensor& gs, at::Tensor& gt,
+                                  bool grad_student, bool grad_teacher) {
+  cpu::SoftmaxKLArgs a;
+  a.dtype = to_kernel_dtype(s.scalar_type());
+  a.student = s.data_ptr();
+  a.teacher = t.data_ptr();
+  a.rows = s.size(0);
+  a.vocab = s.size(1);
+  a.student_row_stride = s.stride(0);
+  a.teacher_row_stride = t.stride(0);
+  a.inv_temperature = inv_temperature;
+  a.row_weight = w.data_ptr();
+  a.kl_rows = kl.data_ptr();
+  a.grad_student = grad_student ? gs.data_ptr() : nullptr;
+  a.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
+  return a;
+}
+
+inline cpu::FeatureArgs feature_args(const at::Tensor& s, const at::Tensor& t, bool cosine, double eps,
+                                     const at::Tensor& w, at::Tensor& loss, at::Tensor& gs, at::Tensor& gt,
+                                     bool grad_student, bool grad_teacher) {
+  cpu::FeatureArgs a;
+  a.dtype = to_kernel_dtype(s.scalar_type());
+  a.student = s.data_ptr();
+  a.teacher = t.data_ptr();
+  a.rows = s.size(0);
+  a.dim = s.size(1);
+  a.student_row_stride = s.stride(0);
+  a.teacher_row_stride = t.stride(0);
+  a.cosine = cosine;
+  a.eps = eps;
+  a.row_weight = w.data_ptr();
+  a.loss_rows = loss.data_ptr();
+  a.grad_student = grad_student ? gs.data_ptr() : nullptr;
+  a.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
+  return a;
+}
+
+}  // namespace kdfast
