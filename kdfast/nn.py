@@ -56,6 +56,31 @@ def _as_list(x):
     return [int(c) for c in x] if isinstance(x, Sequence) else [int(x)]
 
 
+def _projections(student_channels, teacher_channels):
+    """One learnable linear map (no bias) per layer whose student and teacher widths differ, an
+    identity where they agree; None when neither width is given."""
+    s, t = _as_list(student_channels), _as_list(teacher_channels)
+    if (s is None) != (t is None):
+        raise ValueError("give both student_channels and teacher_channels, or neither")
+    if s is None:
+        return None
+    if len(s) != len(t):
+        raise ValueError(f"student_channels has {len(s)} layers but teacher_channels has {len(t)}")
+    return nn.ModuleList([nn.Linear(cs, ct, bias=False) if cs != ct else nn.Identity() for cs, ct in zip(s, t)])
+
+
+def _project(projections, i, f, dim):
+    """Layer i's student features mapped to the teacher's width along `dim`."""
+    if projections is None:
+        return f
+    if i >= len(projections):
+        raise ValueError(f"got more feature pairs than the {len(projections)} widths given")
+    proj = projections[i]
+    if isinstance(proj, nn.Identity):
+        return f
+    return proj(f.movedim(dim, -1)).movedim(-1, dim)
+
+
 class FeatureL2Loss(nn.Module):
     """Squared L2 between feature maps, summed over layer pairs (FitNets hint loss).
 
@@ -69,24 +94,10 @@ class FeatureL2Loss(nn.Module):
                  reduction: str = "mean", channel_dim: int = -1):
         super().__init__()
         self.reduction, self.channel_dim = reduction, channel_dim
-        s, t = _as_list(student_channels), _as_list(teacher_channels)
-        if (s is None) != (t is None):
-            raise ValueError("give both student_channels and teacher_channels, or neither")
-        if s is not None and len(s) != len(t):
-            raise ValueError(f"student_channels has {len(s)} layers but teacher_channels has {len(t)}")
-        self.projections = nn.ModuleList(
-            [nn.Linear(cs, ct, bias=False) if cs != ct else nn.Identity() for cs, ct in zip(s, t)]
-        ) if s is not None else None
+        self.projections = _projections(student_channels, teacher_channels)
 
     def _project(self, i, f):
-        if self.projections is None:
-            return f
-        if i >= len(self.projections):
-            raise ValueError(f"got more feature pairs than the {len(self.projections)} widths given")
-        proj = self.projections[i]
-        if isinstance(proj, nn.Identity):
-            return f
-        return proj(f.movedim(self.channel_dim, -1)).movedim(-1, self.channel_dim)
+        return _project(self.projections, i, f, self.channel_dim)
 
     def forward(self, student_feats, teacher_feats):
         if isinstance(student_feats, torch.Tensor):
@@ -99,13 +110,24 @@ class FeatureL2Loss(nn.Module):
 
 
 class CosineLoss(nn.Module):
-    """1 - cosine similarity along `dim`; see kdfast.cosine_loss."""
+    """1 - cosine similarity along `dim`; see kdfast.cosine_loss.
 
-    def __init__(self, dim: int = -1, reduction: str = "mean", eps: float = 1e-8):
+    With student_channels and teacher_channels given and different (e.g. 384-wide student and
+    768-wide teacher embeddings), a learnable linear projection maps the student's width to the
+    teacher's along `dim` first. Its weights train with the student.
+    """
+
+    def __init__(self, dim: int = -1, reduction: str = "mean", eps: float = 1e-8,
+                 student_channels: Optional[int] = None, teacher_channels: Optional[int] = None):
         super().__init__()
         self.dim, self.reduction, self.eps = dim, reduction, eps
+        for name, c in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int)):
+                raise TypeError(f"{name} must be an int or None, got {type(c).__name__}")
+        self.projections = _projections(student_channels, teacher_channels)
 
     def forward(self, student_feats, teacher_feats):
+        student_feats = _project(self.projections, 0, student_feats, self.dim)
         return F.cosine_loss(student_feats, teacher_feats, dim=self.dim, reduction=self.reduction,
                              eps=self.eps)
 

@@ -135,6 +135,35 @@ def test_feature_l2_multi_layer_projection():
     torch.testing.assert_close(out, kdfast.feature_l2([s[0], proj(s[1])], t), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_cosine_projection_trains(dim):
+    """CosineLoss with different widths: a bias-free projection along `dim` that learns to align a
+    narrower student with a wider teacher, equal to cosine_loss of the projected student."""
+    torch.manual_seed(4)
+    module = knn.CosineLoss(dim=dim, student_channels=12, teacher_channels=20)
+    s = torch.randn(16, 12) if dim == -1 else torch.randn(4, 12, 3)
+    mix = torch.randn(12, 20)
+    t = s @ mix if dim == -1 else torch.einsum("ncl,cd->ndl", s, mix)
+    assert sum(p.numel() for p in module.parameters()) == 12 * 20
+    proj = module.projections[0]
+    ps = proj(s) if dim == -1 else proj(s.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(module(s, t), kdfast.cosine_loss(ps, t, dim=dim), rtol=0, atol=0)
+    opt = torch.optim.Adam(module.parameters(), lr=0.05)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = module(s, t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], f"the projection did not learn: {losses[0]:.4f} -> {losses[-1]:.4f}"
+    assert knn.CosineLoss(student_channels=8, teacher_channels=8).projections[0].__class__ is torch.nn.Identity
+    with pytest.raises(ValueError, match="student_channels"):
+        knn.CosineLoss(student_channels=8)
+    with pytest.raises(TypeError, match="student_channels"):
+        knn.CosineLoss(student_channels=[8], teacher_channels=[16])
+
+
 # ----------------------------------------------------------------------------- backends
 
 def test_set_get_backend():
