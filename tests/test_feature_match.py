@@ -144,6 +144,17 @@ def test_huge_row_and_tiny_rows(name, shape, dtype):
           reduction="mean" if name != "logit_mse" else "sum", upstream=0.3)
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(520, 4096), (520, 4097), (2, 3, 350003)],
+                         ids=["aligned_rows", "misaligned_rows", "split_rows"])
+def test_large_gradients_streamed(shape, cpu_isa):
+    """Squared-error gradients of 8 MB and more are written with non-temporal stores where a slice is
+    vector-aligned (rows of 4096 floats, split chunks) and with plain stores where not (4097): every
+    ISA build, both gradients, against float64."""
+    s, t = data(*shape), data(*shape)
+    check("logit_mse", s, t, reduction="sum", upstream=0.5)
+
+
 EMPTY = [("logit_mse", (0, 8), {}, R3), ("feature_l2", (0, 8), {}, ("mean", "sum")),
          ("feature_l2", [(0, 8), (3, 4)], {}, ("mean", "sum")), ("cosine_loss", (0, 8), {}, R3),
          ("cosine_loss", (0, 8), {"dim": 0}, R3), ("cosine_loss", (3, 0), {}, R3)]

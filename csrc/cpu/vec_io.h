@@ -39,6 +39,34 @@ inline void store2(double* p, const DVec2& a, const DVec2& b) {
   b.store(p + DVec2::size());
 }
 
+// Non-temporal stores, for large outputs that nothing reads soon: they skip the read-for-ownership
+// of each cache line (a third of the traffic of a kernel that reads two inputs and writes one).
+// Float vectors at an address aligned to the vector (can_stream); other types store normally.
+inline bool can_stream(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % (FVec2::size() * sizeof(float)) == 0;
+}
+inline void stream2(float* p, const FVec2& a, const FVec2& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, a);
+  _mm512_stream_ps(p + FVec2::size(), b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, a);
+  _mm256_stream_ps(p + FVec2::size(), b);
+#else
+  store2(p, a, b);
+#endif
+}
+template <typename T, typename V>
+inline void stream2(T* p, const V& a, const V& b) {
+  store2(p, a, b);
+}
+// Orders this thread's non-temporal stores before whatever it does next (e.g. joining the others).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace kdfast
