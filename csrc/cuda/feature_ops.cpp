@@ -31,7 +31,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_match_cuda(const at::Tens
   cpu::FeatureArgs a = feature_args(s, t, cosine, eps, row_weight, loss, gs, gt, grad_student, grad_teacher);
   const int64_t nchunk = cuda::feature_match_chunks(a);
   at::Tensor partial = nchunk > 1 ? at::empty({R, nchunk}, row_weight.options()) : at::Tensor();
+  const int64_t ws_bytes = static_cast<int64_t>(cuda::feature_match_workspace(a));
+  at::Tensor ws = ws_bytes > 0 ? at::empty({ws_bytes}, s.options().dtype(at::kByte)) : at::Tensor();
   C10_CUDA_CHECK(cuda::feature_match(a, nchunk > 1 ? partial.data_ptr() : nullptr,
+                                     ws_bytes > 0 ? ws.data_ptr() : nullptr,
                                      c10::cuda::getCurrentCUDAStream(s.get_device()).stream()));
   if (nchunk > 1) at::sum_out(loss, partial, {1});
   return {loss, gs, gt};

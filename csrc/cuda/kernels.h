@@ -27,9 +27,11 @@ cudaError_t scale_rows(cpu::DType dtype, void* grad, int64_t rows, int64_t vocab
 
 // Feature matching (cpu::FeatureArgs contract). Squared error over rows longer than one chunk writes
 // rows x feature_match_chunks(a) partial sums (acc type) into `partial` instead of loss_rows, for
-// the caller to sum per row; otherwise `partial` is unused.
+// the caller to sum per row; otherwise `partial` is unused. `workspace` holds
+// feature_match_workspace(a) bytes of scratch (cosine over long rows).
 int64_t feature_match_chunks(const cpu::FeatureArgs& a);
-cudaError_t feature_match(const cpu::FeatureArgs& a, void* partial, cudaStream_t stream);
+size_t feature_match_workspace(const cpu::FeatureArgs& a);
+cudaError_t feature_match(const cpu::FeatureArgs& a, void* partial, void* workspace, cudaStream_t stream);
 
 // ---- relational KD (acc = Float or Double; B groups of n points; matrices (B, n, n) contiguous;
 // per-group scalars are double device arrays of length B)

@@ -270,7 +270,8 @@ int emu_feature_match(int dtype, const void* s, const void* t, int64_t rows, int
     const bool dbl = a.dtype == kdfast::cpu::DType::Double;
     std::vector<double> pd(nchunk > 1 ? rows * nchunk : 0);
     std::vector<float> pf(nchunk > 1 ? rows * nchunk : 0);
-    cudaError_t e = kdfast::cuda::feature_match(a, dbl ? static_cast<void*>(pd.data()) : pf.data(), nullptr);
+    std::vector<double> ws(kdfast::cuda::feature_match_workspace(a) / sizeof(double) + 1);
+    cudaError_t e = kdfast::cuda::feature_match(a, dbl ? static_cast<void*>(pd.data()) : pf.data(), ws.data(), nullptr);
     for (int64_t r = 0; nchunk > 1 && r < rows; ++r) {
       double acc = 0;
       for (int64_t c = 0; c < nchunk; ++c) acc += dbl ? pd[r * nchunk + c] : pf[r * nchunk + c];
