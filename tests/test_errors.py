@@ -240,6 +240,15 @@ def test_feature_l2_module_bad_widths():
         kdfast.nn.FeatureL2Loss(student_channels=[8, 4], teacher_channels=[16])
 
 
+def test_cosine_module_bad_widths():
+    with pytest.raises(ValueError, match="teacher_channels"):
+        kdfast.nn.CosineLoss(teacher_channels=8)
+    with pytest.raises(TypeError, match="student_channels"):
+        kdfast.nn.CosineLoss(student_channels=[8], teacher_channels=[16])
+    with pytest.raises(TypeError, match="teacher_channels"):
+        kdfast.nn.CosineLoss(student_channels=8, teacher_channels=16.0)
+
+
 @needs_cuda
 def test_cuda_device_mismatch():
     xc = x2.cuda()
