@@ -164,7 +164,7 @@ def _kl_rows(student, teacher, inv_temperature):
 
 
 def _feature_rows(student, teacher, cosine, eps):
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(student.dtype)
     s, t = student.to(acc), teacher.to(acc)
     if cosine:
         return 1 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=eps)

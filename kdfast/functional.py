@@ -22,16 +22,12 @@ def _common_dtype(student, teacher):
     return student, teacher
 
 
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
     student, teacher = _common_dtype(student, teacher)
     lead, V = student.shape[:-1], student.shape[-1]
     s2, t2 = _rows2d(student, V), _rows2d(teacher, V)
     rows = s2.shape[0]
-    acc = _acc_dtype(student)
+    acc = v.compute_dtype(student)
     # row_weight is the gradient the loss will send back to each row's KL (the reduction's factor
     # times `scale`), so the op can write the final gradient in the same pass as the loss.
     if reduction == "batchmean":
@@ -98,7 +94,7 @@ def _native_sq_error(student, teacher, reduction):
     s, t = _common_dtype(student, teacher)
     s2, t2 = _feature_rows(s), _feature_rows(t)
     factor = 1.0 / s.numel() if reduction == "mean" else 1.0
-    w = torch.full((s2.shape[0],), factor, dtype=_acc_dtype(s), device=s.device)
+    w = torch.full((s2.shape[0],), factor, dtype=v.compute_dtype(s), device=s.device)
     return fused_loss(torch.ops.kdfast.feature_match, s2, t2, w, False, 0.0).sum()
 
 
@@ -147,7 +143,7 @@ def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1
     s2, t2 = _rows2d(s, D), _rows2d(t, D)
     rows = s2.shape[0]
     factor = 1.0 / rows if reduction == "mean" else 1.0
-    w = torch.full((rows,), factor, dtype=_acc_dtype(s), device=s.device)
+    w = torch.full((rows,), factor, dtype=v.compute_dtype(s), device=s.device)
     out = fused_loss(torch.ops.kdfast.feature_match, s2, t2, w, True, eps)  # factor * (1 - cos) per row
     out = out.reshape(s.shape[:-1]) if reduction == "none" else out.sum()
     return out.to(v.result_dtype(student_feats, teacher_feats))
@@ -163,7 +159,7 @@ def _native_relation(op, student, teacher, scale, *params):
     """sum_b w_b loss_b with w_b = scale / B: the relation losses average their groups."""
     s3, t3 = _groups(student), _groups(teacher)
     s3, t3 = _common_dtype(s3, t3)
-    w = torch.full((s3.shape[0],), scale / s3.shape[0], dtype=_acc_dtype(s3), device=s3.device)
+    w = torch.full((s3.shape[0],), scale / s3.shape[0], dtype=v.compute_dtype(s3), device=s3.device)
     return fused_loss(op, s3, t3, w, *params).sum().to(v.result_dtype(student, teacher))
 
 
