@@ -202,7 +202,7 @@ void feature_typed(const FeatureArgs& p) {
   };
 
   if (nchunk == 1) {  // whole rows per task; a cosine row is still in cache for its gradient pass
-    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, rows_per_task(D, 16384), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const Slice x = slice(r, 0);
         if (W[r] == A(0)) {

@@ -8,6 +8,13 @@
 namespace kdfast {
 namespace cpu {
 
+// Rows per at::parallel_for task such that a task holds at least min_elems elements: below that an
+// OpenMP fork/join (microseconds, much more when another process holds a core) costs more than
+// the work it would share.
+inline int64_t rows_per_task(int64_t row_len, int64_t min_elems) {
+  return row_len >= min_elems ? 1 : min_elems / (row_len > 0 ? row_len : 1);
+}
+
 enum class DType : int32_t { Float = 0, Double = 1, Half = 2, BFloat16 = 3 };
 
 struct SoftmaxKLArgs {

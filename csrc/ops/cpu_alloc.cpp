@@ -1,10 +1,11 @@
-// Large CPU output buffers (the gradients of the logits).
+// CPU output buffers of 64 KB and more (the gradients of the logits).
 //
 // The first touch of freshly mapped memory costs more than the kernel that fills it (page faults
 // and the kernel zeroing each page: about 75 ms for 262 MB on two cores, against 12 ms to fill
-// resident memory). So large blocks are 2 MB-aligned and advised for transparent huge pages, and a
-// freed block goes back to a small size-keyed cache instead of to the OS: the next step's gradient
-// of the same shape lands in memory that is already mapped. KDFAST_CPU_CACHE_MB caps the cache
+// resident memory; a 1 MB gradient of 256 x 1000 logits faulted ~60 pages a step). So large blocks
+// (8 MB and more) are 2 MB-aligned and advised for transparent huge pages, others page-aligned, and
+// a freed block goes back to a small size-keyed cache instead of to the OS: the next step's
+// gradient of the same shape lands in memory that is already mapped. KDFAST_CPU_CACHE_MB caps the cache
 // (default 2048, 0 turns it off); torch.ops.kdfast._empty_cpu_cache() releases it.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -21,6 +22,8 @@ namespace kdfast {
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
+constexpr size_t kPage = 4096;
+constexpr size_t kCached = size_t(64) << 10;  // smaller blocks come from malloc's heap, already mapped
 
 struct BlockCache {
   std::mutex mu;
@@ -76,13 +79,16 @@ at::Tensor empty_cpu_fast(at::IntArrayRef sizes, at::ScalarType dtype) {
   for (auto s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
-  if (bytes < 4 * kHuge) return at::empty(sizes, options);
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  if (bytes < kCached) return at::empty(sizes, options);
+  // Mid-size blocks would fault too: malloc maps them fresh, or trims the heap when they are freed.
+  const bool huge = bytes >= 4 * kHuge;
+  const size_t unit = huge ? kHuge : kPage;
+  const size_t rounded = (bytes + unit - 1) / unit * unit;
   void* p = cache().take(rounded);
   if (p == nullptr) {
-    if (posix_memalign(&p, kHuge, rounded) != 0) return at::empty(sizes, options);
+    if (posix_memalign(&p, unit, rounded) != 0) return at::empty(sizes, options);
 #ifdef MADV_HUGEPAGE
-    madvise(p, rounded, MADV_HUGEPAGE);  // advice only: ignored where THP is off
+    if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: ignored where THP is off
 #endif
   }
   return at::from_blob(p, sizes, [rounded](void* q) { cache().give(q, rounded); }, options);

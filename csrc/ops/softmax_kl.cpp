@@ -39,7 +39,7 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& ratio) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, grad.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)),
+    at::parallel_for(0, grad.size(0), cpu::rows_per_task(V, 32768),
                      [&](int64_t r0, int64_t r1) {
       for (int64_t row = r0; row < r1; ++row) {
         if (rp[row] == 1.0) continue;
