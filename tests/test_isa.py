@@ -49,6 +49,44 @@ def test_isa_special_values(cpu_isa, dtype):
     check_kl(s.to(dtype), t.to(dtype), temperature=0.7, reduction="none", mask=mask, grad_teacher=True)
 
 
+TAIL_WIDTHS = [1, 15, 16, 17, 31, 33, 63, 100, 1000, 2049, 65536 + 33]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("V", TAIL_WIDTHS)
+def test_isa_row_tails(cpu_isa, dtype, V):
+    """Rows whose length is no multiple of the vector step (the tail takes a padded vector step), on
+    the row path and, for the last width, the split path with a ragged last chunk; -inf in the tail."""
+    rows = 2 if V > 65536 else 5
+    s = (torch.randn(rows, V, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(rows, V, dtype=torch.float64) * 3).to(dtype)
+    if V > 1:  # (a row of -inf alone has no distribution)
+        t[0, -1] = float("-inf")
+    check_kl(s, t, kd=True, temperature=2.0, reduction="none", grad_teacher=True,
+             upstream=torch.rand(rows, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("scale,temperature", [(60.0, 1.0), (20.0, 0.1)])
+def test_isa_wide_logits(cpu_isa, dtype, scale, temperature):
+    """Logits spanning far more than exp's range (most probabilities below float's smallest normal,
+    where the kernels flush to 0) still match float64, on the row and split paths."""
+    for rows, V in ((6, 3000), (2, 70001)):
+        s = (torch.randn(rows, V, dtype=torch.float64) * scale).to(dtype)
+        t = (torch.randn(rows, V, dtype=torch.float64) * scale).to(dtype)
+        check_kl(s, t, temperature=temperature, reduction="sum", grad_teacher=True)
+
+
+def test_kernels_leave_subnormals_on():
+    """The KL kernels flush subnormals to zero only while they run: afterwards torch, on this
+    thread and on the worker threads, still makes them (the kernels restore the FP control word)."""
+    s = (torch.randn(64, 40000) * 60).requires_grad_()
+    kdfast.kd_loss(s, torch.randn(64, 40000) * 60, temperature=1.0).backward()
+    tiny = torch.full((1 << 20,), 1e-38) * 1e-3  # 1e-41: subnormal, 0 if flushed
+    assert bool((tiny > 0).all())
+    assert float(torch.tensor(1e-38) * torch.tensor(1e-3)) > 0
+
+
 def test_isa_paths_agree_with_each_other():
     """Every path gives the float64 values to fp32 rounding, and so the baseline's. (Each path is a
     few 1e-6 off float64 in the row values: A / Z_t - log Z_t + log Z_s cancels, with fp32 sums.)"""

@@ -38,25 +38,46 @@ struct RowStats {
 
 // ---- float accumulation (float, half, bfloat16), vectorised ----
 
+constexpr int64_t kStep = 2 * FVec::size();  // elements per vector step
+
+// The last n < kStep elements of a row as floats, padded to a full step with `fill`, so that the
+// tail takes one more vector step instead of a scalar loop (whose std::exp calls cost ~10 ns an
+// element: most of a row's time at V = 16, a fifth of it at V = 100).
+struct Tail {
+  float s[kStep], t[kStep];
+  template <typename T>
+  Tail(const T* s_in, const T* t_in, int64_t n, float fill) {
+    for (int64_t i = 0; i < kStep; ++i) {
+      s[i] = i < n ? static_cast<float>(s_in[i]) : fill;
+      t[i] = i < n ? static_cast<float>(t_in[i]) : fill;
+    }
+  }
+};
+constexpr float kPadLogit = -std::numeric_limits<float>::infinity();  // exponential 0, no KL term
+
+template <typename T>
+inline void copy_out(const float* from, int64_t n, T* to) {
+  for (int64_t i = 0; i < n; ++i) to[i] = static_cast<T>(from[i]);
+}
+
 template <typename T>
 void row_max(const T* s, const T* t, int64_t n, float& ms, float& mt) {
-  constexpr int64_t K = 2 * FVec::size();
-  FVec vs(-std::numeric_limits<float>::infinity()), vt = vs;
-  int64_t i = 0;
-  for (; i + K <= n; i += K) {
+  FVec vs(kPadLogit), vt = vs;
+  auto step = [&](const auto* ps, const auto* pt) {  // at::vec::maximum propagates NaN
     FVec s0, s1, t0, t1;
-    load2(s + i, s0, s1);
-    load2(t + i, t0, t1);
+    load2(ps, s0, s1);
+    load2(pt, t0, t1);
     vs = at::vec::maximum(vs, at::vec::maximum(s0, s1));
     vt = at::vec::maximum(vt, at::vec::maximum(t0, t1));
+  };
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) step(s + i, t + i);
+  if (i < n) {
+    const Tail tail(s + i, t + i, n - i, kPadLogit);
+    step(tail.s, tail.t);
   }
   float m1 = at::vec::vec_reduce_all<float>([](FVec& x, FVec& y) { return at::vec::maximum(x, y); }, vs);
   float m2 = at::vec::vec_reduce_all<float>([](FVec& x, FVec& y) { return at::vec::maximum(x, y); }, vt);
-  for (; i < n; ++i) {
-    float a = static_cast<float>(s[i]), b = static_cast<float>(t[i]);
-    m1 = (a > m1 || std::isnan(a)) ? a : m1;
-    m2 = (b > m2 || std::isnan(b)) ? b : m2;
-  }
   ms = std::max(ms, m1);
   mt = std::max(mt, m2);
   if (std::isnan(m1)) ms = m1;
@@ -104,33 +125,22 @@ inline void sums_k(const T* s, const T* t, FVec vms, FVec vmt, FVec vit, FVec& z
   }
 }
 
+// The sums of a chunk of a split row (relative to the row's maxima).
 template <typename T>
-RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float invt, float* es_out,
-                   float* et_out) {
-  constexpr int64_t K = 2 * FVec::size();
+RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float invt) {
   const FVec vms(ms), vmt(mt), vit(invt);
   FVec zs(0.f), zt(0.f), acc(0.f);
   int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    sums_k(s + i, t + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + i : nullptr,
-           et_out ? et_out + i : nullptr);
+  for (; i + kStep <= n; i += kStep) sums_k(s + i, t + i, vms, vmt, vit, zs, zt, acc, nullptr, nullptr);
+  if (i < n) {
+    const Tail tail(s + i, t + i, n - i, kPadLogit);
+    sums_k(tail.s, tail.t, vms, vmt, vit, zs, zt, acc, nullptr, nullptr);
   }
   auto sum = [](FVec& x, FVec& y) { return x + y; };
   RowStats r;
   r.zs = at::vec::vec_reduce_all<float>(sum, zs);
   r.zt = at::vec::vec_reduce_all<float>(sum, zt);
   r.a = at::vec::vec_reduce_all<float>(sum, acc);
-  for (; i < n; ++i) {
-    float a = (static_cast<float>(s[i]) - ms) * invt, b = (static_cast<float>(t[i]) - mt) * invt;
-    float es = std::exp(a), et = std::exp(b);
-    r.zs += es;
-    r.zt += et;
-    r.a += kl::term(et, a, b);
-    if (es_out) {
-      es_out[i] = es;
-      et_out[i] = et;
-    }
-  }
   return r;
 }
 
@@ -158,9 +168,8 @@ template <typename T>
 RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out, float* et_out,
                     float* block_ms, float* block_mt, float& ms, float& mt) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  constexpr int64_t K = 2 * FVec::size();
+  constexpr int64_t K = kStep;
   FVec zs(0.f), zt(0.f), acc(0.f);
-  float tzs = 0.f, tzt = 0.f, tacc = 0.f;  // the scalar tail's sums (last block only)
   ms = mt = kNegInf;
   for (int64_t b0 = 0, blk = 0; b0 < n; b0 += kBlock, ++blk) {
     const int64_t bn = std::min(kBlock, n - b0);
@@ -194,18 +203,18 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
       sums_k(sb + i, tb + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + b0 + i : nullptr,
              es_out ? et_out + b0 + i : nullptr);
     }
-    for (; i < bn; ++i) {  // only the row's last block has a tail (kBlock is a multiple of K)
-      float a = (static_cast<float>(sb[i]) - rs) * invt, b = (static_cast<float>(tb[i]) - rt) * invt;
-      float es = std::exp(a), et = std::exp(b);
-      tzs += es, tzt += et, tacc += kl::term(et, a, b);
-      if (es_out) es_out[b0 + i] = es, et_out[b0 + i] = et;
+    if (i < bn) {  // only the row's last block has a tail (kBlock is a multiple of K)
+      const Tail tail(sb + i, tb + i, bn - i, kPadLogit);
+      float es[K], et[K];
+      sums_k(tail.s, tail.t, vms, vmt, vit, zs, zt, acc, es, et);
+      if (es_out) copy_out(es, bn - i, es_out + b0 + i), copy_out(et, bn - i, et_out + b0 + i);
     }
   }
   auto sum = [](FVec& x, FVec& y) { return x + y; };
   RowStats r;
-  r.zs = static_cast<double>(at::vec::vec_reduce_all<float>(sum, zs)) + tzs;
-  r.zt = static_cast<double>(at::vec::vec_reduce_all<float>(sum, zt)) + tzt;
-  r.a = static_cast<double>(at::vec::vec_reduce_all<float>(sum, acc)) + tacc;
+  r.zs = at::vec::vec_reduce_all<float>(sum, zs);
+  r.zt = at::vec::vec_reduce_all<float>(sum, zt);
+  r.a = at::vec::vec_reduce_all<float>(sum, acc);
   return r;
 }
 
@@ -215,7 +224,7 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
                       double zs, double zt, float shift, const float* es_in, const float* et_in,
                       const float* block_ms, const float* block_mt, T* gs, T* gt) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  constexpr int64_t K = 2 * FVec::size();
+  constexpr int64_t K = kStep;
   constexpr int64_t kWriteAhead = 2048 / sizeof(T);
   const FVec vms(ms), vmt(mt), vit(invt), vcoef(coef), vshift(shift);
   for (int64_t b0 = 0, blk = 0; b0 < n; b0 += kBlock, ++blk) {
@@ -224,34 +233,36 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
     const float cs = block_ms[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((block_ms[blk] - ms) * invt) / zs);
     const float ct = block_mt[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((block_mt[blk] - mt) * invt) / zt);
     const FVec vcs(cs), vct(ct);
-    const float* eb = es_in + b0;
-    const float* tb = et_in + b0;
-    int64_t i = 0;
-    for (; i + K <= bn; i += K) {
-      const FVec et0 = FVec::loadu(tb + i), et1 = FVec::loadu(tb + i + FVec::size());
+    // One step of K elements: exponentials at pe / pet, inputs at ps / pt, gradients to qs / qt.
+    auto step = [&](const float* pe, const float* pet, const auto* ps, const auto* pt, auto* qs, auto* qt) {
+      const FVec et0 = FVec::loadu(pet), et1 = FVec::loadu(pet + FVec::size());
       if (gs) {  // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's
-        prefetch_k<1>(gs + b0 + i + kWriteAhead);
-        const FVec es0 = FVec::loadu(eb + i), es1 = FVec::loadu(eb + i + FVec::size());
-        store2(gs + b0 + i, vcoef * at::vec::fmsub(es0, vcs, et0 * vct),
-               vcoef * at::vec::fmsub(es1, vcs, et1 * vct));
+        const FVec es0 = FVec::loadu(pe), es1 = FVec::loadu(pe + FVec::size());
+        store2(qs, vcoef * at::vec::fmsub(es0, vcs, et0 * vct), vcoef * at::vec::fmsub(es1, vcs, et1 * vct));
       }
       if (gt) {
         const FVec pt0 = et0 * vct, pt1 = et1 * vct;
         FVec a0, a1, b0v, b1v;
-        scaled(s + b0 + i, t + b0 + i, vms, vmt, vit, a0, a1, b0v, b1v);
+        scaled(ps, pt, vms, vmt, vit, a0, a1, b0v, b1v);
         FVec g0 = FVec::blendv(FVec(0.f), vcoef * pt0 * ((b0v - a0) - vshift), pt0 > FVec(0.f));
         FVec g1 = FVec::blendv(FVec(0.f), vcoef * pt1 * ((b1v - a1) - vshift), pt1 > FVec(0.f));
-        store2(gt + b0 + i, g0, g1);
+        store2(qt, g0, g1);
       }
+    };
+    const int64_t j0 = b0;
+    int64_t i = 0;
+    for (; i + K <= bn; i += K) {
+      const int64_t j = j0 + i;
+      if (gs) prefetch_k<1>(gs + j + kWriteAhead);
+      step(es_in + j, et_in + j, s + j, t + j, gs ? gs + j : gs, gt ? gt + j : gt);
     }
-    for (; i < bn; ++i) {
-      const int64_t j = b0 + i;
-      float pt = et_in[j] * ct, ps = es_in[j] * cs;
-      if (gs) gs[j] = static_cast<T>(coef * (ps - pt));
-      if (gt) {
-        float a = (static_cast<float>(s[j]) - ms) * invt, b = (static_cast<float>(t[j]) - mt) * invt;
-        gt[j] = static_cast<T>(pt > 0.f ? coef * pt * ((b - a) - shift) : 0.f);
-      }
+    if (i < bn) {  // padded with 0 (finite); the padding's gradients are dropped
+      const int64_t j = j0 + i, m = bn - i;
+      const Tail tail(s + j, t + j, m, 0.f), e(es_in + j, et_in + j, m, 0.f);
+      float qs[K], qt[K];
+      step(e.s, e.t, tail.s, tail.t, qs, qt);
+      if (gs) copy_out(qs, m, gs + j);
+      if (gt) copy_out(qt, m, gt + j);
     }
   }
 }
@@ -260,41 +271,32 @@ struct GradCoef {
   float coef, inv_zs, inv_zt, shift;
 };
 
+// Gradients of a chunk of a split row, recomputing the exponentials from the inputs.
 template <typename T>
-void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt, const GradCoef& g,
-               const float* es_in, const float* et_in, T* gs, T* gt) {
-  constexpr int64_t K = 2 * FVec::size();
+void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt, const GradCoef& g, T* gs,
+               T* gt) {
+  constexpr int64_t K = kStep;
   const FVec vms(ms), vmt(mt), vit(invt), coef(g.coef), izs(g.inv_zs), izt(g.inv_zt), shift(g.shift);
-  int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    FVec a0, a1, b0, b1, es0, es1, et0, et1;
-    if (es_in && !gt) {  // the student gradient alone needs no inputs, only the cached exponentials
-      es0 = FVec::loadu(es_in + i), es1 = FVec::loadu(es_in + i + FVec::size());
-      et0 = FVec::loadu(et_in + i), et1 = FVec::loadu(et_in + i + FVec::size());
-    } else {
-      scaled(s + i, t + i, vms, vmt, vit, a0, a1, b0, b1);
-      if (es_in) {
-        es0 = FVec::loadu(es_in + i), es1 = FVec::loadu(es_in + i + FVec::size());
-        et0 = FVec::loadu(et_in + i), et1 = FVec::loadu(et_in + i + FVec::size());
-      } else {
-        es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
-      }
-    }
-    if (gs) {
-      store2(gs + i, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt));
-    }
+  auto step = [&](const auto* ps, const auto* pt, auto* qs, auto* qt) {
+    FVec a0, a1, b0, b1;
+    scaled(ps, pt, vms, vmt, vit, a0, a1, b0, b1);
+    const FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
+    if (gs) store2(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt));
     if (gt) {
       FVec pt0 = et0 * izt, pt1 = et1 * izt;
       FVec g0 = FVec::blendv(FVec(0.f), coef * pt0 * ((b0 - a0) - shift), et0 > FVec(0.f));
       FVec g1 = FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 > FVec(0.f));
-      store2(gt + i, g0, g1);
+      store2(qt, g0, g1);
     }
-  }
-  for (; i < n; ++i) {
-    float a = (static_cast<float>(s[i]) - ms) * invt, b = (static_cast<float>(t[i]) - mt) * invt;
-    float es = es_in ? es_in[i] : std::exp(a), et = et_in ? et_in[i] : std::exp(b);
-    if (gs) gs[i] = static_cast<T>(kl::grad_student(g.coef, es, g.inv_zs, et, g.inv_zt));
-    if (gt) gt[i] = static_cast<T>(kl::grad_teacher(g.coef, et, g.inv_zt, a, b, g.shift));
+  };
+  int64_t i = 0;
+  for (; i + K <= n; i += K) step(s + i, t + i, gs ? gs + i : gs, gt ? gt + i : gt);
+  if (i < n) {
+    const Tail tail(s + i, t + i, n - i, kPadLogit);
+    float qs[K], qt[K];
+    step(tail.s, tail.t, qs, qt);
+    if (gs) copy_out(qs, n - i, gs + i);
+    if (gt) copy_out(qt, n - i, gt + i);
   }
 }
 
@@ -307,8 +309,7 @@ void row_max(const double* s, const double* t, int64_t n, double& ms, double& mt
   }
 }
 
-RowStats row_stats(const double* s, const double* t, int64_t n, double ms, double mt, double invt,
-                   double*, double*) {
+RowStats row_stats(const double* s, const double* t, int64_t n, double ms, double mt, double invt) {
   RowStats r;
   for (int64_t i = 0; i < n; ++i) {
     double a = (s[i] - ms) * invt, b = (t[i] - mt) * invt, et = std::exp(b);
@@ -366,7 +367,8 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   const bool split = (R < 16 && V >= 2 * kSplitChunk) || V > (int64_t(1) << 20);
   const int64_t nchunk = split ? (V + kSplitChunk - 1) / kSplitChunk : 1;
   if (nchunk == 1) {
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, rows_per_task(V, 8192), [&](int64_t r0, int64_t r1) {
+      const FlushDenormals ftz;
       std::vector<float> scratch;
       if (!std::is_same<T, double>::value && want_grad) scratch.resize(2 * V);
       for (int64_t r = r0; r < r1; ++r) {
@@ -383,7 +385,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
         if constexpr (std::is_same<T, double>::value) {
           acc_t ms = kNegInf, mt = kNegInf;
           row_max(s, t, V, ms, mt);
-          RowStats st = row_stats(s, t, V, ms, mt, invt, nullptr, nullptr);
+          RowStats st = row_stats(s, t, V, ms, mt, invt);
           KL[r] = kl::row_value(st.zs, st.zt, st.a);
           if (want_grad) {
             auto [c, izs, izt, shift] = grad_coef(w, st);
@@ -418,6 +420,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
     n = std::min(kSplitChunk, V - b);
   };
   at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
+    const FlushDenormals ftz;
     for (int64_t k = k0; k < k1; ++k) {
       int64_t r, b, n;
       chunk_of(k, r, b, n);
@@ -432,12 +435,13 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
     mt[r] = (cmt[k] > mt[r] || std::isnan(cmt[k])) ? cmt[k] : mt[r];
   }
   at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
+    const FlushDenormals ftz;
     for (int64_t k = k0; k < k1; ++k) {
       int64_t r, b, n;
       chunk_of(k, r, b, n);
       if (W[r] == acc_t(0)) continue;
       cst[k] = row_stats(S + r * p.student_row_stride + b, Tt + r * p.teacher_row_stride + b, n,
-                         ms[r], mt[r], invt, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+                         ms[r], mt[r], invt);
     }
   });
   std::vector<RowStats> st(R);
@@ -450,6 +454,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   }
   if (!want_grad) return;
   at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
+    const FlushDenormals ftz;
     for (int64_t k = k0; k < k1; ++k) {
       int64_t r, b, n;
       chunk_of(k, r, b, n);
@@ -465,7 +470,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
       if constexpr (std::is_same<T, double>::value) {
         row_grads(s, t, n, ms[r], mt[r], invt, c, izs, izt, shift, gs, gt);
       } else {
-        row_grads(s, t, n, ms[r], mt[r], invt, GradCoef{c, izs, izt, shift}, nullptr, nullptr, gs, gt);
+        row_grads(s, t, n, ms[r], mt[r], invt, GradCoef{c, izs, izt, shift}, gs, gt);
       }
     }
   });
