@@ -12,7 +12,7 @@ Contenders (every one computes the same number; the harness checks it against kd
   torchdistill   (when installed) torchdistill's KDLoss with alpha=0 (soft loss only), times T^2
 
 Cases: the two from the foundation issue's performance bars (2048x32000 fp32; 256x128256 bf16, an
-LLM vocabulary), a vocabulary sweep V = 4096..131072 for the plot (256 rows on CPU, 4096 on CUDA),
+LLM vocabulary), two classification heads (256x1000, 128x100 fp32), a vocabulary sweep V = 4096..131072 for the plot (256 rows on CPU, 4096 on CUDA),
 and on CUDA the LLM-scale 8192x131072 (--full: 16384x131072).
 Gelem/s counts rows*V.
 """
@@ -41,7 +41,9 @@ def cases(settings, device):
     if settings.mode == "quick":
         fixed, sweep_rows, sweep = [(64, 1000, "fp32"), (32, 4096, "bf16")], 32, [256, 1024, 4096]
     else:
-        fixed = [(2048, 32000, "fp32"), (256, 128256, "bf16")]
+        # an LLM-sized pair, then image classification (ImageNet, CIFAR-100), where a step is
+        # microseconds and per-call overhead counts
+        fixed = [(2048, 32000, "fp32"), (256, 128256, "bf16"), (256, 1000, "fp32"), (128, 100, "fp32")]
         if cuda:
             fixed += [(8192, 131072, "bf16"), (8192, 131072, "fp32")]
             if settings.mode == "full":

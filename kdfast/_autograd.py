@@ -134,28 +134,30 @@ class FusedLossFunction(torch.autograd.Function):
         nones = (None,) * len(ctx.params)
         if ratio is None:
             return (None, None, None, None) + nones
+        fused, ctx.fused = ctx.fused, None
+        if fused is not None and not torch.is_grad_enabled():
+            gs, gt = fused
+            ratio = ratio.to(gs.dtype if gs.dtype == torch.float64 else torch.float32)
+            # float16 has too little range for a rescale (see forward): recompute unless ratio is 1
+            if gs.dtype != torch.float16 or bool((ratio == 1).all()):
+                for g, want in ((gs, want_s), (gt, want_t)):
+                    if want and g.numel():
+                        _ops.scale_rows_(g if g.dim() == 2 else g.view(g.shape[0], -1), ratio)
+                return (None, gs if want_s else None, gt if want_t else None, None) + nones
         saved = ctx.saved_tensors
         student, teacher, weight = saved[:3]
         if torch.is_grad_enabled():
             gs, gt = _differentiable_grads(ctx.op, student, teacher, weight, ctx.params, ratio, ctx.want)
-            ctx.fused = None
             return (None, gs, gt, None) + nones
         ratio = ratio.to(weight.dtype)
         if len(saved) == 5:  # traced: out-of-place
             gs, gt = saved[3], saved[4]
             gs = _scaled(gs, ratio) if want_s else None
             gt = _scaled(gt, ratio) if want_t else None
-        elif ctx.fused is None or (student.dtype == torch.float16 and not bool((ratio == 1).all())):
+        else:
             # handed out already (a second backward through this graph), deferred, or float16
             # with an upstream gradient other than the one predicted: compute it for this gradient
-            ctx.fused = None
             _, gs, gt = ctx.op(student, teacher, *ctx.params, (ratio * weight).contiguous(), want_s, want_t)
-        else:
-            gs, gt = ctx.fused
-            ctx.fused = None
-            for g, want in ((gs, want_s), (gt, want_t)):
-                if want and g.numel():
-                    _ops.scale_rows_(g.view(g.shape[0], -1), ratio)
         return (None, gs if want_s else None, gt if want_t else None, None) + nones
 
 

@@ -11,7 +11,8 @@ __all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss"
 
 
 def _rows2d(x, V):
-    x = x.reshape(-1, V)
+    if x.dim() != 2 or x.shape[1] != V:  # (a reshape costs more than these checks on tiny losses)
+        x = x.reshape(-1, V)
     return x if x.stride(-1) == 1 or V == 1 else x.contiguous()
 
 
@@ -42,10 +43,9 @@ def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
     elif reduction == "mean" and rows > 0:
         w = w / rows
     kl = fused_loss(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature)  # w * KL per row
+    out = kl.reshape(lead) if reduction == "none" else kl.sum()
     out_dtype = v.result_dtype(student, teacher)
-    if reduction == "none":
-        return kl.reshape(lead).to(out_dtype)
-    return kl.sum().to(out_dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):

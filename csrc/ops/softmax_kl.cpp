@@ -31,19 +31,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& 
 void scale_rows_cpu(at::Tensor& grad, const at::Tensor& ratio) {
   TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "scale_rows_: grad must be contiguous 2-D");
   TORCH_CHECK(ratio.dim() == 1 && ratio.size(0) == grad.size(0), "scale_rows_: ratio must have one entry per row");
-  at::Tensor r = ratio.to(at::kDouble).contiguous();
-  const double* rp = r.data_ptr<double>();
-  const int64_t V = grad.size(1);
+  TORCH_CHECK(ratio.device() == grad.device(), "scale_rows_: grad and ratio must be on one device");
+  // In the accumulation type, strided as handed over: usually already so (an expanded scalar: no copy).
+  const at::Tensor r = ratio.to(grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const int64_t V = grad.size(1), rs = r.stride(0);
   // The product is taken in float (double for double): a ratio such as a loss scale of 65536 must
   // not be rounded to the gradient's half-precision type first.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     scalar_t* g = grad.data_ptr<scalar_t>();
+    const acc_t* rp = r.const_data_ptr<acc_t>();
     at::parallel_for(0, grad.size(0), cpu::rows_per_task(V, 32768),
                      [&](int64_t r0, int64_t r1) {
       for (int64_t row = r0; row < r1; ++row) {
-        if (rp[row] == 1.0) continue;
-        const acc_t f = static_cast<acc_t>(rp[row]);
+        const acc_t f = rp[row * rs];
+        if (f == acc_t(1)) continue;
         scalar_t* x = g + row * V;
         for (int64_t j = 0; j < V; ++j) x[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) * f);
       }
