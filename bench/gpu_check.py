@@ -39,6 +39,7 @@ KL_CASES = [  # (rows, V, dtype): the 8192 x 131072 pair carries the performance
     (2048, 32000, torch.float32),
     (256, 128256, torch.bfloat16),
     (256, 128256, torch.float32),
+    (256, 1000, torch.float32),  # an image-classification head: launch-bound
 ]
 COMPILE_CASES = {(8192, 131072, torch.bfloat16), (8192, 131072, torch.float32), (2048, 32000, torch.bfloat16)}
 CLUSTER_CONFIGS = [  # (path, cluster size, cache): "stream" is the persistent double-buffered variant
