@@ -184,7 +184,7 @@ void feature_typed(const FeatureArgs& p) {
   A* L = static_cast<A*>(p.loss_rows);
   T* GS = static_cast<T*>(p.grad_student);
   T* GT = static_cast<T*>(p.grad_teacher);
-  const int64_t R = p.rows, D = p.dim;
+  const int64_t R = p.rows, D = p.cols;
   const bool want_grad = GS || GT;
   const bool stream = R * D * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
 

@@ -17,17 +17,24 @@ inline int64_t rows_per_task(int64_t row_len, int64_t min_elems) {
 
 enum class DType : int32_t { Float = 0, Double = 1, Half = 2, BFloat16 = 3 };
 
-struct SoftmaxKLArgs {
+// What the row ops (softmax-KL, feature matching) share: a (rows, cols) student / teacher pair,
+// a weight per row, each row's unweighted loss out and, when asked, the gradients of
+// sum(row_weight * loss) in the same call.
+struct RowPairArgs {
   DType dtype;
-  const void* student;  // rows x V, unit stride along V
+  const void* student;  // rows x cols, unit stride along cols
   const void* teacher;
-  int64_t rows, vocab;
+  int64_t rows, cols;
   int64_t student_row_stride, teacher_row_stride;  // in elements; 0 broadcasts one row
-  double inv_temperature;
   const void* row_weight;  // rows, acc type (double for double input, else float); 0 skips a row
-  void* kl_rows;           // rows, acc type: unweighted KL, 0 on skipped rows
-  void* grad_student;      // rows x V contiguous, or null: row_weight * dKL/ds
-  void* grad_teacher;      // rows x V contiguous, or null
+  void* loss_rows;         // rows, acc type: unweighted loss, 0 on skipped rows
+  void* grad_student;      // rows x cols contiguous, or null: row_weight * dL/ds (0 on skipped rows)
+  void* grad_teacher;      // rows x cols contiguous, or null
+};
+
+// Temperature softmax-KL per row: cols is the vocabulary.
+struct SoftmaxKLArgs : RowPairArgs {
+  double inv_temperature;
 };
 
 // Relation kernels work on one group's n x n matrices in the accumulation type (Float or Double),
@@ -79,20 +86,11 @@ struct AngleArgs {
   void* grad_gram_t;
 };
 
-// Feature matching over rows x dim (see csrc/common/feature.h): squared error or cosine distance
-// per row, with gradients in the softmax-KL form.
-struct FeatureArgs {
-  DType dtype;
-  const void* student;  // rows x dim, unit stride along dim
-  const void* teacher;
-  int64_t rows, dim;
-  int64_t student_row_stride, teacher_row_stride;  // in elements
+// Feature matching per row (see csrc/common/feature.h): squared error or cosine distance over the
+// cols features of a row.
+struct FeatureArgs : RowPairArgs {
   bool cosine;
-  double eps;              // cosine: the norm clamp
-  const void* row_weight;  // rows, acc type; 0 gives the row loss 0 and zero gradients
-  void* loss_rows;         // rows, acc type: unweighted loss of each row
-  void* grad_student;      // rows x dim contiguous, or null: row_weight * dL/ds
-  void* grad_teacher;      // rows x dim contiguous, or null
+  double eps;  // cosine: the norm clamp
 };
 
 struct Kernels {

@@ -350,10 +350,10 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   const T* S = static_cast<const T*>(p.student);
   const T* Tt = static_cast<const T*>(p.teacher);
   const acc_t* W = static_cast<const acc_t*>(p.row_weight);
-  acc_t* KL = static_cast<acc_t*>(p.kl_rows);
+  acc_t* KL = static_cast<acc_t*>(p.loss_rows);
   T* GS = static_cast<T*>(p.grad_student);
   T* GT = static_cast<T*>(p.grad_teacher);
-  const int64_t R = p.rows, V = p.vocab;
+  const int64_t R = p.rows, V = p.cols;
   const acc_t invt = static_cast<acc_t>(p.inv_temperature);
   const bool want_grad = GS || GT;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();

@@ -284,13 +284,13 @@ __global__ void __launch_bounds__(kThreads) cosine_chunk_grad_kernel(Params p, c
 }  // namespace
 
 int64_t feature_match_chunks(const FeatureArgs& a) {
-  if (a.cosine || a.dim <= kSqChunk) return 1;
-  return (a.dim + kSqChunk - 1) / kSqChunk;
+  if (a.cosine || a.cols <= kSqChunk) return 1;
+  return (a.cols + kSqChunk - 1) / kSqChunk;
 }
 
 namespace {
 int64_t cosine_chunks(const FeatureArgs& a) {
-  return a.cosine && a.dim > kCosChunk ? (a.dim + kCosChunk - 1) / kCosChunk : 1;
+  return a.cosine && a.cols > kCosChunk ? (a.cols + kCosChunk - 1) / kCosChunk : 1;
 }
 }  // namespace
 
@@ -302,7 +302,7 @@ size_t feature_match_workspace(const FeatureArgs& a) {
 cudaError_t feature_match(const FeatureArgs& a, void* partial, void* workspace, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
   const int64_t nc = cosine_chunks(a);
-  Params p{a.student, a.teacher, a.rows, a.dim, a.student_row_stride, a.teacher_row_stride,
+  Params p{a.student, a.teacher, a.rows, a.cols, a.student_row_stride, a.teacher_row_stride,
            a.cosine ? kCosChunk : kSqChunk, a.cosine ? nc : feature_match_chunks(a), a.eps, a.row_weight,
            a.loss_rows, a.grad_student, a.grad_teacher};
   if (!a.cosine && p.nchunk > 1) p.out = partial;

@@ -843,7 +843,7 @@ int parse_cache(const char* s, int dflt) {
 template <typename T>
 Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
   using A = typename Elem<T>::acc;
-  const int64_t R = a.rows, V = a.vocab;
+  const int64_t R = a.rows, V = a.cols;
   const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
   const char* force = env("KDFAST_CUDA_KL");
   const bool forced = force != nullptr && std::strcmp(force, "auto") != 0;
@@ -937,9 +937,9 @@ KLParams to_params(const SoftmaxKLArgs& a) {
   KLParams p;
   p.s = a.student, p.t = a.teacher;
   p.s_stride = a.student_row_stride, p.t_stride = a.teacher_row_stride;
-  p.rows = a.rows, p.V = a.vocab;
+  p.rows = a.rows, p.V = a.cols;
   p.inv_t = a.inv_temperature;
-  p.w = a.row_weight, p.kl = a.kl_rows;
+  p.w = a.row_weight, p.kl = a.loss_rows;
   p.gs = a.grad_student, p.gt = a.grad_teacher;
   p.row0 = 0;
   return p;
@@ -971,11 +971,11 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
   if (env("KDFAST_CUDA_KL_LOG")) {
     if (pl.path == Path::Cluster || pl.path == Path::Stream) {
       std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s C=%d cache=%d smem=%zu clusters=%lld\n",
-                   (long long)a.rows, (long long)a.vocab, pl.path == Path::Stream ? "stream" : "cluster", pl.C,
+                   (long long)a.rows, (long long)a.cols, pl.path == Path::Stream ? "stream" : "cluster", pl.C,
                    pl.cache, pl.smem, (long long)(pl.path == Path::Stream ? pl.clusters : a.rows));
     } else {
       std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s chunk=%lld nchunk=%d\n",
-                   (long long)a.rows, (long long)a.vocab, pl.path == Path::Rows ? "rows" : "chunks",
+                   (long long)a.rows, (long long)a.cols, pl.path == Path::Rows ? "rows" : "chunks",
                    (long long)pl.chunk, pl.nchunk);
     }
   }
@@ -987,7 +987,7 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
     if (pl.path == Path::Cluster) {
       e = launch_clusters(kl_cluster_kernel<T>, nr * pl.C, pl, p, stream);
     } else if (pl.path == Path::Rows) {
-      KD_LAUNCH(dim3(static_cast<unsigned>(nr), 1), kThreads, 0, stream, kl_rows_kernel<T>)(p, a.vocab, true, nullptr);
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr), 1), kThreads, 0, stream, kl_rows_kernel<T>)(p, a.cols, true, nullptr);
       e = cudaGetLastError();
     } else {
       A* part = static_cast<A*>(workspace);

@@ -29,22 +29,27 @@ inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, const at::
 }
 
 // Kernel arguments for outputs already allocated (gs / gt are ignored unless asked for).
-inline cpu::SoftmaxKLArgs kl_args(const at::Tensor& s, const at::Tensor& t, double inv_temperature,
-                                  const at::Tensor& w, at::Tensor& kl, at::Tensor& gs, at::Tensor& gt,
-                                  bool grad_student, bool grad_teacher) {
-  cpu::SoftmaxKLArgs a;
+inline void set_row_pair(cpu::RowPairArgs& a, const at::Tensor& s, const at::Tensor& t, const at::Tensor& w,
+                         at::Tensor& loss, at::Tensor& gs, at::Tensor& gt, bool grad_student, bool grad_teacher) {
   a.dtype = to_kernel_dtype(s.scalar_type());
   a.student = s.data_ptr();
   a.teacher = t.data_ptr();
   a.rows = s.size(0);
-  a.vocab = s.size(1);
+  a.cols = s.size(1);
   a.student_row_stride = s.stride(0);
   a.teacher_row_stride = t.stride(0);
-  a.inv_temperature = inv_temperature;
   a.row_weight = w.data_ptr();
-  a.kl_rows = kl.data_ptr();
+  a.loss_rows = loss.data_ptr();
   a.grad_student = grad_student ? gs.data_ptr() : nullptr;
   a.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
+}
+
+inline cpu::SoftmaxKLArgs kl_args(const at::Tensor& s, const at::Tensor& t, double inv_temperature,
+                                  const at::Tensor& w, at::Tensor& kl, at::Tensor& gs, at::Tensor& gt,
+                                  bool grad_student, bool grad_teacher) {
+  cpu::SoftmaxKLArgs a;
+  set_row_pair(a, s, t, w, kl, gs, gt, grad_student, grad_teacher);
+  a.inv_temperature = inv_temperature;
   return a;
 }
 
@@ -52,19 +57,9 @@ inline cpu::FeatureArgs feature_args(const at::Tensor& s, const at::Tensor& t, b
                                      const at::Tensor& w, at::Tensor& loss, at::Tensor& gs, at::Tensor& gt,
                                      bool grad_student, bool grad_teacher) {
   cpu::FeatureArgs a;
-  a.dtype = to_kernel_dtype(s.scalar_type());
-  a.student = s.data_ptr();
-  a.teacher = t.data_ptr();
-  a.rows = s.size(0);
-  a.dim = s.size(1);
-  a.student_row_stride = s.stride(0);
-  a.teacher_row_stride = t.stride(0);
+  set_row_pair(a, s, t, w, loss, gs, gt, grad_student, grad_teacher);
   a.cosine = cosine;
   a.eps = eps;
-  a.row_weight = w.data_ptr();
-  a.loss_rows = loss.data_ptr();
-  a.grad_student = grad_student ? gs.data_ptr() : nullptr;
-  a.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
   return a;
 }
 

@@ -248,9 +248,9 @@ int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_
                    double inv_t, const void* w, void* kl, void* gs, void* gt) {
   kdfast::cpu::SoftmaxKLArgs a;
   a.dtype = dt(dtype);
-  a.student = s, a.teacher = t, a.rows = rows, a.vocab = V;
+  a.student = s, a.teacher = t, a.rows = rows, a.cols = V;
   a.student_row_stride = ss, a.teacher_row_stride = ts, a.inv_temperature = inv_t;
-  a.row_weight = w, a.kl_rows = kl, a.grad_student = gs, a.grad_teacher = gt;
+  a.row_weight = w, a.loss_rows = kl, a.grad_student = gs, a.grad_teacher = gt;
   return guarded([&] {
     const size_t ws = kdfast::cuda::softmax_kl_workspace(a);
     std::vector<double> buf(ws / sizeof(double) + 2);
@@ -261,7 +261,7 @@ int emu_feature_match(int dtype, const void* s, const void* t, int64_t rows, int
                       int cosine, double eps, const void* w, void* loss, void* gs, void* gt) {
   kdfast::cpu::FeatureArgs a;
   a.dtype = dt(dtype);
-  a.student = s, a.teacher = t, a.rows = rows, a.dim = D;
+  a.student = s, a.teacher = t, a.rows = rows, a.cols = D;
   a.student_row_stride = ss, a.teacher_row_stride = ts, a.cosine = cosine != 0, a.eps = eps;
   a.row_weight = w, a.loss_rows = loss, a.grad_student = gs, a.grad_teacher = gt;
   return guarded([&] {
