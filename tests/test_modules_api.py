@@ -80,6 +80,18 @@ def test_module_pickle_deepcopy_state_dict(name, make, fn, kind):
     torch.testing.assert_close(fresh(s, t), expected, rtol=0, atol=0)
 
 
+def _train(module, s, t, opt, steps):
+    """The module's loss after each of `steps` optimiser steps on its own parameters."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = module(s, t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _projection_module_roundtrip(module, s, t):
     expected = module(s, t)
     buf = io.BytesIO()
@@ -105,14 +117,7 @@ def test_feature_l2_projection_trains(layout):
         "one bias-free linear projection from the student width to the teacher width"
     # the projection runs (and shapes work) before training
     first = module(s, t).item()
-    opt = torch.optim.SGD(module.parameters(), lr=0.1)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = module(s, t)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(module, s, t, torch.optim.SGD(module.parameters(), lr=0.1), 30)
     assert losses[0] == pytest.approx(first)
     assert losses[-1] < 0.5 * losses[0], f"the projection did not learn: {losses[0]:.4f} -> {losses[-1]:.4f}"
     # state_dict round trip keeps the trained projection
@@ -148,14 +153,7 @@ def test_cosine_projection_trains(dim):
     proj = module.projections[0]
     ps = proj(s) if dim == -1 else proj(s.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(module(s, t), kdfast.cosine_loss(ps, t, dim=dim), rtol=0, atol=0)
-    opt = torch.optim.Adam(module.parameters(), lr=0.05)
-    losses = []
-    for _ in range(40):
-        opt.zero_grad()
-        loss = module(s, t)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(module, s, t, torch.optim.Adam(module.parameters(), lr=0.05), 40)
     assert losses[-1] < 0.3 * losses[0], f"the projection did not learn: {losses[0]:.4f} -> {losses[-1]:.4f}"
     assert knn.CosineLoss(student_channels=8, teacher_channels=8).projections[0].__class__ is torch.nn.Identity
     with pytest.raises(ValueError, match="student_channels"):

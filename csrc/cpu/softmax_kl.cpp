@@ -125,6 +125,15 @@ inline void sums_k(const T* s, const T* t, FVec vms, FVec vmt, FVec vit, FVec& z
   }
 }
 
+inline RowStats reduce_stats(FVec zs, FVec zt, FVec acc) {
+  auto sum = [](FVec& x, FVec& y) { return x + y; };
+  RowStats r;
+  r.zs = at::vec::vec_reduce_all<float>(sum, zs);
+  r.zt = at::vec::vec_reduce_all<float>(sum, zt);
+  r.a = at::vec::vec_reduce_all<float>(sum, acc);
+  return r;
+}
+
 // The sums of a chunk of a split row (relative to the row's maxima).
 template <typename T>
 RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float invt) {
@@ -136,12 +145,7 @@ RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float 
     const Tail tail(s + i, t + i, n - i, kPadLogit);
     sums_k(tail.s, tail.t, vms, vmt, vit, zs, zt, acc, nullptr, nullptr);
   }
-  auto sum = [](FVec& x, FVec& y) { return x + y; };
-  RowStats r;
-  r.zs = at::vec::vec_reduce_all<float>(sum, zs);
-  r.zt = at::vec::vec_reduce_all<float>(sum, zt);
-  r.a = at::vec::vec_reduce_all<float>(sum, acc);
-  return r;
+  return reduce_stats(zs, zt, acc);
 }
 
 // One streaming pass over a row for the row path: each block of kBlock elements is read from memory
@@ -210,12 +214,7 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
       if (es_out) copy_out(es, bn - i, es_out + b0 + i), copy_out(et, bn - i, et_out + b0 + i);
     }
   }
-  auto sum = [](FVec& x, FVec& y) { return x + y; };
-  RowStats r;
-  r.zs = at::vec::vec_reduce_all<float>(sum, zs);
-  r.zt = at::vec::vec_reduce_all<float>(sum, zt);
-  r.a = at::vec::vec_reduce_all<float>(sum, acc);
-  return r;
+  return reduce_stats(zs, zt, acc);
 }
 
 // Gradients of a row from the cached exponentials of row_online.
