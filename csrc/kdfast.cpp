@@ -85,10 +85,11 @@ const cpu::Kernels& cpu_kernels() {
 TORCH_LIBRARY(kdfast, m) {
   // Per-row temperature softmax-KL. Returns (kl_rows, grad_student, grad_teacher): kl_rows is the
   // unweighted KL of each row (0 where row_weight is 0), and each gradient is
-  // row_weight[r] * dKL_r/d(input) when asked for, else an empty tensor. Leading dims are flattened
-  // by the caller; the last dim must have unit stride.
+  // grad_scale * row_weight[r] * dKL_r/d(input) when asked for, else an empty tensor; the product
+  // with grad_scale is rounded as a scale_rows_ pass after the op would round it. Leading dims are
+  // flattened by the caller; the last dim must have unit stride.
   m.def("softmax_kl(Tensor student, Tensor teacher, float inv_temperature, Tensor row_weight, "
-        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+        "bool grad_student, bool grad_teacher, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
   // grad[r, :] *= ratio[r] in place, skipping rows whose ratio is exactly 1 (the usual case, where
   // the upstream gradient is the one the forward already applied).
   m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");

@@ -351,20 +351,87 @@ def test_create_graph_recomputes_through_reference(fn, backend):
         assert relerr(a.detach(), b.detach()) < 1e-10
 
 
+def _step_compute_ops(step):
+    """The compute ops one forward+backward dispatches. Views and metadata ops launch nothing and
+    are not counted, nor is reading the CPU upstream factor (select, _local_scalar_dense)."""
+    with FusedOpCalls() as calls:
+        step()
+    metadata = ("aten.view.", "aten.expand.", "aten.detach.", "aten.reshape.", "aten.promote_types.",
+                "aten.select.", "aten._local_scalar_dense.")
+    return sorted(op for op in calls.ops if not op.startswith(metadata))
+
+
 def test_kd_step_launches():
     """A kd_loss step dispatches five compute ops of kdfast's own (on CUDA, five launches): the row
     weights, the fused op, weighting and sum; backward is one scale_rows_ (and autograd's root
-    gradient). Views and metadata ops launch nothing and are not counted."""
+    gradient)."""
     s, t = logits(4, 50).requires_grad_(), logits(4, 50)
     kdfast.kd_loss(s, t).backward()  # first call: lazy initialisation outside the count
     s.grad = None
-    with FusedOpCalls() as calls:
-        kdfast.kd_loss(s, t).backward()
-    metadata = ("aten.view.", "aten.expand.", "aten.detach.", "aten.reshape.", "aten.promote_types.")
-    compute = sorted(op for op in calls.ops if not op.startswith(metadata))
-    assert compute == sorted(["aten.full.default", "kdfast.softmax_kl.default", "aten.mul.Tensor", "aten.sum.default",
-                              "aten.ones_like.default", "kdfast.scale_rows_.default"]), calls.ops
+    ops = _step_compute_ops(lambda: kdfast.kd_loss(s, t).backward())
+    assert ops == sorted(["aten.full.default", "kdfast.softmax_kl.default", "aten.mul.Tensor", "aten.sum.default",
+                          "aten.ones_like.default", "kdfast.scale_rows_.default"]), ops
     assert s.grad is not None
+
+
+@dtype_params((torch.float32, torch.bfloat16, torch.float64))
+def test_weighted_loss_steps(dtype):
+    """`ce + alpha * kd` over training steps. Once alpha repeats, the forward computes the gradient
+    at it and backward makes no pass over the buffer; when alpha changes, is 0, or differs between
+    rows, the buffer is rescaled (or recomputed first). Every step gives the bits of the same step
+    with no history (so results never depend on earlier steps), and matches float64."""
+    s0, t0 = logits(6, 70, dtype=dtype), logits(6, 70, dtype=dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    sd = s0.double().clone().requires_grad_()
+
+    def step(alpha, reduction, fresh=False):
+        if fresh:
+            kdfast._autograd._UPSTREAM.clear()
+        s = s0.clone().requires_grad_()
+        out = kdfast.kd_loss(s, t0, temperature=2.0, reduction=reduction)
+        up = alpha if reduction != "none" else torch.linspace(0, 2, 6) * alpha
+        (out * up).sum().backward()
+        return out.detach(), s.grad, up
+
+    plan = [(0.3, "batchmean")] * 3 + [(2.0, "batchmean"), (2.0, "batchmean"), (0.0, "batchmean"),
+                                       (0.3, "none"), (0.3, "sum"), (0.3, "sum"), (0.3, "sum")]
+    kdfast._autograd._UPSTREAM.clear()
+    for alpha, reduction in plan:
+        out, grad, up = step(alpha, reduction)
+        sd.grad = None
+        want = kdfast.reference.kd_loss(sd, t0.double(), temperature=2.0, reduction=reduction)
+        (want * (up if isinstance(up, float) else up.double())).sum().backward()
+        assert relerr(out, want.detach()) < tol, (alpha, reduction)
+        assert relerr(grad, sd.grad) < tol or (alpha == 0 and not grad.any()), (alpha, reduction)
+    # bit-identity with and without history, and what each step dispatched
+    for history, alpha, expect_rescale, expect_recompute in [
+            ([0.3, 0.3], 0.3, False, False),   # predicted right: no pass over the buffer
+            ([0.3, 0.3], 0.7, True, True),     # predicted wrong: recompute, then rescale
+            ([], 0.7, True, False)]:           # nothing predicted: rescale, as always
+        kdfast._autograd._UPSTREAM.clear()
+        for a in history:
+            step(a, "batchmean")
+        s = s0.clone().requires_grad_()
+        ops = _step_compute_ops(lambda: (alpha * kdfast.kd_loss(s, t0, temperature=2.0)).backward())
+        assert ("kdfast.scale_rows_.default" in ops) == expect_rescale, (history, alpha, ops)
+        assert ops.count("kdfast.softmax_kl.default") == 1 + expect_recompute, (history, alpha, ops)
+        _, fresh_grad, _ = step(alpha, "batchmean", fresh=True)
+        assert same_bits(s.grad, fresh_grad), (history, alpha)
+
+
+@pytest.mark.parametrize("shape", [(5, 77), (2, 70001)], ids=["row_path", "split_path"])
+@dtype_params((torch.float32, torch.bfloat16, torch.float64))
+def test_grad_scale_has_the_bits_of_scale_rows(cpu_isa, shape, dtype):
+    """softmax_kl(..., grad_scale=f) writes the bits of softmax_kl(...) then scale_rows_(g, f)."""
+    s, t = logits(*shape, dtype=dtype), logits(*shape, dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(shape[0], dtype=acc)
+    for f in (0.3, -2.5, 1e-3):
+        kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.7, w, True, True, f)
+        kl0, gs0, gt0 = torch.ops.kdfast.softmax_kl(s, t, 0.7, w, True, True)
+        for g in (gs0, gt0):
+            torch.ops.kdfast.scale_rows_(g, torch.full((shape[0],), f, dtype=acc))
+        assert same_bits(kl, kl0) and same_bits(gs, gs0) and same_bits(gt, gt0), f
 
 
 def test_no_grad_anywhere_builds_no_graph():
@@ -595,6 +662,7 @@ def test_opcheck_softmax_kl(flags, shape, dtype):
 
 def test_opcheck_softmax_kl_split_and_half():
     torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, _op_args(2, 70001, torch.float32, True, True))
+    torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, _op_args(3, 40, torch.float32, True, True) + (0.25,))
     torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, _op_args(3, 40, torch.bfloat16, True, True))
 
 

@@ -35,6 +35,7 @@ struct RowPairArgs {
 // Temperature softmax-KL per row: cols is the vocabulary.
 struct SoftmaxKLArgs : RowPairArgs {
   double inv_temperature;
+  double grad_scale = 1;  // gradients times this, with the bits of a scale_rows_ pass after them
 };
 
 // Relation kernels work on one group's n x n matrices in the accumulation type (Float or Double),

@@ -220,12 +220,13 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
 // Gradients of a row from the cached exponentials of row_online.
 template <typename T>
 void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, float invt, float coef,
-                      double zs, double zt, float shift, const float* es_in, const float* et_in,
-                      const float* block_ms, const float* block_mt, T* gs, T* gt) {
+                      double zs, double zt, float shift, float post, const float* es_in,
+                      const float* et_in, const float* block_ms, const float* block_mt, T* gs, T* gt) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int64_t K = kStep;
   constexpr int64_t kWriteAhead = 2048 / sizeof(T);
-  const FVec vms(ms), vmt(mt), vit(invt), vcoef(coef), vshift(shift);
+  const FVec vms(ms), vmt(mt), vit(invt), vcoef(coef), vshift(shift), vpost(post);
+  const bool scaled_out = post != 1.f;
   for (int64_t b0 = 0, blk = 0; b0 < n; b0 += kBlock, ++blk) {
     const int64_t bn = std::min(kBlock, n - b0);
     // This block's exponentials are relative to its own running maxima: one factor corrects them.
@@ -237,7 +238,9 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
       const FVec et0 = FVec::loadu(pet), et1 = FVec::loadu(pet + FVec::size());
       if (gs) {  // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's
         const FVec es0 = FVec::loadu(pe), es1 = FVec::loadu(pe + FVec::size());
-        store2(qs, vcoef * at::vec::fmsub(es0, vcs, et0 * vct), vcoef * at::vec::fmsub(es1, vcs, et1 * vct));
+        FVec g0 = vcoef * at::vec::fmsub(es0, vcs, et0 * vct), g1 = vcoef * at::vec::fmsub(es1, vcs, et1 * vct);
+        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
+        store2(qs, g0, g1);
       }
       if (gt) {
         const FVec pt0 = et0 * vct, pt1 = et1 * vct;
@@ -245,6 +248,7 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
         scaled(ps, pt, vms, vmt, vit, a0, a1, b0v, b1v);
         FVec g0 = FVec::blendv(FVec(0.f), vcoef * pt0 * ((b0v - a0) - vshift), pt0 > FVec(0.f));
         FVec g1 = FVec::blendv(FVec(0.f), vcoef * pt1 * ((b1v - a1) - vshift), pt1 > FVec(0.f));
+        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
         store2(qt, g0, g1);
       }
     };
@@ -267,7 +271,7 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
 }
 
 struct GradCoef {
-  float coef, inv_zs, inv_zt, shift;
+  float coef, inv_zs, inv_zt, shift, post;
 };
 
 // Gradients of a chunk of a split row, recomputing the exponentials from the inputs.
@@ -276,15 +280,22 @@ void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt
                T* gt) {
   constexpr int64_t K = kStep;
   const FVec vms(ms), vmt(mt), vit(invt), coef(g.coef), izs(g.inv_zs), izt(g.inv_zt), shift(g.shift);
+  const FVec vpost(g.post);
+  const bool scaled_out = g.post != 1.f;
   auto step = [&](const auto* ps, const auto* pt, auto* qs, auto* qt) {
     FVec a0, a1, b0, b1;
     scaled(ps, pt, vms, vmt, vit, a0, a1, b0, b1);
     const FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
-    if (gs) store2(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt));
+    if (gs) {
+      FVec g0 = coef * (es0 * izs - et0 * izt), g1 = coef * (es1 * izs - et1 * izt);
+      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
+      store2(qs, g0, g1);
+    }
     if (gt) {
       FVec pt0 = et0 * izt, pt1 = et1 * izt;
       FVec g0 = FVec::blendv(FVec(0.f), coef * pt0 * ((b0 - a0) - shift), et0 > FVec(0.f));
       FVec g1 = FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 > FVec(0.f));
+      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
       store2(qt, g0, g1);
     }
   };
@@ -320,11 +331,11 @@ RowStats row_stats(const double* s, const double* t, int64_t n, double ms, doubl
 }
 
 void row_grads(const double* s, const double* t, int64_t n, double ms, double mt, double invt,
-               double coef, double izs, double izt, double shift, double* gs, double* gt) {
+               double coef, double izs, double izt, double shift, double post, double* gs, double* gt) {
   for (int64_t i = 0; i < n; ++i) {
     double a = (s[i] - ms) * invt, b = (t[i] - mt) * invt, es = std::exp(a), et = std::exp(b);
-    if (gs) gs[i] = kl::grad_student(coef, es, izs, et, izt);
-    if (gt) gt[i] = kl::grad_teacher(coef, et, izt, a, b, shift);
+    if (gs) gs[i] = kl::grad_student(coef, es, izs, et, izt) * post;
+    if (gt) gt[i] = kl::grad_teacher(coef, et, izt, a, b, shift) * post;
   }
 }
 
@@ -354,6 +365,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   T* GT = static_cast<T*>(p.grad_teacher);
   const int64_t R = p.rows, V = p.cols;
   const acc_t invt = static_cast<acc_t>(p.inv_temperature);
+  const acc_t post = static_cast<acc_t>(p.grad_scale);
   const bool want_grad = GS || GT;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
@@ -388,7 +400,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           KL[r] = kl::row_value(st.zs, st.zt, st.a);
           if (want_grad) {
             auto [c, izs, izt, shift] = grad_coef(w, st);
-            row_grads(s, t, V, ms, mt, invt, c, izs, izt, shift, gs, gt);
+            row_grads(s, t, V, ms, mt, invt, c, izs, izt, shift, post, gs, gt);
           }
         } else {
           float bms[(1 << 20) / kBlock];
@@ -401,7 +413,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           if (want_grad) {
             auto [c, izs, izt, shift] = grad_coef(w, st);
             (void)izs, (void)izt;
-            row_grads_cached(s, t, V, fms, fmt, invt, c, st.zs, st.zt, shift, es, et, bms, bmt, gs, gt);
+            row_grads_cached(s, t, V, fms, fmt, invt, c, st.zs, st.zt, shift, post, es, et, bms, bmt, gs, gt);
           }
         }
       }
@@ -467,9 +479,9 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
       const T* t = Tt + r * p.teacher_row_stride + b;
       auto [c, izs, izt, shift] = grad_coef(W[r], st[r]);
       if constexpr (std::is_same<T, double>::value) {
-        row_grads(s, t, n, ms[r], mt[r], invt, c, izs, izt, shift, gs, gt);
+        row_grads(s, t, n, ms[r], mt[r], invt, c, izs, izt, shift, post, gs, gt);
       } else {
-        row_grads(s, t, n, ms[r], mt[r], invt, GradCoef{c, izs, izt, shift}, gs, gt);
+        row_grads(s, t, n, ms[r], mt[r], invt, GradCoef{c, izs, izt, shift, post}, gs, gt);
       }
     }
   });

@@ -3,6 +3,9 @@
 // vectors (float for float, half and bfloat16; double for double).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include <tuple>
+#include <type_traits>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
@@ -29,6 +32,17 @@ inline void store2(float* p, const FVec2& a, const FVec2& b) {
 template <typename T>
 inline void store2(T* p, const FVec2& a, const FVec2& b) {
   at::vec::convert_from_float<T>(a, b).store(p);
+}
+
+// a, b times f, rounded as if a, b had been stored as T and scaled after loading back: a scale
+// fused into a kernel's store gives the bits of a separate scale_rows_ pass over its output.
+template <typename T>
+inline void scale_as_stored(FVec2& a, FVec2& b, const FVec2& f) {
+  if constexpr (!std::is_same_v<T, float>) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
+  }
+  a = a * f;
+  b = b * f;
 }
 
 using DVec2 = at::vec::Vectorized<double>;

@@ -3,6 +3,7 @@
 // csrc/ops/softmax_kl.cpp; user-facing validation happens in kdfast/_validation.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,8 +19,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor& s, const at::Tensor& t,
                                                                double inv_temperature,
                                                                const at::Tensor& row_weight,
-                                                               bool grad_student, bool grad_teacher) {
-  check_kl_inputs(s, t, row_weight);
+                                                               bool grad_student, bool grad_teacher,
+                                                               double grad_scale) {
+  check_kl_inputs(s, t, row_weight, grad_scale);
   TORCH_CHECK(s.is_cuda(), "softmax_kl: expected CUDA tensors, got ", s.device());
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t R = s.size(0), V = s.size(1);
@@ -31,8 +33,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor&
   const size_t ws_bytes = cuda::softmax_kl_workspace(a);
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, s.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cuda::softmax_kl(a, ws_bytes > 0 ? ws.data_ptr() : nullptr,
-                                  c10::cuda::getCurrentCUDAStream(s.get_device()).stream()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.get_device()).stream();
+  C10_CUDA_CHECK(cuda::softmax_kl(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream));
+  if (grad_scale != 1.0) {  // a scale_rows_ pass (the CPU kernels fuse it; Python asks only there)
+    const at::Tensor f = at::full({1}, grad_scale, row_weight.options());
+    for (at::Tensor* g : {&gs, &gt}) {
+      if (g->numel() == 0) continue;
+      C10_CUDA_CHECK(cuda::scale_rows(to_kernel_dtype(g->scalar_type()), g->data_ptr(), R, V, f.data_ptr(), 0, stream));
+    }
+  }
   return {kl, gs, gt};
 }
 

@@ -3,6 +3,8 @@
 // torch.ops calls (user-facing validation is in kdfast/_validation.py) and the kernel arguments.
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
+
 #include "ops/cpu_dispatch.h"
 
 namespace kdfast {
@@ -23,9 +25,10 @@ inline void check_row_inputs(const char* op, const at::Tensor& s, const at::Tens
               ": row_weight must be a contiguous ", acc, " vector of length rows");
 }
 
-inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w) {
+inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w, double grad_scale) {
   check_row_inputs("softmax_kl", s, t, w);
   TORCH_CHECK(s.size(1) > 0, "softmax_kl: the vocabulary (last dim) is empty");
+  TORCH_CHECK(std::isfinite(grad_scale), "softmax_kl: grad_scale must be finite, got ", grad_scale);
 }
 
 // Kernel arguments for outputs already allocated (gs / gt are ignored unless asked for).
@@ -46,10 +49,11 @@ inline void set_row_pair(cpu::RowPairArgs& a, const at::Tensor& s, const at::Ten
 
 inline cpu::SoftmaxKLArgs kl_args(const at::Tensor& s, const at::Tensor& t, double inv_temperature,
                                   const at::Tensor& w, at::Tensor& kl, at::Tensor& gs, at::Tensor& gt,
-                                  bool grad_student, bool grad_teacher) {
+                                  bool grad_student, bool grad_teacher, double grad_scale = 1.0) {
   cpu::SoftmaxKLArgs a;
   set_row_pair(a, s, t, w, kl, gs, gt, grad_student, grad_teacher);
   a.inv_temperature = inv_temperature;
+  a.grad_scale = grad_scale;
   return a;
 }
 
