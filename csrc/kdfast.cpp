@@ -109,7 +109,7 @@ TORCH_LIBRARY(kdfast, m) {
   // sum_d (s - t)^2 (cosine=False) or the cosine distance 1 - <s, t> / (max(|s|, eps) max(|t|, eps))
   // (cosine=True; gradients as F.cosine_similarity gives them, see csrc/common/feature.h).
   m.def("feature_match(Tensor student, Tensor teacher, bool cosine, float eps, Tensor row_weight, "
-        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+        "bool grad_student, bool grad_teacher, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
   m.def("_select_cpu_isa(str name, str path) -> str", &kdfast::select_cpu_isa);
   m.def("_cpu_supports(str isa) -> bool", &kdfast::cpu_supports);
   m.def("_empty_cpu_cache() -> ()", &kdfast::empty_cpu_cache);

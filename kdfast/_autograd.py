@@ -29,7 +29,7 @@ def _softmax_kl_fake(student, teacher, inv_temperature, row_weight, grad_student
 
 
 @torch.library.register_fake("kdfast::feature_match")
-def _feature_match_fake(student, teacher, cosine, eps, row_weight, grad_student, grad_teacher):
+def _feature_match_fake(student, teacher, cosine, eps, row_weight, grad_student, grad_teacher, grad_scale=1.0):
     return _softmax_kl_fake(student, teacher, 1.0, row_weight, grad_student, grad_teacher)
 
 
@@ -117,13 +117,12 @@ class FusedLossFunction(torch.autograd.Function):
             ctx.fused = None
             return losses * weight
         compiling = torch.compiler.is_compiling()
-        # The KL gradient is computed at the upstream factor this configuration received on its
+        # The gradient is computed at the upstream factor this configuration received on its
         # last steps (see _UPSTREAM), e.g. the alpha of `ce + alpha * kd`: backward then has no
         # pass left to make over the buffer.
         ctx.key = ctx.pred = None
-        if op is _ops.softmax_kl and not compiling and student.device.type == "cpu" \
-                and student.dtype != torch.float16:
-            ctx.key = (params, student.dtype)
+        if op in _SCALABLE and not compiling and student.device.type == "cpu" and student.dtype != torch.float16:
+            ctx.key = (op, params, student.dtype)
             ctx.pred = _predicted_upstream(ctx.key)
         scale = () if ctx.pred is None else (ctx.pred,)
         losses, gs, gt = op(student, teacher, *params, weight, want_s, want_t, *scale)
@@ -182,12 +181,13 @@ class FusedLossFunction(torch.autograd.Function):
         return (None, gs if want_s else None, gt if want_t else None, None) + nones
 
 
-# The uniform upstream gradient (an expanded scalar) each CPU softmax-KL configuration (params,
+# The uniform upstream gradient (an expanded scalar) each CPU row-op configuration (op, params,
 # dtype) received last, and whether the step before received the same: (value, repeated). In a
 # training loop `alpha * kd` sends alpha every step; once it repeats, the forward computes the
 # gradient at it (the op's grad_scale, fused into its stores with the bits of a separate pass), so
 # backward has nothing to rescale: at 2048 x 32000 fp32 that pass cost 12 ms of a 39 ms step.
 _UPSTREAM = {}
+_SCALABLE = (_ops.softmax_kl, _ops.feature_match)
 
 
 def _predicted_upstream(key):

@@ -60,9 +60,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _restore_global_state():
-    """Every test starts from a fixed seed and leaves backend, CPU ISA and threads as it found them."""
+    """Every test starts from a fixed seed and no remembered upstream factors (see
+    kdfast/_autograd.py _UPSTREAM), and leaves backend, CPU ISA and threads as it found them."""
     backend, isa, threads = kdfast.get_backend(), _ops.selected_cpu_isa(), torch.get_num_threads()
     torch.manual_seed(0)
+    if _ops.LOADED:
+        kdfast._autograd._UPSTREAM.clear()
     yield
     kdfast.set_backend(backend)
     if isa is not None and _ops.selected_cpu_isa() != isa:

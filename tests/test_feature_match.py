@@ -471,3 +471,50 @@ def test_feature_l2_module_projection(backend):
     close(mod.projections[0].weight.grad, W.grad, 1e-5, "projection gradient")
     for g, e in zip((x.grad for x in s), (x.grad for x in sd)):
         close(g, e, 1e-5, "student gradient")
+
+
+# ----------------------------------------------------------------------------- grad_scale
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["sq", "cos"])
+@pytest.mark.parametrize("shape", [(5, 77), (2, 70001), (256, 8200)], ids=["rows", "split", "streamed"])
+@dtype_params((torch.float32, torch.bfloat16, torch.float64))
+def test_grad_scale_has_the_bits_of_scale_rows(cpu_isa, cosine, shape, dtype):
+    """feature_match(..., grad_scale=f) writes the bits of feature_match(...) then scale_rows_(g, f),
+    on the row path, split rows and (squared error) non-temporal stores of large gradients."""
+    s, t = data(*shape, dtype=dtype), data(*shape, dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(shape[0], dtype=acc)
+    w[0] = 0  # a skipped row stays 0
+    for f in (0.3, -2.5):
+        loss, gs, gt = torch.ops.kdfast.feature_match(s, t, cosine, 1e-8, w, True, True, f)
+        loss0, gs0, gt0 = torch.ops.kdfast.feature_match(s, t, cosine, 1e-8, w, True, True)
+        for g in (gs0, gt0):
+            torch.ops.kdfast.scale_rows_(g, torch.full((shape[0],), f, dtype=acc))
+        assert same_bits(loss, loss0) and same_bits(gs, gs0) and same_bits(gt, gt0), f
+
+
+@pytest.mark.parametrize("loss", ["logit_mse", "cosine_loss", "feature_l2"])
+def test_weighted_feature_loss_steps(loss):
+    """beta * loss over steps: from the third step with the same beta no pass over the gradient is
+    left for backward; any step gives the bits of the same step with no history."""
+    fn = getattr(kdfast, loss)
+    s0, t0 = data(64, 300), data(64, 300)
+
+    def step(beta, fresh=False):
+        if fresh:
+            kdfast._autograd._UPSTREAM.clear()
+        s = s0.clone().requires_grad_()
+        with FusedOpCalls() as calls:
+            (beta * fn(s, t0)).backward()
+        return s.grad, calls.ops
+
+    for history, beta, rescaled in [([3.0, 3.0], 3.0, False), ([3.0, 3.0], 0.5, True), ([], 0.5, True)]:
+        kdfast._autograd._UPSTREAM.clear()
+        for b in history:
+            step(b)
+        grad, ops = step(beta)
+        assert ("kdfast.scale_rows_.default" in ops) == rescaled, (history, beta, ops)
+        assert same_bits(grad, step(beta, fresh=True)[0]), (history, beta)
+    sd = s0.double().requires_grad_()
+    (0.5 * getattr(ref, loss)(sd, t0.double())).backward()
+    close(grad, sd.grad, 1e-5, "gradient")

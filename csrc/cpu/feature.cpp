@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -48,14 +47,16 @@ double lane_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
 }
 
-// Sum of (s - t)^2 over n elements; with gs / gt, also writes c (s - t) and -c (s - t), with
-// non-temporal stores when `stream` (large gradients) and the slice allows them.
+// Sum of (s - t)^2 over n elements; with gs / gt, also writes c (s - t) and -c (s - t), times
+// post as a scale_rows_ pass after them would, with non-temporal stores when `stream` (large
+// gradients) and the slice allows them.
 template <typename T>
-double sq_error_slice(const T* s, const T* t, int64_t n, acc_of<T> c, T* gs, T* gt, bool stream) {
+double sq_error_slice(const T* s, const T* t, int64_t n, acc_of<T> c, acc_of<T> post, T* gs, T* gt, bool stream) {
   using A = acc_of<T>;
   using V = Vectorized<A>;
   constexpr int64_t K = 2 * V::size();
-  const V vc(c), vnc(-c);
+  const V vc(c), vnc(-c), vpost(post);
+  const bool scaled_out = post != A(1);
   stream = stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
   double total = 0;
   int64_t i = 0;
@@ -69,8 +70,16 @@ double sq_error_slice(const T* s, const T* t, int64_t n, acc_of<T> c, T* gs, T* 
       const V d0 = s0 - t0, d1 = s1 - t1;
       a0 = at::vec::fmadd(d0, d0, a0);
       a1 = at::vec::fmadd(d1, d1, a1);
-      if (gs) stream ? stream2(gs + i, d0 * vc, d1 * vc) : store2(gs + i, d0 * vc, d1 * vc);
-      if (gt) stream ? stream2(gt + i, d0 * vnc, d1 * vnc) : store2(gt + i, d0 * vnc, d1 * vnc);
+      if (gs) {
+        V g0 = d0 * vc, g1 = d1 * vc;
+        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
+        stream ? stream2(gs + i, g0, g1) : store2(gs + i, g0, g1);
+      }
+      if (gt) {
+        V g0 = d0 * vnc, g1 = d1 * vnc;
+        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
+        stream ? stream2(gt + i, g0, g1) : store2(gt + i, g0, g1);
+      }
     }
     total += lane_sum(a0 + a1);
   }
@@ -78,8 +87,8 @@ double sq_error_slice(const T* s, const T* t, int64_t n, acc_of<T> c, T* gs, T* 
   for (; i < n; ++i) {
     const A d = static_cast<A>(s[i]) - static_cast<A>(t[i]);
     total += static_cast<double>(d * d);
-    if (gs) gs[i] = static_cast<T>(c * d);
-    if (gt) gt[i] = static_cast<T>(-c * d);
+    if (gs) gs[i] = scale_as_stored<T>(c * d, post);
+    if (gt) gt[i] = scale_as_stored<T>(-c * d, post);
   }
   return total;
 }
@@ -143,29 +152,34 @@ Dots dots_slice(const T* s, const T* t, int64_t n) {
 
 // The gradients of a cosine row (feature::cosine_grad) over n elements.
 template <typename T>
-void cosine_grad_slice(const T* s, const T* t, int64_t n, const feature::CosineRow<acc_of<T>>& k, T* gs, T* gt) {
+void cosine_grad_slice(const T* s, const T* t, int64_t n, const feature::CosineRow<acc_of<T>>& k, acc_of<T> post,
+                       T* gs, T* gt) {
   using A = acc_of<T>;
   using V = Vectorized<A>;
   constexpr int64_t K = 2 * V::size();
-  const V ss(k.s.scale), cs(k.s.cross), es(k.s.self), st(k.t.scale), ct(k.t.cross), et(k.t.self);
+  const V ss(k.s.scale), cs(k.s.cross), es(k.s.self), st(k.t.scale), ct(k.t.cross), et(k.t.self), vpost(post);
+  const bool scaled_out = post != A(1);
   int64_t i = 0;
   for (; i + K <= n; i += K) {
     V s0, s1, t0, t1;
     load2(s + i, s0, s1);
     load2(t + i, t0, t1);
-    if (gs) store2(gs + i, ss * at::vec::fmadd(cs, t0, es * s0), ss * at::vec::fmadd(cs, t1, es * s1));
-    if (gt) store2(gt + i, st * at::vec::fmadd(ct, s0, et * t0), st * at::vec::fmadd(ct, s1, et * t1));
+    if (gs) {
+      V g0 = ss * at::vec::fmadd(cs, t0, es * s0), g1 = ss * at::vec::fmadd(cs, t1, es * s1);
+      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
+      store2(gs + i, g0, g1);
+    }
+    if (gt) {
+      V g0 = st * at::vec::fmadd(ct, s0, et * t0), g1 = st * at::vec::fmadd(ct, s1, et * t1);
+      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
+      store2(gt + i, g0, g1);
+    }
   }
   for (; i < n; ++i) {
     const A a = static_cast<A>(s[i]), b = static_cast<A>(t[i]);
-    if (gs) gs[i] = static_cast<T>(feature::cosine_grad(k.s, a, b));
-    if (gt) gt[i] = static_cast<T>(feature::cosine_grad(k.t, b, a));
+    if (gs) gs[i] = scale_as_stored<T>(feature::cosine_grad(k.s, a, b), post);
+    if (gt) gt[i] = scale_as_stored<T>(feature::cosine_grad(k.t, b, a), post);
   }
-}
-
-template <typename T>
-void zero_slice(T* g, int64_t n) {
-  if (g) std::memset(static_cast<void*>(g), 0, static_cast<size_t>(n) * sizeof(T));
 }
 
 template <typename T>
@@ -187,6 +201,7 @@ void feature_typed(const FeatureArgs& p) {
   const int64_t R = p.rows, D = p.cols;
   const bool want_grad = GS || GT;
   const bool stream = R * D * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  const A post = static_cast<A>(p.grad_scale);
 
   // One (row, chunk) slice: its student and teacher pointers, gradient pointers and length.
   struct Slice {
@@ -207,15 +222,15 @@ void feature_typed(const FeatureArgs& p) {
         const Slice x = slice(r, 0);
         if (W[r] == A(0)) {
           L[r] = A(0);
-          zero_slice(x.gs, x.n), zero_slice(x.gt, x.n);
+          zero_grad_row(x.gs, x.n, post), zero_grad_row(x.gt, x.n, post);
         } else if (!p.cosine) {
-          L[r] = static_cast<A>(sq_error_slice(x.s, x.t, x.n, A(2) * W[r], x.gs, x.gt, stream));
+          L[r] = static_cast<A>(sq_error_slice(x.s, x.t, x.n, A(2) * W[r], post, x.gs, x.gt, stream));
         } else {
           Dots d = dots_slice(x.s, x.t, x.n);
           if (!d.finite()) d = dots_scaled(x.s, x.t, x.n);
           const auto k = cosine_coef<T>(d, p.eps, W[r]);
           L[r] = k.loss;
-          if (want_grad) cosine_grad_slice(x.s, x.t, x.n, k, x.gs, x.gt);
+          if (want_grad) cosine_grad_slice(x.s, x.t, x.n, k, post, x.gs, x.gt);
         }
       }
     });
@@ -230,9 +245,9 @@ void feature_typed(const FeatureArgs& p) {
       const int64_t r = k / nchunk;
       const Slice x = slice(r, k % nchunk);
       if (W[r] == A(0)) {
-        if (!p.cosine) zero_slice(x.gs, x.n), zero_slice(x.gt, x.n);
+        if (!p.cosine) zero_grad_row(x.gs, x.n, post), zero_grad_row(x.gt, x.n, post);
       } else if (!p.cosine) {
-        part[k].ss = sq_error_slice(x.s, x.t, x.n, A(2) * W[r], x.gs, x.gt, stream);
+        part[k].ss = sq_error_slice(x.s, x.t, x.n, A(2) * W[r], post, x.gs, x.gt, stream);
       } else {
         part[k] = dots_slice(x.s, x.t, x.n);
       }
@@ -258,9 +273,9 @@ void feature_typed(const FeatureArgs& p) {
       const int64_t r = k / nchunk;
       const Slice x = slice(r, k % nchunk);
       if (W[r] == A(0)) {
-        zero_slice(x.gs, x.n), zero_slice(x.gt, x.n);
+        zero_grad_row(x.gs, x.n, post), zero_grad_row(x.gt, x.n, post);
       } else {
-        cosine_grad_slice(x.s, x.t, x.n, coef[r], x.gs, x.gt);
+        cosine_grad_slice(x.s, x.t, x.n, coef[r], post, x.gs, x.gt);
       }
     }
   });

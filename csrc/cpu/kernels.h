@@ -30,12 +30,12 @@ struct RowPairArgs {
   void* loss_rows;         // rows, acc type: unweighted loss, 0 on skipped rows
   void* grad_student;      // rows x cols contiguous, or null: row_weight * dL/ds (0 on skipped rows)
   void* grad_teacher;      // rows x cols contiguous, or null
+  double grad_scale = 1;   // gradients times this, with the bits of a scale_rows_ pass after them
 };
 
 // Temperature softmax-KL per row: cols is the vocabulary.
 struct SoftmaxKLArgs : RowPairArgs {
   double inv_temperature;
-  double grad_scale = 1;  // gradients times this, with the bits of a scale_rows_ pass after them
 };
 
 // Relation kernels work on one group's n x n matrices in the accumulation type (Float or Double),

@@ -347,14 +347,6 @@ template <>
 struct Acc<double> { using type = double; };
 
 template <typename T>
-void finish_row(T* gs, T* gt, int64_t V, bool skip) {
-  if (skip) {
-    if (gs) std::fill(gs, gs + V, T(0));
-    if (gt) std::fill(gt, gt + V, T(0));
-  }
-}
-
-template <typename T>
 void softmax_kl_typed(const SoftmaxKLArgs& p) {
   using acc_t = typename Acc<T>::type;
   const T* S = static_cast<const T*>(p.student);
@@ -390,7 +382,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
         const acc_t w = W[r];
         if (w == acc_t(0)) {
           KL[r] = 0;
-          finish_row(gs, gt, V, true);
+          zero_grad_row(gs, V, post), zero_grad_row(gt, V, post);
           continue;
         }
         if constexpr (std::is_same<T, double>::value) {
@@ -472,7 +464,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
       T* gs = GS ? GS + r * V + b : nullptr;
       T* gt = GT ? GT + r * V + b : nullptr;
       if (W[r] == acc_t(0)) {
-        finish_row(gs, gt, n, true);
+        zero_grad_row(gs, n, post), zero_grad_row(gt, n, post);
         continue;
       }
       const T* s = S + r * p.student_row_stride + b;

@@ -4,6 +4,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 #if defined(__x86_64__) || defined(__i386__)
@@ -36,13 +37,23 @@ inline void store2(T* p, const FVec2& a, const FVec2& b) {
 
 // a, b times f, rounded as if a, b had been stored as T and scaled after loading back: a scale
 // fused into a kernel's store gives the bits of a separate scale_rows_ pass over its output.
-template <typename T>
-inline void scale_as_stored(FVec2& a, FVec2& b, const FVec2& f) {
-  if constexpr (!std::is_same_v<T, float>) {
+template <typename T, typename A>
+inline void scale_as_stored(at::vec::Vectorized<A>& a, at::vec::Vectorized<A>& b, const at::vec::Vectorized<A>& f) {
+  if constexpr (!std::is_same_v<T, A>) {  // half and bfloat16 (accumulated in float)
     std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
   }
   a = a * f;
   b = b * f;
+}
+template <typename T, typename A>
+inline T scale_as_stored(A x, A f) {
+  return static_cast<T>(static_cast<A>(static_cast<T>(x)) * f);
+}
+
+// The gradient of a skipped row (weight 0): zeros, signed as a scale_rows_ pass by f leaves them.
+template <typename T, typename A>
+inline void zero_grad_row(T* g, int64_t n, A f) {
+  if (g) std::fill(g, g + n, static_cast<T>(A(0) * f));
 }
 
 using DVec2 = at::vec::Vectorized<double>;

@@ -3,12 +3,12 @@
 // csrc/ops/softmax_kl.cpp; user-facing validation happens in kdfast/_validation.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/grad_scale.h"
 #include "cuda/kernels.h"
 #include "ops/cpu_dispatch.h"
 #include "ops/row_args.h"
@@ -29,19 +29,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor&
   at::Tensor gs = grad_student ? at::empty({R, V}, s.options()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? at::empty({R, V}, t.options()) : at::empty({0}, t.options());
   if (R == 0) return {kl, gs, gt};
-  cpu::SoftmaxKLArgs a = kl_args(s, t, inv_temperature, row_weight, kl, gs, gt, grad_student, grad_teacher);
+  cpu::SoftmaxKLArgs a = kl_args(s, t, inv_temperature, row_weight, kl, gs, gt, grad_student, grad_teacher, 1.0);
   const size_t ws_bytes = cuda::softmax_kl_workspace(a);
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, s.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.get_device()).stream();
   C10_CUDA_CHECK(cuda::softmax_kl(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream));
-  if (grad_scale != 1.0) {  // a scale_rows_ pass (the CPU kernels fuse it; Python asks only there)
-    const at::Tensor f = at::full({1}, grad_scale, row_weight.options());
-    for (at::Tensor* g : {&gs, &gt}) {
-      if (g->numel() == 0) continue;
-      C10_CUDA_CHECK(cuda::scale_rows(to_kernel_dtype(g->scalar_type()), g->data_ptr(), R, V, f.data_ptr(), 0, stream));
-    }
-  }
+  apply_grad_scale(grad_scale, gs, gt, row_weight.options(), stream);
   return {kl, gs, gt};
 }
 

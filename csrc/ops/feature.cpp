@@ -12,15 +12,16 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_match_cpu(const at::Tensor& s, const at::Tensor& t, bool cosine,
                                                                  double eps, const at::Tensor& row_weight,
-                                                                 bool grad_student, bool grad_teacher) {
-  check_row_inputs("feature_match", s, t, row_weight);
+                                                                 bool grad_student, bool grad_teacher,
+                                                                 double grad_scale) {
+  check_row_inputs("feature_match", s, t, row_weight, grad_scale);
   TORCH_CHECK(eps >= 0, "feature_match: eps must be >= 0, got ", eps);
   const int64_t R = s.size(0), D = s.size(1);
   at::Tensor loss = at::empty({R}, row_weight.options());
   at::Tensor gs = grad_student ? empty_cpu_fast({R, D}, s.scalar_type()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? empty_cpu_fast({R, D}, t.scalar_type()) : at::empty({0}, t.options());
   if (R == 0) return {loss, gs, gt};
-  cpu::FeatureArgs a = feature_args(s, t, cosine, eps, row_weight, loss, gs, gt, grad_student, grad_teacher);
+  cpu::FeatureArgs a = feature_args(s, t, cosine, eps, row_weight, loss, gs, gt, grad_student, grad_teacher, grad_scale);
   cpu_kernels().feature_match(a);
   return {loss, gs, gt};
 }

@@ -10,7 +10,9 @@
 namespace kdfast {
 
 // The (rows, D) operand pair of a row op (softmax_kl, feature_match) and its row weights.
-inline void check_row_inputs(const char* op, const at::Tensor& s, const at::Tensor& t, const at::Tensor& w) {
+inline void check_row_inputs(const char* op, const at::Tensor& s, const at::Tensor& t, const at::Tensor& w,
+                             double grad_scale) {
+  TORCH_CHECK(std::isfinite(grad_scale), op, ": grad_scale must be finite, got ", grad_scale);
   TORCH_CHECK(s.dim() == 2 && t.dim() == 2, op, ": student and teacher must be 2-D (rows, D)");
   TORCH_CHECK(s.sizes() == t.sizes(), op, ": student ", s.sizes(), " and teacher ", t.sizes(), " differ in shape");
   TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher dtypes differ");
@@ -26,14 +28,14 @@ inline void check_row_inputs(const char* op, const at::Tensor& s, const at::Tens
 }
 
 inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w, double grad_scale) {
-  check_row_inputs("softmax_kl", s, t, w);
+  check_row_inputs("softmax_kl", s, t, w, grad_scale);
   TORCH_CHECK(s.size(1) > 0, "softmax_kl: the vocabulary (last dim) is empty");
-  TORCH_CHECK(std::isfinite(grad_scale), "softmax_kl: grad_scale must be finite, got ", grad_scale);
 }
 
 // Kernel arguments for outputs already allocated (gs / gt are ignored unless asked for).
 inline void set_row_pair(cpu::RowPairArgs& a, const at::Tensor& s, const at::Tensor& t, const at::Tensor& w,
-                         at::Tensor& loss, at::Tensor& gs, at::Tensor& gt, bool grad_student, bool grad_teacher) {
+                         at::Tensor& loss, at::Tensor& gs, at::Tensor& gt, bool grad_student, bool grad_teacher,
+                         double grad_scale) {
   a.dtype = to_kernel_dtype(s.scalar_type());
   a.student = s.data_ptr();
   a.teacher = t.data_ptr();
@@ -45,23 +47,23 @@ inline void set_row_pair(cpu::RowPairArgs& a, const at::Tensor& s, const at::Ten
   a.loss_rows = loss.data_ptr();
   a.grad_student = grad_student ? gs.data_ptr() : nullptr;
   a.grad_teacher = grad_teacher ? gt.data_ptr() : nullptr;
+  a.grad_scale = grad_scale;
 }
 
 inline cpu::SoftmaxKLArgs kl_args(const at::Tensor& s, const at::Tensor& t, double inv_temperature,
                                   const at::Tensor& w, at::Tensor& kl, at::Tensor& gs, at::Tensor& gt,
-                                  bool grad_student, bool grad_teacher, double grad_scale = 1.0) {
+                                  bool grad_student, bool grad_teacher, double grad_scale) {
   cpu::SoftmaxKLArgs a;
-  set_row_pair(a, s, t, w, kl, gs, gt, grad_student, grad_teacher);
+  set_row_pair(a, s, t, w, kl, gs, gt, grad_student, grad_teacher, grad_scale);
   a.inv_temperature = inv_temperature;
-  a.grad_scale = grad_scale;
   return a;
 }
 
 inline cpu::FeatureArgs feature_args(const at::Tensor& s, const at::Tensor& t, bool cosine, double eps,
                                      const at::Tensor& w, at::Tensor& loss, at::Tensor& gs, at::Tensor& gt,
-                                     bool grad_student, bool grad_teacher) {
+                                     bool grad_student, bool grad_teacher, double grad_scale) {
   cpu::FeatureArgs a;
-  set_row_pair(a, s, t, w, loss, gs, gt, grad_student, grad_teacher);
+  set_row_pair(a, s, t, w, loss, gs, gt, grad_student, grad_teacher, grad_scale);
   a.cosine = cosine;
   a.eps = eps;
   return a;
