@@ -12,10 +12,13 @@ Contenders (every one computes the same number; the harness checks it against kd
   torchdistill   (when installed) torchdistill's KDLoss with alpha=0 (soft loss only), times T^2
 
 Cases: the two from the foundation issue's performance bars (2048x32000 fp32; 256x128256 bf16, an
-LLM vocabulary), two classification heads (256x1000, 128x100 fp32), a vocabulary sweep V = 4096..131072 for the plot (256 rows on CPU, 4096 on CUDA),
+LLM vocabulary), two classification heads (256x1000, 128x100 fp32), 2048x32000 weighted by
+alpha = 0.5 as in `ce + alpha * kd` (every contender times alpha), a vocabulary sweep V = 4096..131072 for the plot (256 rows on CPU, 4096 on CUDA),
 and on CUDA the LLM-scale 8192x131072 (--full: 16384x131072).
 Gelem/s counts rows*V.
 """
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +33,9 @@ def eager_kd(s, t, T=T):
                     log_target=True) * T * T
 
 
-def _case(settings, device, rows, V, dtype, series=None):
-    return Case(FAMILY, f"{rows}x{V} {dtype}", device, {"rows": rows, "V": V, "dtype": dtype, "T": T},
+def _case(settings, device, rows, V, dtype, series=None, alpha=1.0):
+    name = f"{rows}x{V} {dtype}" + (f" alpha={alpha:g}" if alpha != 1.0 else "")
+    return Case(FAMILY, name, device, {"rows": rows, "V": V, "dtype": dtype, "T": T, "alpha": alpha},
                 elements=rows * V, elements_unit="rows*V logits", series=series,
                 x=V if series else None, cost_exponent=1.0, headline=series is None)
 
@@ -51,6 +55,8 @@ def cases(settings, device):
         sweep_rows = 4096 if cuda else 256
         sweep = [4096, 16384, 32768, 65536, 131072]
     out = [_case(settings, device, r, V, dt) for r, V, dt in fixed]
+    if settings.mode != "quick":  # the KD term as trained: alpha * kd inside ce + alpha * kd
+        out.append(_case(settings, device, 2048, 32000, "fp32", alpha=0.5))
     out += [_case(settings, device, sweep_rows, V, "fp32", series="vocab") for V in sweep]
     return out
 
@@ -84,7 +90,14 @@ def contenders(case, settings):
     td = _torchdistill(T_, one_input)
     if td is not None:
         out.append(td)
+    alpha = p.get("alpha", 1.0)
+    if alpha != 1.0:
+        out = [c if c.fn is None else dataclasses.replace(c, fn=_weighted(c.fn, alpha)) for c in out]
     return out
+
+
+def _weighted(fn, alpha):
+    return lambda s, t: alpha * fn(s, t)
 
 
 def _liger(T_, one_input):
