@@ -13,8 +13,9 @@ Contenders (every one computes the same number; the harness checks it against kd
 
 Cases: the two from the foundation issue's performance bars (2048x32000 fp32; 256x128256 bf16, an
 LLM vocabulary), two classification heads (256x1000, 128x100 fp32), 2048x32000 weighted by
-alpha = 0.5 as in `ce + alpha * kd` (every contender times alpha), a vocabulary sweep V = 4096..131072 for the plot (256 rows on CPU, 4096 on CUDA),
-and on CUDA the LLM-scale 8192x131072 (--full: 16384x131072).
+alpha = 0.5 as in `ce + alpha * kd` (every contender times alpha), a vocabulary sweep
+V = 4096..131072 for the plot (256 rows on CPU, 4096 on CUDA), and on CUDA the LLM-scale
+8192x131072 (--full: 16384x131072).
 Gelem/s counts rows*V.
 """
 import dataclasses

@@ -70,16 +70,8 @@ double sq_error_slice(const T* s, const T* t, int64_t n, acc_of<T> c, acc_of<T> 
       const V d0 = s0 - t0, d1 = s1 - t1;
       a0 = at::vec::fmadd(d0, d0, a0);
       a1 = at::vec::fmadd(d1, d1, a1);
-      if (gs) {
-        V g0 = d0 * vc, g1 = d1 * vc;
-        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-        stream ? stream2(gs + i, g0, g1) : store2(gs + i, g0, g1);
-      }
-      if (gt) {
-        V g0 = d0 * vnc, g1 = d1 * vnc;
-        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-        stream ? stream2(gt + i, g0, g1) : store2(gt + i, g0, g1);
-      }
+      if (gs) store2_scaled<T>(gs + i, d0 * vc, d1 * vc, scaled_out, vpost, stream);
+      if (gt) store2_scaled<T>(gt + i, d0 * vnc, d1 * vnc, scaled_out, vpost, stream);
     }
     total += lane_sum(a0 + a1);
   }
@@ -165,14 +157,12 @@ void cosine_grad_slice(const T* s, const T* t, int64_t n, const feature::CosineR
     load2(s + i, s0, s1);
     load2(t + i, t0, t1);
     if (gs) {
-      V g0 = ss * at::vec::fmadd(cs, t0, es * s0), g1 = ss * at::vec::fmadd(cs, t1, es * s1);
-      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-      store2(gs + i, g0, g1);
+      store2_scaled<T>(gs + i, ss * at::vec::fmadd(cs, t0, es * s0), ss * at::vec::fmadd(cs, t1, es * s1),
+                       scaled_out, vpost);
     }
     if (gt) {
-      V g0 = st * at::vec::fmadd(ct, s0, et * t0), g1 = st * at::vec::fmadd(ct, s1, et * t1);
-      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-      store2(gt + i, g0, g1);
+      store2_scaled<T>(gt + i, st * at::vec::fmadd(ct, s0, et * t0), st * at::vec::fmadd(ct, s1, et * t1),
+                       scaled_out, vpost);
     }
   }
   for (; i < n; ++i) {

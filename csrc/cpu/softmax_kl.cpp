@@ -238,29 +238,26 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
       const FVec et0 = FVec::loadu(pet), et1 = FVec::loadu(pet + FVec::size());
       if (gs) {  // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's
         const FVec es0 = FVec::loadu(pe), es1 = FVec::loadu(pe + FVec::size());
-        FVec g0 = vcoef * at::vec::fmsub(es0, vcs, et0 * vct), g1 = vcoef * at::vec::fmsub(es1, vcs, et1 * vct);
-        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-        store2(qs, g0, g1);
+        store2_scaled<T>(qs, vcoef * at::vec::fmsub(es0, vcs, et0 * vct),
+                         vcoef * at::vec::fmsub(es1, vcs, et1 * vct), scaled_out, vpost);
       }
       if (gt) {
         const FVec pt0 = et0 * vct, pt1 = et1 * vct;
         FVec a0, a1, b0v, b1v;
         scaled(ps, pt, vms, vmt, vit, a0, a1, b0v, b1v);
-        FVec g0 = FVec::blendv(FVec(0.f), vcoef * pt0 * ((b0v - a0) - vshift), pt0 > FVec(0.f));
-        FVec g1 = FVec::blendv(FVec(0.f), vcoef * pt1 * ((b1v - a1) - vshift), pt1 > FVec(0.f));
-        if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-        store2(qt, g0, g1);
+        store2_scaled<T>(qt, FVec::blendv(FVec(0.f), vcoef * pt0 * ((b0v - a0) - vshift), pt0 > FVec(0.f)),
+                         FVec::blendv(FVec(0.f), vcoef * pt1 * ((b1v - a1) - vshift), pt1 > FVec(0.f)),
+                         scaled_out, vpost);
       }
     };
-    const int64_t j0 = b0;
     int64_t i = 0;
     for (; i + K <= bn; i += K) {
-      const int64_t j = j0 + i;
+      const int64_t j = b0 + i;
       if (gs) prefetch_k<1>(gs + j + kWriteAhead);
       step(es_in + j, et_in + j, s + j, t + j, gs ? gs + j : gs, gt ? gt + j : gt);
     }
     if (i < bn) {  // padded with 0 (finite); the padding's gradients are dropped
-      const int64_t j = j0 + i, m = bn - i;
+      const int64_t j = b0 + i, m = bn - i;
       const Tail tail(s + j, t + j, m, 0.f), e(es_in + j, et_in + j, m, 0.f);
       float qs[K], qt[K];
       step(e.s, e.t, tail.s, tail.t, qs, qt);
@@ -286,17 +283,11 @@ void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt
     FVec a0, a1, b0, b1;
     scaled(ps, pt, vms, vmt, vit, a0, a1, b0, b1);
     const FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
-    if (gs) {
-      FVec g0 = coef * (es0 * izs - et0 * izt), g1 = coef * (es1 * izs - et1 * izt);
-      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-      store2(qs, g0, g1);
-    }
+    if (gs) store2_scaled<T>(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt), scaled_out, vpost);
     if (gt) {
       FVec pt0 = et0 * izt, pt1 = et1 * izt;
-      FVec g0 = FVec::blendv(FVec(0.f), coef * pt0 * ((b0 - a0) - shift), et0 > FVec(0.f));
-      FVec g1 = FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 > FVec(0.f));
-      if (scaled_out) scale_as_stored<T>(g0, g1, vpost);
-      store2(qt, g0, g1);
+      store2_scaled<T>(qt, FVec::blendv(FVec(0.f), coef * pt0 * ((b0 - a0) - shift), et0 > FVec(0.f)),
+                       FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 > FVec(0.f)), scaled_out, vpost);
     }
   };
   int64_t i = 0;

@@ -5,8 +5,8 @@
 // resident memory; a 1 MB gradient of 256 x 1000 logits faulted ~60 pages a step). So large blocks
 // (8 MB and more) are 2 MB-aligned and advised for transparent huge pages, others page-aligned, and
 // a freed block goes back to a small size-keyed cache instead of to the OS: the next step's
-// gradient of the same shape lands in memory that is already mapped. KDFAST_CPU_CACHE_MB caps the cache
-// (default 2048, 0 turns it off); torch.ops.kdfast._empty_cpu_cache() releases it.
+// gradient of the same shape lands in memory that is already mapped. KDFAST_CPU_CACHE_MB caps the
+// cache (default 2048, 0 turns it off); torch.ops.kdfast._empty_cpu_cache() releases it.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <sys/mman.h>
