@@ -5,8 +5,9 @@ torch.ops.kdfast.softmax_kl is a forward-and-gradient primitive: it returns each
 when asked, row_weight[r] * dKL_r/d(input) computed in the same pass over the logits (the way
 Liger-Kernel's fused losses do). FusedLossFunction returns the weighted losses row_weight[r] * KL_r,
 whose gradient is then exactly the op's buffer times the upstream gradient of each row: 1 in the
-usual `loss.sum().backward()`, so its backward has nothing to do but hand the buffer over (one
-scale_rows_ launch that skips rows whose factor is 1). When the upstream gradient differs, it
+usual `loss.sum().backward()`, so its backward has nothing to do but hand the buffer over (on
+CUDA, where reading the factor would sync, after one scale_rows_ launch that skips rows whose factor
+is 1). When the upstream gradient differs, it
 rescales rows of its private buffer in place, and a second backward through the same graph
 (retain_graph=True) recomputes. Few launches matter: small losses are bound by them.
 """
@@ -151,9 +152,10 @@ class FusedLossFunction(torch.autograd.Function):
             ratio = ratio.to(gs.dtype if gs.dtype == torch.float64 else torch.float32)
             if ctx.key is not None:
                 uniform = _observe_upstream(ctx.key, ratio)
+                # the gradient was computed at this factor (1 unless predicted): nothing to scale
+                if uniform == (1.0 if ctx.pred is None else ctx.pred):
+                    return (None, gs if want_s else None, gt if want_t else None, None) + nones
                 if ctx.pred is not None:
-                    if uniform == ctx.pred:
-                        return (None, gs if want_s else None, gt if want_t else None, None) + nones
                     # a wrong guess: recompute at factor 1, so that the rescale below gives the
                     # bits of a step that made no guess (results never depend on earlier steps)
                     student, teacher, weight = ctx.saved_tensors[:3]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast import reference as ref
+from kdfast import functional, reference as ref
 
 from conftest import (DTYPE_IDS, DTYPES, GRAD_TOL, HALF, VALUE_TOL, FusedOpCalls, compare_compiled, needs_native,
                       relerr, result_dtype, same_bits)
@@ -497,6 +497,7 @@ def test_grad_scale_has_the_bits_of_scale_rows(cpu_isa, cosine, shape, dtype):
 def test_weighted_feature_loss_steps(loss):
     """beta * loss over steps: from the third step with the same beta no pass over the gradient is
     left for backward; any step gives the bits of the same step with no history."""
+    kdfast.set_backend("native")  # (auto sends squared errors this small to ATen's mse_loss)
     fn = getattr(kdfast, loss)
     s0, t0 = data(64, 300), data(64, 300)
 
@@ -518,3 +519,28 @@ def test_weighted_feature_loss_steps(loss):
     sd = s0.double().requires_grad_()
     (0.5 * getattr(ref, loss)(sd, t0.double())).backward()
     close(grad, sd.grad, 1e-5, "gradient")
+
+
+@needs_native
+@pytest.mark.parametrize("loss", ["logit_mse", "feature_l2"])
+@dtype_params((torch.float32, torch.bfloat16))
+def test_auto_sends_small_squared_errors_to_aten(loss, dtype):
+    """Under "auto" a CPU squared error below the size where the fused op's Python autograd costs
+    more than it saves runs ATen's mse_loss (the reference); from that size on, and always under
+    "native", the fused op. Values and gradients agree either way."""
+    below = functional._ATEN_MSE_BELOW[torch.empty((), dtype=dtype).element_size()]
+    fn, ref_fn = getattr(kdfast, loss), getattr(ref, loss)
+    for backend, rows, fused in [("auto", below // 64 - 1, False), ("auto", below // 64, True),
+                                 ("native", 3, True)]:
+        kdfast.set_backend(backend)
+        s0, t = data(rows, 64, dtype=dtype), data(rows, 64, dtype=dtype)
+        s = s0.clone().requires_grad_()
+        with FusedOpCalls() as calls:
+            fn(s, t).backward()
+        assert ("kdfast.feature_match.default" in calls.ops) == fused, (backend, rows)
+        assert ("aten.mse_loss.default" in calls.ops) == (not fused), (backend, rows)
+        sd = s0.double().requires_grad_()
+        want = ref_fn(sd, t.double())
+        want.backward()
+        close(fn(s0, t), want, 1e-5 if dtype == torch.float32 else 1e-3, "value")
+        close(s.grad, sd.grad, 1e-5 if dtype == torch.float32 else 1e-2, "gradient")
