@@ -145,13 +145,16 @@ def test_huge_row_and_tiny_rows(name, shape, dtype):
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(520, 4096), (520, 4097), (2, 3, 350003)],
-                         ids=["aligned_rows", "misaligned_rows", "split_rows"])
-def test_large_gradients_streamed(shape, cpu_isa):
+@pytest.mark.parametrize("shape,dtype", [((520, 4096), torch.float32), ((520, 4097), torch.float32),
+                                         ((2, 3, 350003), torch.float32), ((1040, 4096), torch.bfloat16),
+                                         ((1040, 4097), torch.float16)],
+                         ids=["aligned_rows", "misaligned_rows", "split_rows", "bf16_aligned_rows",
+                              "fp16_misaligned_rows"])
+def test_large_gradients_streamed(shape, dtype, cpu_isa):
     """Squared-error gradients of 8 MB and more are written with non-temporal stores where a slice is
-    vector-aligned (rows of 4096 floats, split chunks) and with plain stores where not (4097): every
-    ISA build, both gradients, against float64."""
-    s, t = data(*shape), data(*shape)
+    vector-aligned (rows of 4096 elements, split chunks) and with plain stores where not (4097):
+    every ISA build, both gradients, against float64."""
+    s, t = data(*shape, dtype=dtype), data(*shape, dtype=dtype)
     check("logit_mse", s, t, reduction="sum", upstream=0.5)
 
 

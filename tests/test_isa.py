@@ -77,6 +77,23 @@ def test_isa_wide_logits(cpu_isa, dtype, scale, temperature):
         check_kl(s, t, temperature=temperature, reduction="sum", grad_teacher=True)
 
 
+STREAMED = [pytest.param(dtype, shape, id=f"{DTYPE_IDS[dtype]}-{name}") for dtype, shape, name in [
+    (torch.float32, (64, 32768), "rows"), (torch.float32, (64, 32771), "misaligned_rows"),
+    (torch.float32, (8, 262144), "split"), (torch.float32, (8, 262147), "misaligned_split"),
+    (torch.bfloat16, (16, 262147), "misaligned_rows"), (torch.bfloat16, (8, 524288), "split")]]
+
+
+@pytest.mark.parametrize("dtype,shape", STREAMED)
+def test_isa_streamed_gradients(cpu_isa, dtype, shape):
+    """Gradients of 8 MB and more are written with non-temporal stores where a row (row path) or
+    chunk (split path) starts vector-aligned, plainly where not: both gradients, every ISA build,
+    against float64."""
+    s = (torch.randn(*shape, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(*shape, dtype=torch.float64) * 3).to(dtype)
+    check_kl(s, t, kd=True, temperature=2.0, reduction="none", grad_teacher=True,
+             upstream=torch.rand(shape[:-1], dtype=torch.float64))
+
+
 def test_kernels_leave_subnormals_on():
     """The KL kernels flush subnormals to zero only while they run: afterwards torch, on this
     thread and on the worker threads, still makes them (the kernels restore the FP control word)."""

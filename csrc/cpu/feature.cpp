@@ -32,12 +32,8 @@ using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 1 << 15;  // elements per task when rows are split
 constexpr int64_t kBlock = 1024;     // elements summed in vector lanes before a double carry
-// Squared-error gradients of at least this many bytes are written with non-temporal stores: they
-// are far larger than the caches, so nothing reads them back from there, and skipping the
-// read-for-ownership takes ~10% off a pass that reads two inputs and writes one (2048 x 4096 fp32:
-// 4.7 -> 4.3 ms on the 2-core Xeon). Smaller ones stay in cache for the optimizer that reads them.
+// Large squared-error gradients are written with non-temporal stores (vec_io.h streams_output).
 // (Cosine gradients lost ~10% with them: a fence per short row drains the write-combining buffers.)
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -190,7 +186,7 @@ void feature_typed(const FeatureArgs& p) {
   T* GT = static_cast<T*>(p.grad_teacher);
   const int64_t R = p.rows, D = p.cols;
   const bool want_grad = GS || GT;
-  const bool stream = R * D * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  const bool stream = streams_output(R * D, sizeof(T));
   const A post = static_cast<A>(p.grad_scale);
 
   // One (row, chunk) slice: its student and teacher pointers, gradient pointers and length.

@@ -3,7 +3,8 @@
 // Row path (the usual case): each thread takes whole rows. Pass 1 finds both row maxima, pass 2
 // computes e_s, e_t (the only two exponentials per element), the sums and the KL, keeping e_s and
 // e_t in a per-thread scratch row that stays in cache, and pass 3 writes the gradients. Inputs are
-// read from memory once and the gradient written once; the later passes hit L2.
+// read from memory once and the gradient written once (non-temporal stores when it is large, see
+// vec_io.h); the later passes hit L2.
 // Split path (few rows, huge vocabulary): rows are cut into fixed chunks so that every core works;
 // partial maxima and sums are combined in chunk order, so results do not depend on thread count.
 #include <ATen/Parallel.h>
@@ -158,7 +159,8 @@ constexpr int64_t kBlock = 2048;
 // asks for the next block while it computes this one, so that memory and arithmetic overlap
 // instead of taking turns (the hardware prefetcher alone runs too little ahead; measured: forward
 // 46 -> 26 ms at 2048 x 32000); the gradient pass asks for its destination 2 KB ahead of its
-// stores, which otherwise stall on reading each line first (49 -> 45 ms).
+// stores, which otherwise stall on reading each line first (49 -> 45 ms; streamed gradients need
+// no such read).
 template <int kWrite = 0, typename T>
 inline void prefetch_k(const T* p) {
   for (int64_t off = 0; off < int64_t(2 * FVec::size() * sizeof(T)); off += 64) {
@@ -221,12 +223,14 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
 template <typename T>
 void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, float invt, float coef,
                       double zs, double zt, float shift, float post, const float* es_in,
-                      const float* et_in, const float* block_ms, const float* block_mt, T* gs, T* gt) {
+                      const float* et_in, const float* block_ms, const float* block_mt, T* gs, T* gt,
+                      bool stream) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int64_t K = kStep;
   constexpr int64_t kWriteAhead = 2048 / sizeof(T);
   const FVec vms(ms), vmt(mt), vit(invt), vcoef(coef), vshift(shift), vpost(post);
   const bool scaled_out = post != 1.f;
+  stream = stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
   for (int64_t b0 = 0, blk = 0; b0 < n; b0 += kBlock, ++blk) {
     const int64_t bn = std::min(kBlock, n - b0);
     // This block's exponentials are relative to its own running maxima: one factor corrects them.
@@ -239,7 +243,7 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
       if (gs) {  // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's
         const FVec es0 = FVec::loadu(pe), es1 = FVec::loadu(pe + FVec::size());
         store2_scaled<T>(qs, vcoef * at::vec::fmsub(es0, vcs, et0 * vct),
-                         vcoef * at::vec::fmsub(es1, vcs, et1 * vct), scaled_out, vpost);
+                         vcoef * at::vec::fmsub(es1, vcs, et1 * vct), scaled_out, vpost, stream);
       }
       if (gt) {
         const FVec pt0 = et0 * vct, pt1 = et1 * vct;
@@ -247,13 +251,13 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
         scaled(ps, pt, vms, vmt, vit, a0, a1, b0v, b1v);
         store2_scaled<T>(qt, FVec::blendv(FVec(0.f), vcoef * pt0 * ((b0v - a0) - vshift), pt0 > FVec(0.f)),
                          FVec::blendv(FVec(0.f), vcoef * pt1 * ((b1v - a1) - vshift), pt1 > FVec(0.f)),
-                         scaled_out, vpost);
+                         scaled_out, vpost, stream);
       }
     };
     int64_t i = 0;
     for (; i + K <= bn; i += K) {
       const int64_t j = b0 + i;
-      if (gs) prefetch_k<1>(gs + j + kWriteAhead);
+      if (gs && !stream) prefetch_k<1>(gs + j + kWriteAhead);
       step(es_in + j, et_in + j, s + j, t + j, gs ? gs + j : gs, gt ? gt + j : gt);
     }
     if (i < bn) {  // padded with 0 (finite); the padding's gradients are dropped
@@ -265,6 +269,7 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
       if (gt) copy_out(qt, m, gt + j);
     }
   }
+  if (stream) stream_fence();
 }
 
 struct GradCoef {
@@ -274,20 +279,25 @@ struct GradCoef {
 // Gradients of a chunk of a split row, recomputing the exponentials from the inputs.
 template <typename T>
 void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt, const GradCoef& g, T* gs,
-               T* gt) {
+               T* gt, bool stream) {
   constexpr int64_t K = kStep;
   const FVec vms(ms), vmt(mt), vit(invt), coef(g.coef), izs(g.inv_zs), izt(g.inv_zt), shift(g.shift);
   const FVec vpost(g.post);
   const bool scaled_out = g.post != 1.f;
+  stream = stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
   auto step = [&](const auto* ps, const auto* pt, auto* qs, auto* qt) {
     FVec a0, a1, b0, b1;
     scaled(ps, pt, vms, vmt, vit, a0, a1, b0, b1);
     const FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
-    if (gs) store2_scaled<T>(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt), scaled_out, vpost);
+    if (gs) {
+      store2_scaled<T>(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt), scaled_out, vpost,
+                       stream);
+    }
     if (gt) {
       FVec pt0 = et0 * izt, pt1 = et1 * izt;
       store2_scaled<T>(qt, FVec::blendv(FVec(0.f), coef * pt0 * ((b0 - a0) - shift), et0 > FVec(0.f)),
-                       FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 > FVec(0.f)), scaled_out, vpost);
+                       FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 > FVec(0.f)), scaled_out, vpost,
+                       stream);
     }
   };
   int64_t i = 0;
@@ -299,6 +309,7 @@ void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt
     if (gs) copy_out(qs, n - i, gs + i);
     if (gt) copy_out(qt, n - i, gt + i);
   }
+  if (stream) stream_fence();
 }
 
 // ---- double: plain loops (the float64 path exists for checking, not for speed) ----
@@ -360,6 +371,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   // The row path keeps per-block maxima on the stack: rows beyond 2^20 elements take the split path.
   const bool split = (R < 16 && V >= 2 * kSplitChunk) || V > (int64_t(1) << 20);
   const int64_t nchunk = split ? (V + kSplitChunk - 1) / kSplitChunk : 1;
+  const bool stream = streams_output(R * V, sizeof(T));  // the gradients (vec_io.h)
   if (nchunk == 1) {
     at::parallel_for(0, R, rows_per_task(V, 8192), [&](int64_t r0, int64_t r1) {
       const FlushDenormals ftz;
@@ -396,7 +408,8 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           if (want_grad) {
             auto [c, izs, izt, shift] = grad_coef(w, st);
             (void)izs, (void)izt;
-            row_grads_cached(s, t, V, fms, fmt, invt, c, st.zs, st.zt, shift, post, es, et, bms, bmt, gs, gt);
+            row_grads_cached(s, t, V, fms, fmt, invt, c, st.zs, st.zt, shift, post, es, et, bms, bmt, gs, gt,
+                             stream);
           }
         }
       }
@@ -464,7 +477,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
       if constexpr (std::is_same<T, double>::value) {
         row_grads(s, t, n, ms[r], mt[r], invt, c, izs, izt, shift, post, gs, gt);
       } else {
-        row_grads(s, t, n, ms[r], mt[r], invt, GradCoef{c, izs, izt, shift, post}, gs, gt);
+        row_grads(s, t, n, ms[r], mt[r], invt, GradCoef{c, izs, izt, shift, post}, gs, gt, stream);
       }
     }
   });

@@ -83,7 +83,15 @@ struct FlushDenormals {
 
 // Non-temporal stores, for large outputs that nothing reads soon: they skip the read-for-ownership
 // of each cache line (a third of the traffic of a kernel that reads two inputs and writes one).
-// Float vectors at an address aligned to the vector (can_stream); other types store normally.
+// float, half and bfloat16 vectors at an address aligned to the vector (can_stream); double stores
+// normally. Gradients of at least kStreamBytes take them (streams_output): measured on the 2-core
+// Xeon, 2 threads, op alone: squared error 2048 x 4096 fp32 4.7 -> 4.3 ms, 8192 x 8192 bf16 16.6 ->
+// 13.8 ms, fp16 16.0 -> 13.1 ms; softmax-KL 2048 x 32000 fp32 39.4 -> 36.3 ms, bf16 27.0 -> 25.7 ms,
+// 256 x 131072 fp32 22.5 -> 20.2 ms. Smaller ones stay in cache for whatever reads them next.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+inline bool streams_output(int64_t elems, size_t elem_size) {
+  return elems * static_cast<int64_t>(elem_size) >= kStreamBytes;
+}
 inline bool can_stream(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % (FVec2::size() * sizeof(float)) == 0;
 }
@@ -98,8 +106,18 @@ inline void stream2(float* p, const FVec2& a, const FVec2& b) {
   store2(p, a, b);
 #endif
 }
-template <typename T, typename V>
-inline void stream2(T* p, const V& a, const V& b) {
+// half and bfloat16: converted, then one full vector streamed.
+template <typename T, typename = std::enable_if_t<std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>>>
+inline void stream2(T* p, const FVec2& a, const FVec2& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
+#else
+  store2(p, a, b);
+#endif
+}
+inline void stream2(double* p, const DVec2& a, const DVec2& b) {
   store2(p, a, b);
 }
 // Orders this thread's non-temporal stores before whatever it does next (e.g. joining the others).
