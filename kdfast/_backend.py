@@ -1,5 +1,7 @@
-"""Backend selection: "auto" (compiled kernels where the extension has one, else reference),
-"native" (the same, but an error when the extension is missing) or "reference" (pure PyTorch)."""
+"""Backend selection: "auto" (compiled kernels where the extension has one, else reference; CPU
+squared errors too small to gain from the fused op take ATen's mse_loss, see functional.py),
+"native" (the compiled kernels always, an error when the extension is missing) or "reference"
+(pure PyTorch)."""
 import os
 import warnings
 

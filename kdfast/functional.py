@@ -111,19 +111,20 @@ def _native_ok(student):
 _ATEN_MSE_BELOW = {2: 32768, 4: 65536, 8: 65536}
 
 
-def _native_sq_error_ok(student):
+def _native_sq_error_ok(student, teacher):
     if not _native_ok(student):
         return False
     if _backend.get_backend() != "auto" or student.device.type != "cpu":
         return True
-    return student.numel() >= _ATEN_MSE_BELOW.get(student.element_size(), 65536)
+    size = torch.promote_types(student.dtype, teacher.dtype).itemsize  # the dtype the op would run in
+    return student.numel() >= _ATEN_MSE_BELOW.get(size, 65536)
 
 
 def logit_mse(student_logits, teacher_logits, *, reduction="mean"):
     """Mean (or sum, or elementwise with reduction="none") squared difference of the logits."""
     v.check_pair(student_logits, teacher_logits)
     v.check_reduction(reduction, v.REDUCTIONS)
-    if reduction == "none" or not _native_sq_error_ok(student_logits):
+    if reduction == "none" or not _native_sq_error_ok(student_logits, teacher_logits):
         return reference.logit_mse(student_logits, teacher_logits, reduction=reduction)
     out = _native_sq_error(student_logits, teacher_logits, reduction)
     return out.to(v.result_dtype(student_logits, teacher_logits))
@@ -137,7 +138,7 @@ def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
     total = None
     for i, (fs, ft) in enumerate(pairs):
         v.check_pair(fs, ft, f"student_feats[{i}]", f"teacher_feats[{i}]")
-        if _native_sq_error_ok(fs):
+        if _native_sq_error_ok(fs, ft):
             term = _native_sq_error(fs, ft, reduction)
         else:
             term = reference.feature_l2(fs, ft, reduction=reduction)

@@ -517,7 +517,7 @@ def _check_autocast(name, fn, backend):
     assert relerr(loss, outside) < 1e-5, f"{name}: {loss.item()!r} under autocast, {outside.item()!r} outside"
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])  # (auto: small squared errors take ATen)
 @pytest.mark.parametrize("name", list(AUTOCAST_LOSSES))
 def test_autocast_losses_run_in_float32(name, backend):
     """(softmax-KL with an fp32 teacher and native backend: also test_softmax_kl.py.)"""

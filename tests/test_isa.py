@@ -80,7 +80,8 @@ def test_isa_wide_logits(cpu_isa, dtype, scale, temperature):
 STREAMED = [pytest.param(dtype, shape, id=f"{DTYPE_IDS[dtype]}-{name}") for dtype, shape, name in [
     (torch.float32, (64, 32768), "rows"), (torch.float32, (64, 32771), "misaligned_rows"),
     (torch.float32, (8, 262144), "split"), (torch.float32, (8, 262147), "misaligned_split"),
-    (torch.bfloat16, (16, 262147), "misaligned_rows"), (torch.bfloat16, (8, 524288), "split")]]
+    (torch.bfloat16, (16, 262147), "misaligned_rows"), (torch.bfloat16, (8, 524288), "split"),
+    (torch.float16, (128, 32784), "rows")]]
 
 
 @pytest.mark.parametrize("dtype,shape", STREAMED)

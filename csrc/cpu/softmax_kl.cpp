@@ -237,13 +237,15 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
     const float cs = block_ms[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((block_ms[blk] - ms) * invt) / zs);
     const float ct = block_mt[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((block_mt[blk] - mt) * invt) / zt);
     const FVec vcs(cs), vct(ct);
-    // One step of K elements: exponentials at pe / pet, inputs at ps / pt, gradients to qs / qt.
-    auto step = [&](const float* pe, const float* pet, const auto* ps, const auto* pt, auto* qs, auto* qt) {
+    // One step of K elements: exponentials at pe / pet, inputs at ps / pt, gradients to qs / qt,
+    // non-temporal when nt (never into the tail's stack buffers: they need not be vector-aligned).
+    auto step = [&](const float* pe, const float* pet, const auto* ps, const auto* pt, auto* qs, auto* qt,
+                    bool nt) {
       const FVec et0 = FVec::loadu(pet), et1 = FVec::loadu(pet + FVec::size());
       if (gs) {  // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's
         const FVec es0 = FVec::loadu(pe), es1 = FVec::loadu(pe + FVec::size());
         store2_scaled<T>(qs, vcoef * at::vec::fmsub(es0, vcs, et0 * vct),
-                         vcoef * at::vec::fmsub(es1, vcs, et1 * vct), scaled_out, vpost, stream);
+                         vcoef * at::vec::fmsub(es1, vcs, et1 * vct), scaled_out, vpost, nt);
       }
       if (gt) {
         const FVec pt0 = et0 * vct, pt1 = et1 * vct;
@@ -251,20 +253,20 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
         scaled(ps, pt, vms, vmt, vit, a0, a1, b0v, b1v);
         store2_scaled<T>(qt, FVec::blendv(FVec(0.f), vcoef * pt0 * ((b0v - a0) - vshift), pt0 > FVec(0.f)),
                          FVec::blendv(FVec(0.f), vcoef * pt1 * ((b1v - a1) - vshift), pt1 > FVec(0.f)),
-                         scaled_out, vpost, stream);
+                         scaled_out, vpost, nt);
       }
     };
     int64_t i = 0;
     for (; i + K <= bn; i += K) {
       const int64_t j = b0 + i;
       if (gs && !stream) prefetch_k<1>(gs + j + kWriteAhead);
-      step(es_in + j, et_in + j, s + j, t + j, gs ? gs + j : gs, gt ? gt + j : gt);
+      step(es_in + j, et_in + j, s + j, t + j, gs ? gs + j : gs, gt ? gt + j : gt, stream);
     }
     if (i < bn) {  // padded with 0 (finite); the padding's gradients are dropped
       const int64_t j = b0 + i, m = bn - i;
       const Tail tail(s + j, t + j, m, 0.f), e(es_in + j, et_in + j, m, 0.f);
       float qs[K], qt[K];
-      step(e.s, e.t, tail.s, tail.t, qs, qt);
+      step(e.s, e.t, tail.s, tail.t, qs, qt, false);
       if (gs) copy_out(qs, m, gs + j);
       if (gt) copy_out(qt, m, gt + j);
     }
@@ -285,27 +287,26 @@ void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt
   const FVec vpost(g.post);
   const bool scaled_out = g.post != 1.f;
   stream = stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
-  auto step = [&](const auto* ps, const auto* pt, auto* qs, auto* qt) {
+  auto step = [&](const auto* ps, const auto* pt, auto* qs, auto* qt, bool nt) {  // nt: as row_grads_cached
     FVec a0, a1, b0, b1;
     scaled(ps, pt, vms, vmt, vit, a0, a1, b0, b1);
     const FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
     if (gs) {
-      store2_scaled<T>(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt), scaled_out, vpost,
-                       stream);
+      store2_scaled<T>(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt), scaled_out, vpost, nt);
     }
     if (gt) {
       FVec pt0 = et0 * izt, pt1 = et1 * izt;
       store2_scaled<T>(qt, FVec::blendv(FVec(0.f), coef * pt0 * ((b0 - a0) - shift), et0 > FVec(0.f)),
                        FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 > FVec(0.f)), scaled_out, vpost,
-                       stream);
+                       nt);
     }
   };
   int64_t i = 0;
-  for (; i + K <= n; i += K) step(s + i, t + i, gs ? gs + i : gs, gt ? gt + i : gt);
+  for (; i + K <= n; i += K) step(s + i, t + i, gs ? gs + i : gs, gt ? gt + i : gt, stream);
   if (i < n) {
     const Tail tail(s + i, t + i, n - i, kPadLogit);
     float qs[K], qt[K];
-    step(tail.s, tail.t, qs, qt);
+    step(tail.s, tail.t, qs, qt, false);
     if (gs) copy_out(qs, n - i, gs + i);
     if (gt) copy_out(qt, n - i, gt + i);
   }
