@@ -129,11 +129,25 @@ else
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -n 40
   grep -E "^E  " "$LOGS/tests.log" | head -n 40  # the failures' messages (the summary cuts them short)
   tail -n 22 "$LOGS/tests.log"
+  # The first few failures again with dynamo's internal stack (torch.compile errors are otherwise
+  # one cut-off line), into failed_verbose.log, which travels back with $OUT.
+  FAILED_IDS=$(grep -E "^FAILED " "$LOGS/tests.log" | awk '{print $2}' | sort -u | head -n 3)
+  if [ -n "$FAILED_IDS" ]; then
+    # shellcheck disable=SC2086
+    stage "failed tests again, verbose" 60 200 "$LOGS/failed_verbose.log" \
+      env TORCHDYNAMO_VERBOSE=1 "$PYTHON" -m pytest -q -p no:cacheprovider --tb=long $FAILED_IDS
+    grep -E "^E  " "$LOGS/failed_verbose.log" | head -n 20
+  fi
 
   # 3. benchmarks (they measure the build from step 1, whatever the tests said)
   BENCH_LIMIT=$(( $(left) - 10 ))
   stage "gpu_check.py benchmarks" 300 10 - \
     "$PYTHON" bench/gpu_check.py --budget $(( BENCH_LIMIT - 25 )) --table-file "$TABLE"
+fi
+
+# The logs travel back with the device tool's $OUT (its printed output is cut to the last 12 KB).
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/gpu_check_logs" && cp "$LOGS"/*.log "$OUT/gpu_check_logs/" 2>/dev/null
 fi
 
 echo
