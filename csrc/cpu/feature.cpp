@@ -53,7 +53,7 @@ double sq_error_slice(const T* s, const T* t, int64_t n, acc_of<T> c, acc_of<T> 
   constexpr int64_t K = 2 * V::size();
   const V vc(c), vnc(-c), vpost(post);
   const bool scaled_out = post != A(1);
-  stream = stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
+  stream = can_stream(stream, gs, gt);
   double total = 0;
   int64_t i = 0;
   while (i + K <= n) {

@@ -230,7 +230,7 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
   constexpr int64_t kWriteAhead = 2048 / sizeof(T);
   const FVec vms(ms), vmt(mt), vit(invt), vcoef(coef), vshift(shift), vpost(post);
   const bool scaled_out = post != 1.f;
-  stream = stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
+  stream = can_stream(stream, gs, gt);
   for (int64_t b0 = 0, blk = 0; b0 < n; b0 += kBlock, ++blk) {
     const int64_t bn = std::min(kBlock, n - b0);
     // This block's exponentials are relative to its own running maxima: one factor corrects them.
@@ -286,7 +286,7 @@ void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt
   const FVec vms(ms), vmt(mt), vit(invt), coef(g.coef), izs(g.inv_zs), izt(g.inv_zt), shift(g.shift);
   const FVec vpost(g.post);
   const bool scaled_out = g.post != 1.f;
-  stream = stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
+  stream = can_stream(stream, gs, gt);
   auto step = [&](const auto* ps, const auto* pt, auto* qs, auto* qt, bool nt) {  // nt: as row_grads_cached
     FVec a0, a1, b0, b1;
     scaled(ps, pt, vms, vmt, vit, a0, a1, b0, b1);

@@ -95,6 +95,10 @@ inline bool streams_output(int64_t elems, size_t elem_size) {
 inline bool can_stream(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % (FVec2::size() * sizeof(float)) == 0;
 }
+// A kernel's `stream` for the gradients it writes at gs / gt (either may be null): both aligned.
+inline bool can_stream(bool stream, const void* gs, const void* gt) {
+  return stream && (!gs || can_stream(gs)) && (!gt || can_stream(gt));
+}
 inline void stream2(float* p, const FVec2& a, const FVec2& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_stream_ps(p, a);
