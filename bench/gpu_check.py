@@ -361,8 +361,8 @@ def bench_rkd(device, budget, N, D, errors):
     uses for this device; skipped when its memory need cannot fit."""
     res = {"N": N, "D": D, "native_cuda": kdfast.native_available(device.type)}
     ops = torch.ops.kdfast
-    has_rkd_kernels = all(hasattr(ops, n) for n in ("rkd_angle", "rkd_distance")) and device.type == "cuda" and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::rkd_angle", "CUDA")
+    has_rkd_kernels = hasattr(ops, "rkd") and device.type == "cuda" and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::rkd", "CUDA")
     res["rkd_cuda_kernels"] = bool(has_rkd_kernels)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -584,7 +584,7 @@ def generator(device, seed=0):
 
 
 def has_kernel(op, device):
-    """Whether the kdfast extension registered a kernel of `op` (e.g. "kdfast::rkd_angle") for the
+    """Whether the kdfast extension registered a kernel of `op` (e.g. "kdfast::rkd") for the
     device, and the backend would use it."""
     try:
         import kdfast

@@ -66,7 +66,7 @@ def eager_bytes(N, D, itemsize=4):
 def kdfast_native(device):
     import kdfast
     return (kdfast.rkd_loss is not kdfast.reference.rkd_loss
-            and has_kernel("kdfast::rkd_angle", device) and has_kernel("kdfast::rkd_distance", device))
+            and has_kernel("kdfast::rkd", device))
 
 
 def _case(device, N, D, kdfast_only=False, series="scaling"):

@@ -93,14 +93,15 @@ TORCH_LIBRARY(kdfast, m) {
   // grad[r, :] *= ratio[r] in place, skipping rows whose ratio is exactly 1 (the usual case, where
   // the upstream gradient is the one the forward already applied).
   m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
-  // Relation ops. Points are (B, N, D); student and teacher may differ in D. rkd_distance and
-  // rkd_angle return (loss per group, grad_student, grad_teacher) in the same forward-and-gradient
-  // form as softmax_kl: each gradient is group_weight[b] * d loss_b / d input, or an empty tensor.
-  // loss_b is the mean Huber_delta over the group's N^2 distance or N^3 angle entries.
-  m.def("rkd_distance(Tensor student, Tensor teacher, float delta, bool squared, float eps, "
-        "Tensor group_weight, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
-  m.def("rkd_angle(Tensor student, Tensor teacher, float delta, float eps, Tensor group_weight, "
-        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // The RKD loss of each group of points (B, N, D); student and teacher may differ in D. loss_b =
+  // distance_weight * (mean Huber_delta over the N^2 psi-normalised distances) + angle_weight *
+  // (mean Huber_delta over the N^3 triplet-angle cosines); a term of weight 0 is not computed. In
+  // the forward-and-gradient form of softmax_kl: (loss per group, grad_student, grad_teacher), each
+  // gradient group_weight[b] * d loss_b / d input, or an empty tensor. One op for both terms, so
+  // that RKD-DA centres the points, forms their Gram matrices and multiplies back to points once.
+  m.def("rkd(Tensor student, Tensor teacher, float distance_weight, float angle_weight, float delta, "
+        "bool squared, float eps, Tensor group_weight, bool grad_student, bool grad_teacher) "
+        "-> (Tensor, Tensor, Tensor)");
   // (B, N, D) -> (B, N, N) distances clamped at eps with a zero diagonal, each group divided by the
   // mean of its positive entries when normalize. In the accumulation dtype (float32 or float64).
   m.def("pairwise_distances(Tensor x, bool squared, bool normalize, float eps) -> Tensor");

@@ -39,13 +39,9 @@ def _scale_rows_fake(grad, ratio):
     return None
 
 
-@torch.library.register_fake("kdfast::rkd_distance")
-def _rkd_distance_fake(student, teacher, delta, squared, eps, group_weight, grad_student, grad_teacher):
-    return _relation_fake(student, teacher, group_weight, grad_student, grad_teacher)
-
-
-@torch.library.register_fake("kdfast::rkd_angle")
-def _rkd_angle_fake(student, teacher, delta, eps, group_weight, grad_student, grad_teacher):
+@torch.library.register_fake("kdfast::rkd")
+def _rkd_fake(student, teacher, distance_weight, angle_weight, delta, squared, eps, group_weight, grad_student,
+              grad_teacher):
     return _relation_fake(student, teacher, group_weight, grad_student, grad_teacher)
 
 
@@ -96,7 +92,7 @@ torch.library.register_autograd("kdfast::pairwise_distances", _pairwise_backward
 
 
 class FusedLossFunction(torch.autograd.Function):
-    """Autograd for the forward-and-gradient ops (softmax_kl, rkd_distance, rkd_angle).
+    """Autograd for the forward-and-gradient ops (softmax_kl, feature_match, rkd).
 
     op(student, teacher, *params, weight, grad_student, grad_teacher) returns (per-row or per-group
     losses, grad_student, grad_teacher) with gradients of sum(weight * losses). The Function

@@ -173,12 +173,15 @@ def _groups(x):
     return x if x.dim() == 3 else x.unsqueeze(0)
 
 
-def _native_relation(op, student, teacher, scale, *params):
-    """sum_b w_b loss_b with w_b = scale / B: the relation losses average their groups."""
+def _native_relation(student, teacher, distance_weight, angle_weight, delta, squared=False, eps=1e-12):
+    """The fused RKD op: mean over groups of distance_weight * distance term + angle_weight * angle
+    term (a term of weight 0 is not computed)."""
     s3, t3 = _groups(student), _groups(teacher)
     s3, t3 = _common_dtype(s3, t3)
-    w = torch.full((s3.shape[0],), scale / s3.shape[0], dtype=v.compute_dtype(s3), device=s3.device)
-    return fused_loss(op, s3, t3, w, *params).sum().to(v.result_dtype(student, teacher))
+    w = torch.full((s3.shape[0],), 1.0 / s3.shape[0], dtype=v.compute_dtype(s3), device=s3.device)
+    out = fused_loss(torch.ops.kdfast.rkd, s3, t3, w, float(distance_weight), float(angle_weight), delta,
+                     bool(squared), eps)
+    return out.sum().to(v.result_dtype(student, teacher))
 
 
 def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):
@@ -201,7 +204,7 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
     eps = v.check_nonnegative(eps, "eps")
     if not _backend.use_native(student.device):
         return reference.rkd_distance_loss(student, teacher, delta=delta, squared=squared, eps=eps)
-    return _native_relation(torch.ops.kdfast.rkd_distance, student, teacher, 1.0, delta, bool(squared), eps)
+    return _native_relation(student, teacher, 1.0, 0.0, delta, squared, eps)
 
 
 def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
@@ -212,7 +215,7 @@ def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     eps = v.check_nonnegative(eps, "eps")
     if not _backend.use_native(student.device):
         return reference.rkd_angle_loss(student, teacher, delta=delta, eps=eps)
-    return _native_relation(torch.ops.kdfast.rkd_angle, student, teacher, 1.0, delta, eps)
+    return _native_relation(student, teacher, 0.0, 1.0, delta, eps=eps)
 
 
 def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0):
@@ -223,6 +226,4 @@ def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta
     delta = v.check_positive(delta, "delta")
     if not _backend.use_native(student.device):
         return reference.rkd_loss(student, teacher, distance_weight=dw, angle_weight=aw, delta=delta)
-    eps = 1e-12
-    return (_native_relation(torch.ops.kdfast.rkd_distance, student, teacher, dw, delta, False, eps)
-            + _native_relation(torch.ops.kdfast.rkd_angle, student, teacher, aw, delta, eps))
+    return _native_relation(student, teacher, dw, aw, delta)

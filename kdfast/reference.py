@@ -209,8 +209,13 @@ def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
 
 
 def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0):
-    """distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss (RKD-DA, Park et al.)."""
+    """distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss (RKD-DA, Park et al.).
+    A term of weight 0 is left out (not computed, so its NaN cannot reach the loss), as
+    torchdistill's RKDLoss leaves out a term whose factor is 0."""
     dw = v.check_nonnegative(distance_weight, "distance_weight")
     aw = v.check_nonnegative(angle_weight, "angle_weight")
-    return (dw * rkd_distance_loss(student, teacher, delta=delta)
-            + aw * rkd_angle_loss(student, teacher, delta=delta))
+    terms = [w * f(student, teacher, delta=delta)
+             for w, f in ((dw, rkd_distance_loss), (aw, rkd_angle_loss)) if w != 0]
+    if not terms:  # exactly 0, with zero gradients (sums of empty slices: no NaN can enter)
+        return (student.flatten()[:0].sum() + teacher.flatten()[:0].sum()).to(v.result_dtype(student, teacher))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]

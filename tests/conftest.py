@@ -349,7 +349,7 @@ def compare_compiled(fn, args, grads_of, rtol=1e-6, atol=1e-12):
 
 class FusedOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the (grad_student, grad_teacher) flags of every fused forward-and-gradient op
-    (softmax_kl, rkd_distance, rkd_angle, feature_match: the last two arguments) called inside the
+    (softmax_kl, rkd, feature_match: the last two arguments) called inside the
     block, and the name of every op dispatched (ops)."""
 
     def __init__(self):
@@ -359,7 +359,7 @@ class FusedOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
-        if func.namespace == "kdfast" and func._opname in ("softmax_kl", "rkd_distance", "rkd_angle", "feature_match"):
+        if func.namespace == "kdfast" and func._opname in ("softmax_kl", "rkd", "feature_match"):
             self.flags.append(tuple(args[-2:]))
         return func(*args, **(kwargs or {}))
 

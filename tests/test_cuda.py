@@ -418,21 +418,25 @@ def _points(B, n, D, dtype=torch.float32, dup=True):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("op", ["rkd_distance", "rkd_angle"])
+# (distance weight, angle weight, squared) of the fused RKD op: each term alone, and both
+RKD_TERMS = {"distance": (1.0, 0.0, False), "distance_sq": (1.0, 0.0, True), "angle": (0.0, 1.0, False),
+             "both": (25.0, 50.0, False)}
+
+
+@pytest.mark.parametrize("terms", list(RKD_TERMS))
 @pytest.mark.parametrize("shape", [(1, 5, 3, 4), (2, 70, 5, 7), (1, 300, 16, 8)], ids=["5", "2x70", "300"])
 @dtype_params((torch.float32, torch.float64))
-def test_relation_ops_match_cpu(op, shape, dtype):
-    """The CUDA relation ops against the CPU ops on the same inputs (values and both gradients),
+def test_relation_ops_match_cpu(terms, shape, dtype):
+    """The CUDA relation op against the CPU op on the same inputs (values and both gradients),
     with a group of weight 0 (no gradient) and duplicate points."""
     B, n, Ds, Dt = shape
     s, t = _points(B, n, Ds, dtype), _points(B, n, Dt, dtype)
     w = torch.full((B,), 0.7, dtype=dtype)
     if B > 1:
         w[1] = 0
-    fn = getattr(torch.ops.kdfast, op)
-    extra = (1.0, False, 1e-12) if op == "rkd_distance" else (1.0, 1e-12)
-    cpu = fn(s, t, *extra, w, True, True)
-    dev = fn(s.to(DEV), t.to(DEV), *extra, w.to(DEV), True, True)
+    dw, aw, squared = RKD_TERMS[terms]
+    cpu = torch.ops.kdfast.rkd(s, t, dw, aw, 1.0, squared, 1e-12, w, True, True)
+    dev = torch.ops.kdfast.rkd(s.to(DEV), t.to(DEV), dw, aw, 1.0, squared, 1e-12, w.to(DEV), True, True)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for a, b, name in zip(dev, cpu, ("loss", "grad_student", "grad_teacher")):
         assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape, name
@@ -474,8 +478,8 @@ def test_relation_losses_against_reference(fn):
 def test_relation_ops_no_groups():
     s, t = torch.randn(0, 5, 3, device=DEV), torch.randn(0, 5, 4, device=DEV)
     w = torch.ones(0, device=DEV)
-    for out in (torch.ops.kdfast.rkd_distance(s, t, 1.0, False, 1e-12, w, True, True),
-                torch.ops.kdfast.rkd_angle(s, t, 1.0, 1e-12, w, True, True)):
+    for dw, aw, squared in RKD_TERMS.values():
+        out = torch.ops.kdfast.rkd(s, t, dw, aw, 1.0, squared, 1e-12, w, True, True)
         assert out[0].shape == (0,) and out[1].shape == s.shape and out[2].shape == t.shape
     assert torch.ops.kdfast.pairwise_distances(s, False, True, 1e-12).shape == (0, 5, 5)
     for fn in (kdfast.rkd_loss, kdfast.rkd_distance_loss, kdfast.rkd_angle_loss):
@@ -492,8 +496,8 @@ def test_opcheck_relation_ops():
     w = torch.tensor([0.5, 0.0], device=DEV)
     s, t = s.to(DEV), t.to(DEV)
     for flags in ((True, True), (False, False)):
-        torch.library.opcheck(torch.ops.kdfast.rkd_distance.default, (s, t, 1.0, False, 1e-12, w, *flags))
-        torch.library.opcheck(torch.ops.kdfast.rkd_angle.default, (s, t, 1.0, 1e-12, w, *flags))
+        for dw, aw, squared in RKD_TERMS.values():
+            torch.library.opcheck(torch.ops.kdfast.rkd.default, (s, t, dw, aw, 1.0, squared, 1e-12, w, *flags))
     torch.library.opcheck(torch.ops.kdfast.pairwise_distances.default, (s, False, True, 1e-12))
     torch.library.opcheck(torch.ops.kdfast.pairwise_distances_backward.default,
                           (torch.randn(2, 33, 33, device=DEV), s, False, True, 1e-12))

@@ -298,14 +298,41 @@ def _has_op(name):
 @pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["no_grad", "grad_s", "grad_t", "grad_st"])
 def test_opcheck_relation_ops(dtype, flags):
-    if not (_has_op("rkd_distance") and _has_op("rkd_angle")):
-        pytest.skip("this build has no fused relation ops")
+    if not _has_op("rkd"):
+        pytest.skip("this build has no fused relation op")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     s, t = torch.randn(2, 6, 3, dtype=dtype), torch.randn(2, 6, 5, dtype=dtype)
     w = torch.tensor([0.5, 0.25], dtype=acc)
-    torch.library.opcheck(torch.ops.kdfast.rkd_distance.default, (s, t, 1.0, False, 1e-12, w, *flags))
-    torch.library.opcheck(torch.ops.kdfast.rkd_distance.default, (s, t, 0.5, True, 1e-12, w, *flags))
-    torch.library.opcheck(torch.ops.kdfast.rkd_angle.default, (s, t, 1.0, 1e-12, w, *flags))
+    # (distance weight, angle weight, delta, squared): each term alone, both, none
+    for dw, aw, delta, squared in ((1.0, 0.0, 1.0, False), (0.5, 0.0, 0.5, True), (0.0, 1.0, 1.0, False),
+                                   (25.0, 50.0, 0.7, False), (0.0, 0.0, 1.0, False)):
+        torch.library.opcheck(torch.ops.kdfast.rkd.default, (s, t, dw, aw, delta, squared, 1e-12, w, *flags))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_rkd_op_sums_its_terms(dtype):
+    """The fused op's loss and gradients for both terms are the weighted sums of each term alone
+    (it computes them in one Gram gradient); a term of weight 0 is not computed at all: a group
+    whose points all coincide has, at eps = 0, no positive distance (its distance term is NaN, as
+    the reference mean of nothing) but an angle term of 0."""
+    if not _has_op("rkd"):
+        pytest.skip("this build has no fused relation op")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s, t = torch.randn(3, 20, 6, dtype=dtype), torch.randn(3, 20, 4, dtype=dtype)
+    w = torch.tensor([0.5, 0.0, 0.25], dtype=acc)
+
+    def op(dw, aw, s=s, t=t):
+        return torch.ops.kdfast.rkd(s, t, dw, aw, 0.8, False, 1e-12, w, True, True)
+    both, dist, angle = op(25.0, 50.0), op(1.0, 0.0), op(0.0, 1.0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for b, d, a in zip(both, dist, angle):
+        assert relerr(b, 25.0 * d + 50.0 * a) < tol
+    assert (both[1][1] == 0).all() and (both[2][1] == 0).all()  # the group of weight 0
+    same = torch.ones(1, 5, 3, dtype=dtype)
+    assert torch.ops.kdfast.rkd(same, same, 1.0, 0.0, 1.0, False, 0.0, w[:1], False, False)[0].isnan().all()
+    loss, gs, gt = torch.ops.kdfast.rkd(same, same, 0.0, 1.0, 1.0, False, 0.0, w[:1], True, True)
+    assert (loss == 0).all() and (gs == 0).all() and (gt == 0).all()
 
 
 @needs_native

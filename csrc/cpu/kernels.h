@@ -60,7 +60,7 @@ struct PdistBackwardArgs {
   double eps, mean;  // mean of the positive distances (used when normalize)
   int64_t pos_count;
   const void* grad_out;  // d loss / d psi (normalize) or d loss / d dist
-  void* grad_gram;       // out: d loss / d G (not symmetrised)
+  void* grad_gram;       // in/out: d loss / d G (not symmetrised) is added to it
 };
 
 // Huber between psi_s = dist_s / mean_s and psi_t = dist_t / mean_t over n x n entries.
@@ -83,7 +83,7 @@ struct AngleArgs {
   int64_t n;
   double eps, delta, coef;  // coef scales the gradients (weight / n^3)
   double loss;              // out: sum of Huber values
-  void* grad_gram_s;        // out or null: d loss / d G_s (not symmetrised); n x n
+  void* grad_gram_s;        // in/out or null: d loss / d G_s (not symmetrised) is added; n x n
   void* grad_gram_t;
 };
 

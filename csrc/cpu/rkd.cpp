@@ -107,7 +107,6 @@ void pdist_backward_typed(const PdistBackwardArgs& p) {
         acc_t v = side_sq(G, n, i, j);
         // Only unclamped off-diagonal entries depend on G.
         M[ij] = (j != i && v > eps) ? (p.squared ? gd : gd / (acc_t(2) * D[ij])) : acc_t(0);
-        gG[ij] = 0;
       }
     }
   });
@@ -161,6 +160,11 @@ void compose_angle_grad(const acc_t* G, const acc_t* inv, acc_t* A, const acc_t*
     }
   });
   add_sqdist_grad(S, n, A);
+}
+
+template <typename acc_t>
+void add_to(const std::vector<acc_t>& x, acc_t* out) {
+  for (size_t i = 0; i < x.size(); ++i) out[i] += x[i];
 }
 
 template <typename acc_t>
@@ -266,11 +270,11 @@ void angle_typed(AngleArgs& p) {
   for (int64_t j = 0; j < n; ++j) p.loss += part[j];
   if (p.grad_gram_s) {
     compose_angle_grad(Gs, inv_s.data(), As.data(), Rs.data(), Ss.data(), n, eps);
-    std::copy(As.begin(), As.end(), static_cast<acc_t*>(p.grad_gram_s));
+    add_to(As, static_cast<acc_t*>(p.grad_gram_s));
   }
   if (p.grad_gram_t) {
     compose_angle_grad(Gt, inv_t.data(), At.data(), Rt.data(), St.data(), n, eps);
-    std::copy(At.begin(), At.end(), static_cast<acc_t*>(p.grad_gram_t));
+    add_to(At, static_cast<acc_t*>(p.grad_gram_t));
   }
 }
 

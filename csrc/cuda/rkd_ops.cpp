@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "cuda/kernels.h"
 #include "ops/rkd_common.h"
 
@@ -76,16 +78,18 @@ at::Tensor drop_zero_weight(const at::Tensor& gG, const at::Tensor& w) {
   return at::where((w != 0).view({-1, 1, 1}), gG, 0.0);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_cuda(const at::Tensor& s, const at::Tensor& t,
-                                                                 double delta, bool squared, double eps,
-                                                                 const at::Tensor& w, bool want_s, bool want_t) {
-  check_same_cuda("rkd_distance", {s, t, w});
-  const c10::cuda::CUDAGuard guard(s.device());
-  RelationInputs in(s, t, w, "rkd_distance");
+// One term's share of the op: per-group losses (weighted) and Gram gradients (undefined if not asked).
+struct Term {
+  at::Tensor loss, gGs, gGt;
+};
+
+// coef: group_weight * term weight (double, per group).
+Term distance_term(const RelationInputs& in, const at::Tensor& coef_w, double dw, double delta, bool squared,
+                   double eps, bool want_s, bool want_t, cudaStream_t stream) {
   const int64_t B = in.B, n = in.N;
   const double nn = double(n) * double(n);
   Dist ds = pdist(in.gram_s, squared, eps), dt = pdist(in.gram_t, squared, eps);
-  const at::Tensor coef = (w.to(at::kDouble) / nn).contiguous();
+  const at::Tensor coef = (coef_w / nn).contiguous();
   const at::Tensor inv_ms = (1.0 / ds.mean).contiguous(), inv_mt = (1.0 / dt.mean).contiguous();
   const int nblk = cuda::rkd_distance_blocks(n);
   at::Tensor partial = at::empty({B, nblk}, coef.options());
@@ -95,11 +99,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_cuda(const at::Tenso
                                           inv_ms.data_ptr<double>(), inv_mt.data_ptr<double>(),
                                           coef.data_ptr<double>(), B, n, delta, partial.data_ptr<double>(),
                                           want_s ? gps.data_ptr() : nullptr, want_t ? gpt.data_ptr() : nullptr,
-                                          stream_of(s)));
-  at::Tensor loss = (partial.sum(1) / nn).to(in.acc);
-  at::Tensor gGs = want_s ? drop_zero_weight(pdist_backward(in.gram_s, ds, squared, true, eps, gps), w) : at::Tensor();
-  at::Tensor gGt = want_t ? drop_zero_weight(pdist_backward(in.gram_t, dt, squared, true, eps, gpt), w) : at::Tensor();
-  return {loss, in.grad_points_s(gGs), in.grad_points_t(gGt)};
+                                          stream));
+  Term r;
+  r.loss = partial.sum(1) / nn * dw;
+  if (want_s) r.gGs = pdist_backward(in.gram_s, ds, squared, true, eps, gps);
+  if (want_t) r.gGt = pdist_backward(in.gram_t, dt, squared, true, eps, gpt);
+  return r;
 }
 
 // d loss / d G of the angle term from A, R and S (S is overwritten).
@@ -112,20 +117,15 @@ at::Tensor compose_angle_grad(const at::Tensor& gram, const at::Tensor& inv, con
   return g;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_angle_cuda(const at::Tensor& s, const at::Tensor& t, double delta,
-                                                              double eps, const at::Tensor& w, bool want_s,
-                                                              bool want_t) {
-  check_same_cuda("rkd_angle", {s, t, w});
-  const c10::cuda::CUDAGuard guard(s.device());
-  RelationInputs in(s, t, w, "rkd_angle");
+Term angle_term(const RelationInputs& in, const at::Tensor& coef_w, double aw, double delta, double eps, bool want_s,
+                bool want_t, cudaStream_t stream) {
   const int64_t B = in.B, n = in.N;
   const double n3 = double(n) * double(n) * double(n);
   const cpu::DType acc = acc_dt(in.acc);
-  const cudaStream_t stream = stream_of(s);
   at::Tensor inv_s = at::empty_like(in.gram_s), inv_t = at::empty_like(in.gram_t);
   C10_CUDA_CHECK(cuda::rkd_inv_sides(acc, in.gram_s.data_ptr(), B, n, eps, inv_s.data_ptr(), stream));
   C10_CUDA_CHECK(cuda::rkd_inv_sides(acc, in.gram_t.data_ptr(), B, n, eps, inv_t.data_ptr(), stream));
-  const at::Tensor coef = (w.to(at::kDouble) / n3).contiguous();
+  const at::Tensor coef = (coef_w / n3).contiguous();
   at::Tensor partial = at::empty({B, cuda::rkd_angle_tiles(n)}, coef.options());
   auto mat = [&](bool want) { return want ? at::empty_like(in.gram_s) : at::Tensor(); };
   at::Tensor As = mat(want_s), Rs = mat(want_s), Ss = mat(want_s);
@@ -140,10 +140,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_angle_cuda(const at::Tensor& 
   a.loss_partial = partial.data_ptr<double>();
   a.a_s = ptr(As), a.a_t = ptr(At), a.r_s = ptr(Rs), a.r_t = ptr(Rt), a.s_s = ptr(Ss), a.s_t = ptr(St);
   C10_CUDA_CHECK(cuda::rkd_angle(a, stream));
-  at::Tensor loss = (partial.sum(1) / n3).to(in.acc);
-  at::Tensor gGs = want_s ? drop_zero_weight(compose_angle_grad(in.gram_s, inv_s, As, Rs, Ss, eps), w) : at::Tensor();
-  at::Tensor gGt = want_t ? drop_zero_weight(compose_angle_grad(in.gram_t, inv_t, At, Rt, St, eps), w) : at::Tensor();
-  return {loss, in.grad_points_s(gGs), in.grad_points_t(gGt)};
+  Term r;
+  r.loss = partial.sum(1) / n3 * aw;
+  if (want_s) r.gGs = compose_angle_grad(in.gram_s, inv_s, As, Rs, Ss, eps);
+  if (want_t) r.gGt = compose_angle_grad(in.gram_t, inv_t, At, Rt, St, eps);
+  return r;
+}
+
+at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a + b;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, const at::Tensor& t, double dw, double aw,
+                                                        double delta, bool squared, double eps, const at::Tensor& w,
+                                                        bool want_s, bool want_t) {
+  check_same_cuda("rkd", {s, t, w});
+  TORCH_CHECK(std::isfinite(dw) && std::isfinite(aw), "rkd: the term weights must be finite");
+  const c10::cuda::CUDAGuard guard(s.device());
+  RelationInputs in(s, t, w, "rkd");
+  const cudaStream_t stream = stream_of(s);
+  const at::Tensor wd = w.to(at::kDouble);
+  at::Tensor loss = at::zeros({in.B}, wd.options());
+  at::Tensor gGs, gGt;  // both terms add to one Gram gradient per side: one product back to points
+  for (int term = 0; term < 2; ++term) {
+    const double tw = term == 0 ? dw : aw;
+    if (tw == 0) continue;  // a term of weight 0 is not computed
+    const Term r = term == 0 ? distance_term(in, wd * tw, tw, delta, squared, eps, want_s, want_t, stream)
+                             : angle_term(in, wd * tw, tw, delta, eps, want_s, want_t, stream);
+    loss = loss + r.loss;
+    gGs = add_defined(gGs, r.gGs);
+    gGt = add_defined(gGt, r.gGt);
+  }
+  if (want_s && !gGs.defined()) gGs = at::zeros_like(in.gram_s);
+  if (want_t && !gGt.defined()) gGt = at::zeros_like(in.gram_t);
+  return {loss.to(in.acc), in.grad_points_s(drop_zero_weight(gGs, w)), in.grad_points_t(drop_zero_weight(gGt, w))};
 }
 
 at::Tensor pairwise_distances_cuda(const at::Tensor& x, bool squared, bool normalize, double eps) {
@@ -171,8 +203,7 @@ at::Tensor pairwise_distances_backward_cuda(const at::Tensor& grad, const at::Te
 }  // namespace kdfast
 
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
-  m.impl("rkd_distance", &kdfast::rkd_distance_cuda);
-  m.impl("rkd_angle", &kdfast::rkd_angle_cuda);
+  m.impl("rkd", &kdfast::rkd_cuda);
   m.impl("pairwise_distances", &kdfast::pairwise_distances_cuda);
   m.impl("pairwise_distances_backward", &kdfast::pairwise_distances_backward_cuda);
 }

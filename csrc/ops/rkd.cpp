@@ -4,8 +4,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <cmath>
+#include <vector>
 
 #include "ops/cpu_dispatch.h"
 #include "ops/rkd_common.h"
@@ -42,50 +46,55 @@ void group_dist_backward(const at::Tensor& G, const GroupDist& d, bool squared, 
   cpu_kernels().pdist_backward(a);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_cpu(const at::Tensor& s, const at::Tensor& t,
-                                                                double delta, bool squared, double eps,
-                                                                const at::Tensor& w, bool want_s, bool want_t) {
-  RelationInputs in(s, t, w, "rkd_distance");
-  const int64_t B = in.B, n = in.N;
-  at::Tensor loss = at::empty({B}, in.opts());
-  at::Tensor gGs = want_s ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
-  at::Tensor gGt = want_t ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
-  auto wa = in.weights();
-  for (int64_t b = 0; b < B; ++b) {
-    GroupDist ds = group_dist(in.gram_s[b], squared, eps), dt = group_dist(in.gram_t[b], squared, eps);
-    at::Tensor gps = want_s ? at::empty({n, n}, in.opts()) : at::Tensor();
-    at::Tensor gpt = want_t ? at::empty({n, n}, in.opts()) : at::Tensor();
-    cpu::DistanceHuberArgs a{acc_kernel_dtype(in.acc), ds.dist.data_ptr(), dt.dist.data_ptr(), n,
-                             1.0 / ds.mean, 1.0 / dt.mean, delta, wa[b] / double(n * n), 0,
-                             want_s ? gps.data_ptr() : nullptr, want_t ? gpt.data_ptr() : nullptr};
-    cpu_kernels().distance_huber(a);
-    loss[b] = a.loss / double(n * n);
-    if (wa[b] == 0) continue;
-    if (want_s) group_dist_backward(in.gram_s[b], ds, squared, true, eps, gps, gGs[b]);
-    if (want_t) group_dist_backward(in.gram_t[b], dt, squared, true, eps, gpt, gGt[b]);
-  }
-  return {loss, in.grad_points_s(gGs), in.grad_points_t(gGt)};
+// Adds group b's distance term (weighted by dw) to loss and to the Gram gradients gGs / gGt.
+void distance_term(const RelationInputs& in, int64_t b, double wb, double dw, double delta, bool squared,
+                   double eps, double& loss, const at::Tensor& gGs, const at::Tensor& gGt) {
+  const int64_t n = in.N;
+  const double nn = double(n) * double(n);
+  const bool want_s = gGs.defined(), want_t = gGt.defined();
+  GroupDist ds = group_dist(in.gram_s[b], squared, eps), dt = group_dist(in.gram_t[b], squared, eps);
+  at::Tensor gps = want_s ? at::empty({n, n}, in.opts()) : at::Tensor();
+  at::Tensor gpt = want_t ? at::empty({n, n}, in.opts()) : at::Tensor();
+  cpu::DistanceHuberArgs a{acc_kernel_dtype(in.acc), ds.dist.data_ptr(), dt.dist.data_ptr(), n,
+                           1.0 / ds.mean, 1.0 / dt.mean, delta, wb * dw / nn, 0,
+                           want_s ? gps.data_ptr() : nullptr, want_t ? gpt.data_ptr() : nullptr};
+  cpu_kernels().distance_huber(a);
+  loss += dw * (a.loss / nn);
+  if (wb == 0) return;
+  if (want_s) group_dist_backward(in.gram_s[b], ds, squared, true, eps, gps, gGs[b]);
+  if (want_t) group_dist_backward(in.gram_t[b], dt, squared, true, eps, gpt, gGt[b]);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& s, const at::Tensor& t,
-                                                             double delta, double eps, const at::Tensor& w,
-                                                             bool want_s, bool want_t) {
-  RelationInputs in(s, t, w, "rkd_angle");
+// Adds group b's angle term (weighted by aw) to loss and to the Gram gradients gGs / gGt.
+void angle_term(const RelationInputs& in, int64_t b, double wb, double aw, double delta, double eps, double& loss,
+                const at::Tensor& gGs, const at::Tensor& gGt) {
+  const int64_t n = in.N;
+  const double n3 = double(n) * double(n) * double(n);
+  const bool grads = wb != 0;
+  cpu::AngleArgs a{acc_kernel_dtype(in.acc), in.gram_s[b].data_ptr(), in.gram_t[b].data_ptr(), n, eps, delta,
+                   wb * aw / n3, 0, (gGs.defined() && grads) ? gGs[b].data_ptr() : nullptr,
+                   (gGt.defined() && grads) ? gGt[b].data_ptr() : nullptr};
+  cpu_kernels().angle(a);
+  loss += aw * (a.loss / n3);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cpu(const at::Tensor& s, const at::Tensor& t, double dw, double aw,
+                                                       double delta, bool squared, double eps, const at::Tensor& w,
+                                                       bool want_s, bool want_t) {
+  TORCH_CHECK(std::isfinite(dw) && std::isfinite(aw), "rkd: the term weights must be finite");
+  RelationInputs in(s, t, w, "rkd");
   const int64_t B = in.B, n = in.N;
-  at::Tensor loss = at::empty({B}, in.opts());
+  // Both terms add to one Gram gradient per side: one product back to points for the two.
   at::Tensor gGs = want_s ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
   at::Tensor gGt = want_t ? at::zeros({B, n, n}, in.opts()) : at::Tensor();
-  auto wa = in.weights();
-  const double n3 = double(n) * double(n) * double(n);
+  const std::vector<double> wa = in.weights();
+  std::vector<double> loss(B, 0.0);
   for (int64_t b = 0; b < B; ++b) {
-    const bool grads = wa[b] != 0;
-    cpu::AngleArgs a{acc_kernel_dtype(in.acc), in.gram_s[b].data_ptr(), in.gram_t[b].data_ptr(), n, eps, delta,
-                     wa[b] / n3, 0, (want_s && grads) ? gGs[b].data_ptr() : nullptr,
-                     (want_t && grads) ? gGt[b].data_ptr() : nullptr};
-    cpu_kernels().angle(a);
-    loss[b] = a.loss / n3;
+    if (dw != 0) distance_term(in, b, wa[b], dw, delta, squared, eps, loss[b], gGs, gGt);
+    if (aw != 0) angle_term(in, b, wa[b], aw, delta, eps, loss[b], gGs, gGt);
   }
-  return {loss, in.grad_points_s(gGs), in.grad_points_t(gGt)};
+  at::Tensor out = at::tensor(loss, at::TensorOptions().dtype(at::kDouble)).to(in.acc);
+  return {out, in.grad_points_s(gGs), in.grad_points_t(gGt)};
 }
 
 at::Tensor pairwise_distances_cpu(const at::Tensor& x, bool squared, bool normalize, double eps) {
@@ -116,8 +125,7 @@ at::Tensor pairwise_distances_backward_cpu(const at::Tensor& grad, const at::Ten
 }  // namespace kdfast
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  m.impl("rkd_distance", &kdfast::rkd_distance_cpu);
-  m.impl("rkd_angle", &kdfast::rkd_angle_cpu);
+  m.impl("rkd", &kdfast::rkd_cpu);
   m.impl("pairwise_distances", &kdfast::pairwise_distances_cpu);
   m.impl("pairwise_distances_backward", &kdfast::pairwise_distances_backward_cpu);
 }
