@@ -95,7 +95,8 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
   // The RKD loss of each group of points (B, N, D); student and teacher may differ in D. loss_b =
   // distance_weight * (mean Huber_delta over the N^2 psi-normalised distances) + angle_weight *
-  // (mean Huber_delta over the N^3 triplet-angle cosines); a term of weight 0 is not computed. In
+  // (mean Huber_delta over the N^3 triplet-angle cosines), one eps (the distance clamp and the
+  // side-length floor of the cosines) for both; a term of weight 0 is not computed. In
   // the forward-and-gradient form of softmax_kl: (loss per group, grad_student, grad_teacher), each
   // gradient group_weight[b] * d loss_b / d input, or an empty tensor. One op for both terms, so
   // that RKD-DA centres the points, forms their Gram matrices and multiplies back to points once.

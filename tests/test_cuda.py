@@ -445,6 +445,22 @@ def test_relation_ops_match_cpu(terms, shape, dtype):
         assert (dev[1][1] == 0).all() and (dev[2][1] == 0).all()
 
 
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)], ids=["s", "t", "none"])
+@pytest.mark.parametrize("terms", ["both", "angle"])
+def test_relation_op_one_side_matches_cpu(terms, flags):
+    """The fused RKD op with one gradient or none: what it computes matches the CPU op, and a
+    gradient not asked for is an empty tensor."""
+    s, t = _points(2, 40, 6, torch.float64), _points(2, 40, 3, torch.float64)
+    w = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    dw, aw, squared = RKD_TERMS[terms]
+    cpu = torch.ops.kdfast.rkd(s, t, dw, aw, 1.0, squared, 1e-12, w, *flags)
+    dev = torch.ops.kdfast.rkd(s.to(DEV), t.to(DEV), dw, aw, 1.0, squared, 1e-12, w.to(DEV), *flags)
+    for a, b, want in zip(dev, cpu, (True,) + flags):
+        assert a.shape == b.shape and (a.numel() > 0) == want
+        if want:
+            assert relerr(a.cpu(), b) < 1e-10
+
+
 @pytest.mark.parametrize("squared", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_pairwise_distances_match_cpu(squared, normalize):

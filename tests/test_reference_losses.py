@@ -333,6 +333,11 @@ def test_rkd_op_sums_its_terms(dtype):
     assert torch.ops.kdfast.rkd(same, same, 1.0, 0.0, 1.0, False, 0.0, w[:1], False, False)[0].isnan().all()
     loss, gs, gt = torch.ops.kdfast.rkd(same, same, 0.0, 1.0, 1.0, False, 0.0, w[:1], True, True)
     assert (loss == 0).all() and (gs == 0).all() and (gt == 0).all()
+    bad = s.clone()
+    bad[0, 2, 0] = float("inf")  # both weights 0: nothing is computed, not even 0 * inf
+    loss, gs, gt = torch.ops.kdfast.rkd(bad, t, 0.0, 0.0, 1.0, False, 1e-12, w, True, True)
+    assert loss.shape == (3,) and (loss == 0).all() and (gs == 0).all() and (gt == 0).all()
+    assert gs.dtype == s.dtype and gt.shape == t.shape
 
 
 @needs_native

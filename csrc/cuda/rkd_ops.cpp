@@ -72,7 +72,8 @@ at::Tensor pdist_backward(const at::Tensor& gram, const Dist& d, bool squared, b
   return sqdist_grad(M);
 }
 
-// Groups of weight 0 get no gradient at all (as on the CPU, even where their data are NaN).
+// Groups of weight 0 get a zero Gram gradient (as on the CPU; their points' gradient is then 0
+// unless the points themselves hold inf or NaN, which the product back to points carries).
 at::Tensor drop_zero_weight(const at::Tensor& gG, const at::Tensor& w) {
   if (!gG.defined()) return gG;
   return at::where((w != 0).view({-1, 1, 1}), gG, 0.0);
@@ -147,10 +148,11 @@ Term angle_term(const RelationInputs& in, const at::Tensor& coef_w, double aw, d
   return r;
 }
 
-at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.defined()) return b;
-  if (!b.defined()) return a;
-  return a + b;
+// sum += x, where sum may be undefined (then it becomes x; x is a private buffer of one term).
+void accumulate(at::Tensor& sum, const at::Tensor& x) {
+  if (!x.defined()) return;
+  if (sum.defined()) sum.add_(x);
+  else sum = x;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, const at::Tensor& t, double dw, double aw,
@@ -159,6 +161,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
   check_same_cuda("rkd", {s, t, w});
   TORCH_CHECK(std::isfinite(dw) && std::isfinite(aw), "rkd: the term weights must be finite");
   const c10::cuda::CUDAGuard guard(s.device());
+  if (dw == 0 && aw == 0) {
+    check_relation_inputs(s, t, w, "rkd");
+    return zero_relation_result(s, t, want_s, want_t);
+  }
   RelationInputs in(s, t, w, "rkd");
   const cudaStream_t stream = stream_of(s);
   const at::Tensor wd = w.to(at::kDouble);
@@ -169,12 +175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
     if (tw == 0) continue;  // a term of weight 0 is not computed
     const Term r = term == 0 ? distance_term(in, wd * tw, tw, delta, squared, eps, want_s, want_t, stream)
                              : angle_term(in, wd * tw, tw, delta, eps, want_s, want_t, stream);
-    loss = loss + r.loss;
-    gGs = add_defined(gGs, r.gGs);
-    gGt = add_defined(gGt, r.gGt);
+    loss.add_(r.loss);
+    accumulate(gGs, r.gGs);
+    accumulate(gGt, r.gGt);
   }
-  if (want_s && !gGs.defined()) gGs = at::zeros_like(in.gram_s);
-  if (want_t && !gGt.defined()) gGt = at::zeros_like(in.gram_t);
   return {loss.to(in.acc), in.grad_points_s(drop_zero_weight(gGs, w)), in.grad_points_t(drop_zero_weight(gGt, w))};
 }
 

@@ -51,7 +51,7 @@ void distance_term(const RelationInputs& in, int64_t b, double wb, double dw, do
                    double eps, double& loss, const at::Tensor& gGs, const at::Tensor& gGt) {
   const int64_t n = in.N;
   const double nn = double(n) * double(n);
-  const bool want_s = gGs.defined(), want_t = gGt.defined();
+  const bool want_s = gGs.defined() && wb != 0, want_t = gGt.defined() && wb != 0;  // weight 0: no gradient
   GroupDist ds = group_dist(in.gram_s[b], squared, eps), dt = group_dist(in.gram_t[b], squared, eps);
   at::Tensor gps = want_s ? at::empty({n, n}, in.opts()) : at::Tensor();
   at::Tensor gpt = want_t ? at::empty({n, n}, in.opts()) : at::Tensor();
@@ -60,7 +60,6 @@ void distance_term(const RelationInputs& in, int64_t b, double wb, double dw, do
                            want_s ? gps.data_ptr() : nullptr, want_t ? gpt.data_ptr() : nullptr};
   cpu_kernels().distance_huber(a);
   loss += dw * (a.loss / nn);
-  if (wb == 0) return;
   if (want_s) group_dist_backward(in.gram_s[b], ds, squared, true, eps, gps, gGs[b]);
   if (want_t) group_dist_backward(in.gram_t[b], dt, squared, true, eps, gpt, gGt[b]);
 }
@@ -82,6 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cpu(const at::Tensor& s, cons
                                                        double delta, bool squared, double eps, const at::Tensor& w,
                                                        bool want_s, bool want_t) {
   TORCH_CHECK(std::isfinite(dw) && std::isfinite(aw), "rkd: the term weights must be finite");
+  if (dw == 0 && aw == 0) {
+    check_relation_inputs(s, t, w, "rkd");
+    return zero_relation_result(s, t, want_s, want_t);
+  }
   RelationInputs in(s, t, w, "rkd");
   const int64_t B = in.B, n = in.N;
   // Both terms add to one Gram gradient per side: one product back to points for the two.

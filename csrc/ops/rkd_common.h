@@ -55,6 +55,27 @@ inline at::Tensor grad_points(const at::Tensor& gG, const at::Tensor& centred, a
   });
 }
 
+// The argument checks of the relation ops (student, teacher: (B, N, D); group_weight: (B,)).
+inline void check_relation_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(s.dim() == 3 && t.dim() == 3, op, ": points must be (B, N, D)");
+  TORCH_CHECK(s.size(1) >= 2, op, ": needs at least 2 points");
+  TORCH_CHECK(s.size(0) == t.size(0) && s.size(1) == t.size(1), op,
+              ": student and teacher must have the same B and N");
+  TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher dtypes differ");
+  const auto acc = relation_acc(s.scalar_type());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == s.size(0) && weight.scalar_type() == acc, op,
+              ": group_weight must be a ", acc, " vector of length B");
+}
+
+// The result when every term has weight 0: zero losses and gradients, nothing computed (so no
+// inf or NaN in the points can reach them, as the reference leaves such terms out).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_relation_result(const at::Tensor& s, const at::Tensor& t,
+                                                                           bool want_s, bool want_t) {
+  return {at::zeros({s.size(0)}, s.options().dtype(relation_acc(s.scalar_type()))),
+          want_s ? at::zeros_like(s) : at::empty({0}, s.options()),
+          want_t ? at::zeros_like(t) : at::empty({0}, t.options())};
+}
+
 struct RelationInputs {
   PointsGram ps, pt;
   at::Tensor gram_s, gram_t, w;
@@ -62,12 +83,8 @@ struct RelationInputs {
   int64_t B, N;
   RelationInputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op)
       : ps(s, op), pt(t, op) {
-    TORCH_CHECK(s.size(0) == t.size(0) && s.size(1) == t.size(1), op,
-                ": student and teacher must have the same B and N");
-    TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher dtypes differ");
+    check_relation_inputs(s, t, weight, op);
     acc = relation_acc(s.scalar_type());
-    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == s.size(0) && weight.scalar_type() == acc, op,
-                ": group_weight must be a ", acc, " vector of length B");
     gram_s = ps.gram, gram_t = pt.gram, w = weight;
     dtype_s = s.scalar_type(), dtype_t = t.scalar_type();
     B = s.size(0), N = s.size(1);
