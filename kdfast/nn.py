@@ -1,4 +1,5 @@
 """nn.Module wrappers of the kdfast losses, for use in place of hand-written loss modules."""
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -69,8 +70,14 @@ def _projections(student_channels, teacher_channels):
     return nn.ModuleList([nn.Linear(cs, ct, bias=False) if cs != ct else nn.Identity() for cs, ct in zip(s, t)])
 
 
-def _project(projections, i, f, dim):
-    """Layer i's student features mapped to the teacher's width along `dim`."""
+def _project(projections, i, f, dim, keep_layout=False):
+    """Layer i's student features mapped to the teacher's width along `dim`.
+
+    keep_layout: return them in f's own (contiguous) layout, for a loss that pairs elements with
+    the teacher's in memory order (feature_l2). Where `dim` is not the last dim (NCHW feature maps)
+    the map is then a 1x1 convolution over f as it lies, instead of a Linear over a permuted view,
+    whose input and output would each be copied to and from that layout (forward plus backward of
+    32 x 64 x 32 x 32 -> 128 channels and the loss: 22.3 -> 14.7 ms on 2 CPU threads)."""
     if projections is None:
         return f
     if i >= len(projections):
@@ -78,6 +85,12 @@ def _project(projections, i, f, dim):
     proj = projections[i]
     if isinstance(proj, nn.Identity):
         return f
+    d = dim % f.dim() if f.dim() else dim
+    # (a channels-last tensor already lies as the Linear wants it)
+    if keep_layout and f.dim() > 1 and d != f.dim() - 1 and f.shape[d] == proj.in_features and f.is_contiguous():
+        lead, rest = math.prod(f.shape[:d]), math.prod(f.shape[d + 1:])
+        out = torch.nn.functional.conv1d(f.reshape(lead, f.shape[d], rest), proj.weight.unsqueeze(-1))
+        return out.reshape(*f.shape[:d], proj.out_features, *f.shape[d + 1:])
     return proj(f.movedim(dim, -1)).movedim(-1, dim)
 
 
@@ -97,7 +110,7 @@ class FeatureL2Loss(nn.Module):
         self.projections = _projections(student_channels, teacher_channels)
 
     def _project(self, i, f):
-        return _project(self.projections, i, f, self.channel_dim)
+        return _project(self.projections, i, f, self.channel_dim, keep_layout=True)
 
     def forward(self, student_feats, teacher_feats):
         if isinstance(student_feats, torch.Tensor):

@@ -129,6 +129,29 @@ def test_feature_l2_projection_trains(layout):
     torch.testing.assert_close(pickle.loads(pickle.dumps(module))(s, t), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape,channel_dim", [((3, 4, 5, 6), 1), ((3, 4, 5), 1), ((2, 3, 4, 5), 2), ((6, 4), 0)])
+def test_feature_l2_projection_in_place_layout(shape, channel_dim):
+    """Where the channel dim is not last, the projection runs as a 1x1 convolution over the maps as
+    they lie; it is the same linear map as the Linear over a permuted view: value and gradients
+    (student and projection weight)."""
+    torch.manual_seed(5)
+    cs, ct = shape[channel_dim], 7
+    module = knn.FeatureL2Loss(student_channels=cs, teacher_channels=ct, channel_dim=channel_dim).double()
+    s = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    tshape = list(shape)
+    tshape[channel_dim] = ct
+    t = torch.randn(tshape, dtype=torch.float64)
+    out = module(s, t)
+    gs, gw = torch.autograd.grad(out, (s, module.projections[0].weight))
+    s2 = s.detach().clone().requires_grad_()
+    w2 = module.projections[0].weight.detach().clone().requires_grad_()
+    want = kdfast.feature_l2(torch.nn.functional.linear(s2.movedim(channel_dim, -1), w2).movedim(-1, channel_dim), t)
+    gs2, gw2 = torch.autograd.grad(want, (s2, w2))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gs, gs2, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gw, gw2, rtol=1e-10, atol=1e-14)
+
+
 def test_feature_l2_multi_layer_projection():
     module = knn.FeatureL2Loss(student_channels=[4, 8], teacher_channels=[4, 16])
     s = [torch.randn(5, 4), torch.randn(5, 8)]
