@@ -40,8 +40,9 @@ def kl_rows(student_logits, teacher_logits, temperature):
     log_pt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
     pt = log_pt.exp()
     # A term with p_t = 0 is 0, also where a logit is -inf (masked vocabulary); the where() sits
-    # before the product so that no NaN leaks into the gradient either.
-    diff = torch.where(pt > 0, log_pt - log_ps, torch.zeros((), dtype=acc, device=pt.device))
+    # before the product so that no NaN of a -inf logit leaks into the gradient either. (p_t != 0,
+    # not p_t > 0: a NaN logit gives its row NaN loss and NaN gradients on both sides.)
+    diff = torch.where(pt != 0, log_pt - log_ps, torch.zeros((), dtype=acc, device=pt.device))
     return (pt * diff).sum(-1)
 
 

@@ -503,6 +503,12 @@ def test_nan_propagates(where, V, dtype):
         assert kdfast.kd_loss(s, t, reduction=reduction).isnan()
     expected = ref.softmax_kl_div(s.double(), t.double(), reduction="none")
     assert torch.equal(rows.isnan(), expected.isnan())
+    # the gradient: all of the NaN row, none of the others (the kernels' maxima may skip a NaN
+    # lane; the sums still carry it to the whole row)
+    sg, tg = s.clone().requires_grad_(), t.clone().requires_grad_()
+    kdfast.softmax_kl_div(sg, tg, reduction="sum").backward()
+    for g in (sg.grad, tg.grad):
+        assert g[1].isnan().all() and torch.isfinite(g[[0, 2]]).all()
 
 
 # ----------------------------------------------------------------------------- equivalences

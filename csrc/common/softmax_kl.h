@@ -14,10 +14,11 @@
 namespace kdfast {
 namespace kl {
 
-// e_t * (b - a), where a term with p_t = 0 is 0 even when a or b is -inf.
+// e_t * (b - a), where a term with p_t = 0 is 0 even when a or b is -inf. (Tested as e_t != 0,
+// not e_t > 0: a NaN e_t must reach the result, not be taken for a zero.)
 template <typename acc_t>
 KDFAST_HD acc_t term(acc_t et, acc_t a, acc_t b) {
-  return et > acc_t(0) ? et * (b - a) : acc_t(0);
+  return et != acc_t(0) ? et * (b - a) : acc_t(0);
 }
 
 template <typename acc_t>
@@ -34,7 +35,7 @@ KDFAST_HD acc_t grad_student(acc_t coef, acc_t es, acc_t inv_zs, acc_t et, acc_t
 // shift = A / Z_t = KL + log Z_t - log Z_s
 template <typename acc_t>
 KDFAST_HD acc_t grad_teacher(acc_t coef, acc_t et, acc_t inv_zt, acc_t a, acc_t b, acc_t shift) {
-  return et > acc_t(0) ? coef * (et * inv_zt) * ((b - a) - shift) : acc_t(0);
+  return et != acc_t(0) ? coef * (et * inv_zt) * ((b - a) - shift) : acc_t(0);
 }
 
 }  // namespace kl

