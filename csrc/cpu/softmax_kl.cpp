@@ -113,7 +113,7 @@ inline void scaled(const T* s, const T* t, FVec ms, FVec mt, FVec it, FVec& a0, 
 // acc + e_t * (b - a), adding nothing where e_t = 0 (a may be -inf there): kl::term, vectorised.
 inline FVec add_term(FVec acc, FVec et, FVec a, FVec b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __mmask16 live = _mm512_cmp_ps_mask(et, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __mmask16 live = _mm512_cmp_ps_mask(et, _mm512_setzero_ps(), _CMP_NEQ_UQ);
   return _mm512_mask3_fmadd_ps(et, _mm512_sub_ps(b, a), acc, live);
 #else
   return acc + FVec::blendv(FVec(0.f), et * (b - a), et != FVec(0.f));
