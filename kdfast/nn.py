@@ -85,13 +85,21 @@ def _project(projections, i, f, dim, keep_layout=False):
     proj = projections[i]
     if isinstance(proj, nn.Identity):
         return f
-    d = dim % f.dim() if f.dim() else dim
-    # (a channels-last tensor already lies as the Linear wants it)
-    if keep_layout and f.dim() > 1 and d != f.dim() - 1 and f.shape[d] == proj.in_features and f.is_contiguous():
+    if keep_layout and _maps_in_place(proj, f, dim):
+        d = dim % f.dim()
         lead, rest = math.prod(f.shape[:d]), math.prod(f.shape[d + 1:])
-        out = torch.nn.functional.conv1d(f.reshape(lead, f.shape[d], rest), proj.weight.unsqueeze(-1))
+        out = torch.nn.functional.conv1d(f.reshape(lead, f.shape[d], rest), proj.weight.unsqueeze(-1), proj.bias)
         return out.reshape(*f.shape[:d], proj.out_features, *f.shape[d + 1:])
     return proj(f.movedim(dim, -1)).movedim(-1, dim)
+
+
+def _maps_in_place(proj, f, dim):
+    """Whether _project may apply proj as a 1x1 convolution over f as it lies: a plain nn.Linear (no
+    hooks, no subclass forward to bypass), a channel dim in range and not last, a contiguous f with
+    no empty dim (a channels-last tensor already lies as the Linear wants it)."""
+    return (type(proj) is nn.Linear and not proj._forward_hooks and not proj._forward_pre_hooks
+            and -f.dim() <= dim < f.dim() - 1 and dim != -1 and f.numel() > 0 and f.is_contiguous()
+            and f.shape[dim] == proj.in_features)
 
 
 class FeatureL2Loss(nn.Module):

@@ -253,15 +253,27 @@ def test_huge_logits(temperature, dtype, path):
     assert (out > 1e3 / temperature).any()
 
 
-@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("where", ["student", "teacher", "student_at_masked", "teacher_beside_masked"])
 @pytest.mark.parametrize("V", [33, 70001])
 def test_nan_propagates(where, V, path):
-    s, t = logits(3, V).to(DEV), logits(3, V).to(DEV)
-    (s if where == "student" else t)[1, V // 2] = math.nan
+    """A NaN logit: NaN loss and NaN gradients throughout its row on both sides (also beside -inf
+    logits, where the p_t = 0 guard writes 0 and the maxima skip NaN), other rows untouched."""
+    s, t = logits(3, V), logits(3, V)
+    if where == "student_at_masked":
+        t[1, 3], s[1, 3] = -math.inf, math.nan
+    elif where == "teacher_beside_masked":
+        t[1, : V // 2] = -math.inf
+        t[1, 5] = math.nan
+    else:
+        (s if where == "student" else t)[1, V // 2] = math.nan
+    s, t = s.to(DEV).requires_grad_(), t.to(DEV).requires_grad_()
     rows = kdfast.softmax_kl_div(s, t, reduction="none")
     assert rows[1].isnan()
     assert torch.isfinite(rows[[0, 2]]).all()
     assert kdfast.kd_loss(s, t).isnan()
+    rows.sum().backward()
+    for g in (s.grad, t.grad):
+        assert g[1].isnan().all() and torch.isfinite(g[[0, 2]]).all()
 
 
 def test_row_weight_zero_skips_rows(path):
@@ -826,6 +838,23 @@ def test_emu_softmax_kl_nan_and_determinism(emu, monkeypatch):
     assert a[0][1].isnan() and torch.isfinite(a[0][[0, 2]]).all()
     for x, y in zip(a, b):
         assert same_bits(x, y)
+
+
+@pytest.mark.parametrize("path_name", list(EMU_PATHS))
+def test_emu_nan_row_gradients(emu, path_name, monkeypatch):
+    """A NaN logit gives NaN gradients throughout its row on both sides, also beside -inf logits
+    (where the p_t = 0 guard writes 0) and where the NaN-skipping maxima miss it; other rows finite."""
+    for k, v in EMU_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    s, t = logits(4, 3001), logits(4, 3001)
+    s[1, 17] = math.nan                       # plain
+    t[2, 3], s[2, 3] = NINF, math.nan         # student NaN where p_t = 0
+    t[3, :1500] = NINF                        # teacher NaN beside a masked block
+    t[3, 7] = math.nan
+    kl, gs, gt = _emu_softmax_kl(emu, s, t, 1.0, torch.ones(4))
+    assert kl[1:].isnan().all() and torch.isfinite(kl[0])
+    for g in (gs, gt):
+        assert g[1:].isnan().all() and torch.isfinite(g[0]).all()
 
 
 @pytest.mark.parametrize("C", ["1", "4"])

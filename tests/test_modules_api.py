@@ -152,6 +152,21 @@ def test_feature_l2_projection_in_place_layout(shape, channel_dim):
     torch.testing.assert_close(gw, gw2, rtol=1e-10, atol=1e-14)
 
 
+def test_feature_l2_projection_edge_cases():
+    """The in-place projection's fallbacks and checks: an out-of-range channel_dim raises, an empty
+    spatial dim gives the Linear path's result, and hooks on the projection still run."""
+    module = knn.FeatureL2Loss(student_channels=4, teacher_channels=6, channel_dim=5)
+    with pytest.raises(IndexError):
+        module(torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3))
+    module = knn.FeatureL2Loss(student_channels=4, teacher_channels=6, channel_dim=1)
+    out = module(torch.randn(2, 4, 0, 3), torch.randn(2, 6, 0, 3))
+    assert out.shape == ()
+    calls = []
+    module.projections[0].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    module(torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3))
+    assert calls == [(2, 3, 3, 6)]
+
+
 def test_feature_l2_multi_layer_projection():
     module = knn.FeatureL2Loss(student_channels=[4, 8], teacher_channels=[4, 16])
     s = [torch.randn(5, 4), torch.randn(5, 8)]

@@ -511,6 +511,40 @@ def test_nan_propagates(where, V, dtype):
         assert g[1].isnan().all() and torch.isfinite(g[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("case", ["student_nan_at_masked", "teacher_block_masked_but_nan",
+                                  "teacher_all_masked_but_nan", "both_masked_student_nan"])
+@pytest.mark.parametrize("V", [100, 4096, 70001])
+@dtype_params((torch.float32, torch.bfloat16, torch.float64))
+def test_nan_beside_masked_logits(case, V, dtype):
+    """A NaN next to -inf logits (masked vocabulary), where the kernels' p_t = 0 guard and skipped
+    maxima could leave parts of the gradient finite: the row's loss and both gradients are NaN
+    throughout, as the reference gives them; other rows are untouched."""
+    s, t = logits(3, V, dtype=dtype), logits(3, V, dtype=dtype)
+    head = min(2048, V)
+    if case == "student_nan_at_masked":
+        t[1, 3] = -math.inf
+        s[1, 3] = math.nan
+    elif case == "teacher_block_masked_but_nan":
+        t[1, :head] = -math.inf
+        t[1, 7] = math.nan
+    elif case == "teacher_all_masked_but_nan":
+        t[1] = -math.inf
+        t[1, 7] = math.nan
+    else:
+        s[1, :head] = -math.inf
+        t[1, :head] = -math.inf
+        s[1, 7] = math.nan
+    sg, tg = s.clone().requires_grad_(), t.clone().requires_grad_()
+    rows = kdfast.softmax_kl_div(sg, tg, reduction="none")
+    rows.sum().backward()
+    assert rows[1].isnan() and torch.isfinite(rows[[0, 2]]).all()
+    for g in (sg.grad, tg.grad):
+        assert g[1].isnan().all() and torch.isfinite(g[[0, 2]]).all()
+    sr, tr = s.double().requires_grad_(), t.double().requires_grad_()
+    ref.softmax_kl_div(sr, tr, reduction="none").sum().backward()
+    assert sr.grad[1].isnan().all() and tr.grad[1].isnan().all()  # the reference agrees
+
+
 # ----------------------------------------------------------------------------- equivalences
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])

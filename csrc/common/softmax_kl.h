@@ -32,10 +32,19 @@ KDFAST_HD acc_t grad_student(acc_t coef, acc_t es, acc_t inv_zs, acc_t et, acc_t
   return coef * (es * inv_zs - et * inv_zt);
 }
 
-// shift = A / Z_t = KL + log Z_t - log Z_s
+// shift = A / Z_t = KL + log Z_t - log Z_s. A NaN coef (a row whose KL is NaN, see nan_row) makes
+// every element NaN, those with p_t = 0 included.
 template <typename acc_t>
 KDFAST_HD acc_t grad_teacher(acc_t coef, acc_t et, acc_t inv_zt, acc_t a, acc_t b, acc_t shift) {
-  return et != acc_t(0) ? coef * (et * inv_zt) * ((b - a) - shift) : acc_t(0);
+  return (et != acc_t(0) || coef != coef) ? coef * (et * inv_zt) * ((b - a) - shift) : acc_t(0);
+}
+
+// Whether a row's KL is NaN (a NaN logit, or a teacher row without mass): its gradients are then NaN
+// throughout, on both sides, as the reference gives them.
+template <typename acc_t>
+KDFAST_HD bool nan_row(acc_t zs, acc_t zt, acc_t a_sum) {
+  const acc_t v = row_value(zs, zt, a_sum);
+  return v != v;
 }
 
 }  // namespace kl

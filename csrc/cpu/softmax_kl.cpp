@@ -56,6 +56,14 @@ struct Tail {
 };
 constexpr float kPadLogit = -std::numeric_limits<float>::infinity();  // exponential 0, no KL term
 
+// The gradient of a row whose KL is NaN: NaN throughout, on both sides, as the reference gives it
+// (the kernels' own arithmetic may leave parts finite: a skipped NaN lane in a maximum, or a NaN
+// beside a -inf logit, where the p_t = 0 guard writes 0).
+template <typename T>
+inline void nan_grad_row(T* g, int64_t n) {
+  if (g) std::fill(g, g + n, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+}
+
 template <typename T>
 inline void copy_out(const float* from, int64_t n, T* to) {
   for (int64_t i = 0; i < n; ++i) to[i] = static_cast<T>(from[i]);
@@ -407,7 +415,9 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           row_max(s, t, V, ms, mt);
           RowStats st = row_stats(s, t, V, ms, mt, invt);
           KL[r] = kl::row_value(st.zs, st.zt, st.a);
-          if (want_grad) {
+          if (want_grad && std::isnan(KL[r])) {
+            nan_grad_row(gs, V), nan_grad_row(gt, V);
+          } else if (want_grad) {
             auto [c, izs, izt, shift] = grad_coef(w, st);
             row_grads(s, t, V, ms, mt, invt, c, izs, izt, shift, post, gs, gt);
           }
@@ -419,7 +429,9 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           float fms, fmt;
           RowStats st = row_online(s, t, V, invt, es, et, bms, bmt, fms, fmt);
           KL[r] = static_cast<float>(kl::row_value(st.zs, st.zt, st.a));
-          if (want_grad) {
+          if (want_grad && std::isnan(KL[r])) {
+            nan_grad_row(gs, V), nan_grad_row(gt, V);
+          } else if (want_grad) {
             auto [c, izs, izt, shift] = grad_coef(w, st);
             (void)izs, (void)izt;
             row_grads_cached(s, t, V, fms, fmt, invt, c, st.zs, st.zt, shift, post, es, et, bms, bmt, gs, gt,
@@ -483,6 +495,10 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
       T* gt = GT ? GT + r * V + b : nullptr;
       if (W[r] == acc_t(0)) {
         zero_grad_row(gs, n, post), zero_grad_row(gt, n, post);
+        continue;
+      }
+      if (std::isnan(KL[r])) {
+        nan_grad_row(gs, n), nan_grad_row(gt, n);
         continue;
       }
       const T* s = S + r * p.student_row_stride + b;

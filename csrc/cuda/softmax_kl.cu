@@ -297,6 +297,9 @@ __device__ __forceinline__ RowK<A> row_constants(A w, A inv_t, A rs, A rt, A zs,
   k.izs = A(1) / zs;
   k.izt = A(1) / zt;
   k.shift = acc / zt;
+  // A row whose KL is NaN gets NaN gradients throughout (kl::grad_teacher passes a NaN coef even
+  // where p_t = 0), whatever its maxima skipped.
+  if (kl::nan_row(zs, zt, acc)) k.coef = k.coef_t = std::numeric_limits<A>::quiet_NaN();
   return k;
 }
 
