@@ -77,7 +77,8 @@ def _project(projections, i, f, dim, keep_layout=False):
     the teacher's in memory order (feature_l2). Where `dim` is not the last dim (NCHW feature maps)
     the map is then a 1x1 convolution over f as it lies, instead of a Linear over a permuted view,
     whose input and output would each be copied to and from that layout (forward plus backward of
-    32 x 64 x 32 x 32 -> 128 channels and the loss: 22.3 -> 14.7 ms on 2 CPU threads)."""
+    projection and loss, 2 CPU threads: 32 x 64 x 32 x 32 -> 128 channels 26.6 -> 24.2 ms,
+    64 x 256 x 56 x 56 -> 512 1477 -> 1180 ms)."""
     if projections is None:
         return f
     if i >= len(projections):
@@ -98,8 +99,8 @@ def _maps_in_place(proj, f, dim):
     hooks, no subclass forward to bypass), a channel dim in range and not last, a contiguous f with
     no empty dim (a channels-last tensor already lies as the Linear wants it)."""
     return (type(proj) is nn.Linear and not proj._forward_hooks and not proj._forward_pre_hooks
-            and -f.dim() <= dim < f.dim() - 1 and dim != -1 and f.numel() > 0 and f.is_contiguous()
-            and f.shape[dim] == proj.in_features)
+            and -f.dim() <= dim < f.dim() and dim % f.dim() != f.dim() - 1
+            and f.numel() > 0 and f.is_contiguous() and f.shape[dim] == proj.in_features)
 
 
 class FeatureL2Loss(nn.Module):

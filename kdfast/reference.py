@@ -219,4 +219,4 @@ def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta
              for w, f in ((dw, rkd_distance_loss), (aw, rkd_angle_loss)) if w != 0]
     if not terms:  # exactly 0, with zero gradients (sums of empty slices: no NaN can enter)
         return (student.flatten()[:0].sum() + teacher.flatten()[:0].sum()).to(v.result_dtype(student, teacher))
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return sum(terms[1:], terms[0])

@@ -84,13 +84,13 @@ struct Term {
   at::Tensor loss, gGs, gGt;
 };
 
-// coef: group_weight * term weight (double, per group).
-Term distance_term(const RelationInputs& in, const at::Tensor& coef_w, double dw, double delta, bool squared,
+// wd: the group weights in double; dw: the term's weight.
+Term distance_term(const RelationInputs& in, const at::Tensor& wd, double dw, double delta, bool squared,
                    double eps, bool want_s, bool want_t, cudaStream_t stream) {
   const int64_t B = in.B, n = in.N;
   const double nn = double(n) * double(n);
   Dist ds = pdist(in.gram_s, squared, eps), dt = pdist(in.gram_t, squared, eps);
-  const at::Tensor coef = (coef_w / nn).contiguous();
+  const at::Tensor coef = (wd * dw / nn).contiguous();
   const at::Tensor inv_ms = (1.0 / ds.mean).contiguous(), inv_mt = (1.0 / dt.mean).contiguous();
   const int nblk = cuda::rkd_distance_blocks(n);
   at::Tensor partial = at::empty({B, nblk}, coef.options());
@@ -118,7 +118,7 @@ at::Tensor compose_angle_grad(const at::Tensor& gram, const at::Tensor& inv, con
   return g;
 }
 
-Term angle_term(const RelationInputs& in, const at::Tensor& coef_w, double aw, double delta, double eps, bool want_s,
+Term angle_term(const RelationInputs& in, const at::Tensor& wd, double aw, double delta, double eps, bool want_s,
                 bool want_t, cudaStream_t stream) {
   const int64_t B = in.B, n = in.N;
   const double n3 = double(n) * double(n) * double(n);
@@ -126,7 +126,7 @@ Term angle_term(const RelationInputs& in, const at::Tensor& coef_w, double aw, d
   at::Tensor inv_s = at::empty_like(in.gram_s), inv_t = at::empty_like(in.gram_t);
   C10_CUDA_CHECK(cuda::rkd_inv_sides(acc, in.gram_s.data_ptr(), B, n, eps, inv_s.data_ptr(), stream));
   C10_CUDA_CHECK(cuda::rkd_inv_sides(acc, in.gram_t.data_ptr(), B, n, eps, inv_t.data_ptr(), stream));
-  const at::Tensor coef = (coef_w / n3).contiguous();
+  const at::Tensor coef = (wd * aw / n3).contiguous();
   at::Tensor partial = at::empty({B, cuda::rkd_angle_tiles(n)}, coef.options());
   auto mat = [&](bool want) { return want ? at::empty_like(in.gram_s) : at::Tensor(); };
   at::Tensor As = mat(want_s), Rs = mat(want_s), Ss = mat(want_s);
@@ -170,15 +170,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
   const at::Tensor wd = w.to(at::kDouble);
   at::Tensor loss = at::zeros({in.B}, wd.options());
   at::Tensor gGs, gGt;  // both terms add to one Gram gradient per side: one product back to points
-  for (int term = 0; term < 2; ++term) {
-    const double tw = term == 0 ? dw : aw;
-    if (tw == 0) continue;  // a term of weight 0 is not computed
-    const Term r = term == 0 ? distance_term(in, wd * tw, tw, delta, squared, eps, want_s, want_t, stream)
-                             : angle_term(in, wd * tw, tw, delta, eps, want_s, want_t, stream);
+  auto add = [&](const Term& r) {
     loss.add_(r.loss);
     accumulate(gGs, r.gGs);
     accumulate(gGt, r.gGt);
-  }
+  };
+  // a term of weight 0 is not computed
+  if (dw != 0) add(distance_term(in, wd, dw, delta, squared, eps, want_s, want_t, stream));
+  if (aw != 0) add(angle_term(in, wd, aw, delta, eps, want_s, want_t, stream));
   return {loss.to(in.acc), in.grad_points_s(drop_zero_weight(gGs, w)), in.grad_points_t(drop_zero_weight(gGt, w))};
 }
 
