@@ -102,8 +102,12 @@ def extensions():
     x86 = machine in ("x86_64", "amd64")
     defines = [("KDFAST_VERSION", f'"{VERSION}"')]
 
-    kernel_sources = _rel((ROOT / "csrc" / "cpu").glob("*.cpp"))
-    main_sources = _rel([ROOT / "csrc" / "kdfast.cpp", *(ROOT / "csrc" / "ops").glob("*.cpp")])
+    # csrc/cpu holds the kernels (compiled once per ISA, raw pointers only) beside their tensor glue
+    # (*_ops.cpp) and the buffer cache, which go into the main library once.
+    cpu_dir = ROOT / "csrc" / "cpu"
+    cpu_main = [*cpu_dir.glob("*_ops.cpp"), cpu_dir / "alloc.cpp"]
+    kernel_sources = _rel(set(cpu_dir.glob("*.cpp")) - set(cpu_main))
+    main_sources = _rel([ROOT / "csrc" / "kdfast.cpp", *(ROOT / "csrc" / "ops").glob("*.cpp"), *cpu_main])
     # The default-ISA kernels live in the main library and are listed first, so that where an inline
     # function from a header is emitted by several objects, the linker keeps the baseline copy.
     sources = kernel_sources + main_sources

@@ -1,5 +1,6 @@
-// kdfast: op schemas, the CPU kernel-table selection and build information.
-// Every op is declared here once; each device registers its kernels next to its implementation.
+// kdfast: the library, the CPU kernel-table selection and build information. Each op declares its
+// schema in csrc/ops/<op>.cpp (TORCH_LIBRARY_FRAGMENT); each device registers its kernels in
+// csrc/<device>/<op>_ops.cpp.
 #include <Python.h>
 #include <dlfcn.h>
 #include <torch/library.h>
@@ -7,8 +8,8 @@
 #include <atomic>
 #include <string>
 
+#include "cpu/alloc.h"
 #include "cpu/kernels.h"
-#include "ops/cpu_dispatch.h"
 
 extern "C" const kdfast::cpu::Kernels* kdfast_cpu_kernels_default();
 
@@ -62,7 +63,7 @@ std::string build_info_json() {
   o += ", \"cuda\": false";
 #endif
   o += ", \"cuda_archs\": \"" KDFAST_CUDA_ARCHS "\"";
-  o += std::string(", \"cpu_isa\": \"") + cpu_kernels().isa + "\"";
+  o += std::string(", \"cpu_isa\": \"") + cpu::selected_kernels().isa + "\"";
 #if defined(__clang__)
   o += ", \"compiler\": \"clang " + std::to_string(__clang_major__) + "." + std::to_string(__clang_minor__) + "\"";
 #elif defined(__GNUC__)
@@ -72,7 +73,7 @@ std::string build_info_json() {
 }
 }  // namespace
 
-const cpu::Kernels& cpu_kernels() {
+const cpu::Kernels& cpu::selected_kernels() {
   const cpu::Kernels* k = g_kernels.load();
   if (k == nullptr) {
     g_kernels = k = kdfast_cpu_kernels_default();
@@ -83,16 +84,7 @@ const cpu::Kernels& cpu_kernels() {
 }  // namespace kdfast
 
 TORCH_LIBRARY(kdfast, m) {
-  // Per-row temperature softmax-KL. Returns (kl_rows, grad_student, grad_teacher): kl_rows is the
-  // unweighted KL of each row (0 where row_weight is 0), and each gradient is
-  // grad_scale * row_weight[r] * dKL_r/d(input) when asked for, else an empty tensor; the product
-  // with grad_scale is rounded as a scale_rows_ pass after the op would round it. Leading dims are
-  // flattened by the caller; the last dim must have unit stride.
-  m.def("softmax_kl(Tensor student, Tensor teacher, float inv_temperature, Tensor row_weight, "
-        "bool grad_student, bool grad_teacher, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
-  // grad[r, :] *= ratio[r] in place, skipping rows whose ratio is exactly 1 (the usual case, where
-  // the upstream gradient is the one the forward already applied).
-  m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
+  // The library's own ops; the losses' ops are in csrc/ops/.
   // The RKD loss of each group of points (B, N, D); student and teacher may differ in D. loss_b =
   // distance_weight * (mean Huber_delta over the N^2 psi-normalised distances) + angle_weight *
   // (mean Huber_delta over the N^3 triplet-angle cosines), one eps (the distance clamp and the
@@ -107,11 +99,6 @@ TORCH_LIBRARY(kdfast, m) {
   // mean of its positive entries when normalize. In the accumulation dtype (float32 or float64).
   m.def("pairwise_distances(Tensor x, bool squared, bool normalize, float eps) -> Tensor");
   m.def("pairwise_distances_backward(Tensor grad, Tensor x, bool squared, bool normalize, float eps) -> Tensor");
-  // Feature matching per row of (rows, D), in the same forward-and-gradient form: the squared error
-  // sum_d (s - t)^2 (cosine=False) or the cosine distance 1 - <s, t> / (max(|s|, eps) max(|t|, eps))
-  // (cosine=True; gradients as F.cosine_similarity gives them, see csrc/common/feature.h).
-  m.def("feature_match(Tensor student, Tensor teacher, bool cosine, float eps, Tensor row_weight, "
-        "bool grad_student, bool grad_teacher, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
   m.def("_select_cpu_isa(str name, str path) -> str", &kdfast::select_cpu_isa);
   m.def("_cpu_supports(str isa) -> bool", &kdfast::cpu_supports);
   m.def("_empty_cpu_cache() -> ()", &kdfast::empty_cpu_cache);

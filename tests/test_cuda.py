@@ -8,6 +8,7 @@ emulation in csrc/cuda/emu/ (threads, barriers, warp shuffles, shared memory, cl
 kernels' logic on machines without a GPU. They need g++ and the CUDA headers and run when
 KDFAST_CUDA_EMU=1 (the CUDA job of .ci/run sets it)."""
 import ctypes
+import glob
 import math
 import os
 import re
@@ -747,8 +748,8 @@ def emu(tmp_path_factory):
     cuda = os.path.join(REPO, "csrc", "cuda")
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-DKDFAST_CUDA_EMULATE",
            "-I" + os.path.join(REPO, "csrc"), "-I" + inc,
-           "-x", "c++", os.path.join(cuda, "softmax_kl.cu"), "-x", "c++", os.path.join(cuda, "rkd.cu"),
-           "-x", "c++", os.path.join(cuda, "feature.cu"), "-x", "none", os.path.join(cuda, "emu", "emu.cpp"), "-o", out]
+           "-x", "c++", *sorted(glob.glob(os.path.join(cuda, "*.cu"))),
+           "-x", "none", os.path.join(cuda, "emu", "emu.cpp"), "-o", out]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     return Emu(out)

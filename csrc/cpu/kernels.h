@@ -5,6 +5,8 @@
 // ISA-specific libraries need none of the heavy tensor headers.
 #include <cstdint>
 
+#include "common/args.h"
+
 namespace kdfast {
 namespace cpu {
 
@@ -15,28 +17,12 @@ inline int64_t rows_per_task(int64_t row_len, int64_t min_elems) {
   return row_len >= min_elems ? 1 : min_elems / (row_len > 0 ? row_len : 1);
 }
 
-enum class DType : int32_t { Float = 0, Double = 1, Half = 2, BFloat16 = 3 };
-
-// What the row ops (softmax-KL, feature matching) share: a (rows, cols) student / teacher pair,
-// a weight per row, each row's unweighted loss out and, when asked, the gradients of
-// sum(row_weight * loss) in the same call.
-struct RowPairArgs {
-  DType dtype;
-  const void* student;  // rows x cols, unit stride along cols
-  const void* teacher;
-  int64_t rows, cols;
-  int64_t student_row_stride, teacher_row_stride;  // in elements; 0 broadcasts one row
-  const void* row_weight;  // rows, acc type (double for double input, else float); 0 skips a row
-  void* loss_rows;         // rows, acc type: unweighted loss, 0 on skipped rows
-  void* grad_student;      // rows x cols contiguous, or null: row_weight * dL/ds (0 on skipped rows)
-  void* grad_teacher;      // rows x cols contiguous, or null
-  double grad_scale = 1;   // gradients times this, with the bits of a scale_rows_ pass after them
-};
-
-// Temperature softmax-KL per row: cols is the vocabulary.
-struct SoftmaxKLArgs : RowPairArgs {
-  double inv_temperature;
-};
+// The row ops' contract is device-neutral (common/args.h); the relation kernels' structs below
+// are the CPU's own.
+using kernel::DType;
+using kernel::FeatureArgs;
+using kernel::RowPairArgs;
+using kernel::SoftmaxKLArgs;
 
 // Relation kernels work on one group's n x n matrices in the accumulation type (Float or Double),
 // all contiguous. The caller forms the Gram matrix of the centred points with a matrix product.
@@ -87,13 +73,7 @@ struct AngleArgs {
   void* grad_gram_t;
 };
 
-// Feature matching per row (see csrc/common/feature.h): squared error or cosine distance over the
-// cols features of a row.
-struct FeatureArgs : RowPairArgs {
-  bool cosine;
-  double eps;  // cosine: the norm clamp
-};
-
+// The kernel table of one ISA build; the main library selects one at import (csrc/kdfast.cpp).
 struct Kernels {
   const char* isa;
   void (*softmax_kl)(const SoftmaxKLArgs&);
@@ -103,6 +83,9 @@ struct Kernels {
   void (*angle)(AngleArgs&);
   void (*feature_match)(const FeatureArgs&);
 };
+
+// The selected kernel build (the baseline until Python picks one). Main library only.
+const Kernels& selected_kernels();
 
 }  // namespace cpu
 }  // namespace kdfast

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "cpu/kernels.h"
+#include "common/args.h"
 #include "cuda/compat.cuh"
 
 namespace kdfast {
@@ -76,12 +76,12 @@ struct Span {
 
 // f(T{}) for the element type of dt.
 template <typename F>
-auto by_dtype(cpu::DType dt, F&& f) {
+auto by_dtype(kernel::DType dt, F&& f) {
   switch (dt) {
-    case cpu::DType::Float: return f(float{});
-    case cpu::DType::Double: return f(double{});
-    case cpu::DType::Half: return f(__half{});
-    case cpu::DType::BFloat16: break;
+    case kernel::DType::Float: return f(float{});
+    case kernel::DType::Double: return f(double{});
+    case kernel::DType::Half: return f(__half{});
+    case kernel::DType::BFloat16: break;
   }
   return f(__nv_bfloat16{});
 }

@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/kernels.h"
-#include "ops/cpu_dispatch.h"
+#include "ops/kernel_dtype.h"
 
 namespace kdfast {
 

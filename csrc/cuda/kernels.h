@@ -6,56 +6,56 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cpu/kernels.h"
+#include "common/args.h"
 
 namespace kdfast {
 namespace cuda {
 
 // Scratch bytes that softmax_kl needs for these arguments on the current device (0 on most paths).
-size_t softmax_kl_workspace(const cpu::SoftmaxKLArgs& a);
+size_t softmax_kl_workspace(const kernel::SoftmaxKLArgs& a);
 
 // Temperature softmax-KL, forward and gradients, on `stream` of the current device. Same contract as
-// cpu::SoftmaxKLArgs (rows x V, unit stride along V, any row stride including 0). `workspace` holds
+// kernel::SoftmaxKLArgs (rows x V, unit stride along V, any row stride including 0). `workspace` holds
 // softmax_kl_workspace(a) bytes. Never synchronises with the host.
-cudaError_t softmax_kl(const cpu::SoftmaxKLArgs& a, void* workspace, cudaStream_t stream);
+cudaError_t softmax_kl(const kernel::SoftmaxKLArgs& a, void* workspace, cudaStream_t stream);
 
 // grad[r, :] *= ratio[r * ratio_stride] for a contiguous rows x V gradient, skipping rows whose ratio
 // is exactly 1. ratio has the accumulation type (double for double gradients, else float); stride 0
 // reads one value for every row (an expanded scalar, as backward of a sum hands over).
-cudaError_t scale_rows(cpu::DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio,
+cudaError_t scale_rows(kernel::DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio,
                        int64_t ratio_stride, cudaStream_t stream);
 
-// Feature matching (cpu::FeatureArgs contract). Squared error over rows longer than one chunk writes
+// Feature matching (kernel::FeatureArgs contract). Squared error over rows longer than one chunk writes
 // rows x feature_match_chunks(a) partial sums (acc type) into `partial` instead of loss_rows, for
 // the caller to sum per row; otherwise `partial` is unused. `workspace` holds
 // feature_match_workspace(a) bytes of scratch (cosine over long rows).
-int64_t feature_match_chunks(const cpu::FeatureArgs& a);
-size_t feature_match_workspace(const cpu::FeatureArgs& a);
-cudaError_t feature_match(const cpu::FeatureArgs& a, void* partial, void* workspace, cudaStream_t stream);
+int64_t feature_match_chunks(const kernel::FeatureArgs& a);
+size_t feature_match_workspace(const kernel::FeatureArgs& a);
+cudaError_t feature_match(const kernel::FeatureArgs& a, void* partial, void* workspace, cudaStream_t stream);
 
 // ---- relational KD (acc = Float or Double; B groups of n points; matrices (B, n, n) contiguous;
 // per-group scalars are double device arrays of length B)
 
 // inv = 1 / max(side length, eps) from the Gram matrices, 0 for zero-length sides and the diagonal.
-cudaError_t rkd_inv_sides(cpu::DType acc, const void* gram, int64_t B, int64_t n, double eps, void* inv,
+cudaError_t rkd_inv_sides(kernel::DType acc, const void* gram, int64_t B, int64_t n, double eps, void* inv,
                           cudaStream_t stream);
 // Distances clamped at eps before the square root (squared: not rooted), 0 on the diagonal.
-cudaError_t rkd_pdist(cpu::DType acc, const void* gram, int64_t B, int64_t n, bool squared, double eps, void* dist,
+cudaError_t rkd_pdist(kernel::DType acc, const void* gram, int64_t B, int64_t n, bool squared, double eps, void* dist,
                       cudaStream_t stream);
 // d loss / d D2 of the distances from d loss / d (dist * inv_mean) minus k on the positive entries
 // (k = sum(grad_out * dist) / (mean^2 count) when normalising, else 0 with inv_mean 1).
-cudaError_t rkd_pdist_backward(cpu::DType acc, const void* gram, const void* dist, const void* grad_out,
+cudaError_t rkd_pdist_backward(kernel::DType acc, const void* gram, const void* dist, const void* grad_out,
                                const double* inv_mean, const double* k, int64_t B, int64_t n, bool squared,
                                double eps, void* m, cudaStream_t stream);
 // Per group: partial Huber sums (B x rkd_distance_blocks(n), double) between psi_s and psi_t, and
 // coef * Huber' into gps (and its negative into gpt), each optional.
 int rkd_distance_blocks(int64_t n);
-cudaError_t rkd_distance_huber(cpu::DType acc, const void* ds, const void* dt, const double* inv_mean_s,
+cudaError_t rkd_distance_huber(kernel::DType acc, const void* ds, const void* dt, const double* inv_mean_s,
                                const double* inv_mean_t, const double* coef, int64_t B, int64_t n, double delta,
                                double* partial, void* gps, void* gpt, cudaStream_t stream);
 
 struct RkdAngleArgs {
-  cpu::DType acc;
+  kernel::DType acc;
   const void* gram_s;
   const void* gram_t;
   const void* inv_s;  // from rkd_inv_sides
@@ -70,7 +70,7 @@ struct RkdAngleArgs {
 int rkd_angle_tiles(int64_t n);
 cudaError_t rkd_angle(const RkdAngleArgs& a, cudaStream_t stream);
 // S -> -S / side^2 in place where the side length is above eps, else 0.
-cudaError_t rkd_angle_side_grad(cpu::DType acc, const void* gram, const void* inv, int64_t B, int64_t n, double eps,
+cudaError_t rkd_angle_side_grad(kernel::DType acc, const void* gram, const void* inv, int64_t B, int64_t n, double eps,
                                 void* s, cudaStream_t stream);
 
 }  // namespace cuda

@@ -18,7 +18,7 @@ namespace kdfast {
 namespace cuda {
 namespace {
 
-using cpu::DType;
+using kernel::DType;
 
 constexpr int kThreads = 256;
 

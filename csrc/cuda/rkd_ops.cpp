@@ -15,7 +15,7 @@
 namespace kdfast {
 namespace {
 
-cpu::DType acc_dt(at::ScalarType acc) { return acc == at::kDouble ? cpu::DType::Double : cpu::DType::Float; }
+kernel::DType acc_dt(at::ScalarType acc) { return acc == at::kDouble ? kernel::DType::Double : kernel::DType::Float; }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
@@ -122,7 +122,7 @@ Term angle_term(const RelationInputs& in, const at::Tensor& wd, double aw, doubl
                 bool want_t, cudaStream_t stream) {
   const int64_t B = in.B, n = in.N;
   const double n3 = double(n) * double(n) * double(n);
-  const cpu::DType acc = acc_dt(in.acc);
+  const kernel::DType acc = acc_dt(in.acc);
   at::Tensor inv_s = at::empty_like(in.gram_s), inv_t = at::empty_like(in.gram_t);
   C10_CUDA_CHECK(cuda::rkd_inv_sides(acc, in.gram_s.data_ptr(), B, n, eps, inv_s.data_ptr(), stream));
   C10_CUDA_CHECK(cuda::rkd_inv_sides(acc, in.gram_t.data_ptr(), B, n, eps, inv_t.data_ptr(), stream));

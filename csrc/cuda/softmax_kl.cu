@@ -45,8 +45,8 @@ namespace cuda {
 namespace {
 
 namespace cg = cooperative_groups;
-using cpu::DType;
-using cpu::SoftmaxKLArgs;
+using kernel::DType;
+using kernel::SoftmaxKLArgs;
 
 constexpr int kThreads = 256;
 constexpr int kMaxCluster = 16;

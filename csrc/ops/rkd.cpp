@@ -11,7 +11,8 @@
 #include <cmath>
 #include <vector>
 
-#include "ops/cpu_dispatch.h"
+#include "cpu/alloc.h"
+#include "cpu/kernels.h"
 #include "ops/rkd_common.h"
 
 namespace kdfast {
@@ -32,7 +33,7 @@ GroupDist group_dist(const at::Tensor& G, bool squared, double eps) {
   const int64_t n = G.size(0);
   GroupDist r{at::empty({n, n}, G.options()), 0, 0};
   cpu::PdistArgs a{acc_kernel_dtype(G.scalar_type()), G.data_ptr(), n, squared, eps, r.dist.data_ptr(), 0, 0};
-  cpu_kernels().pdist(a);
+  cpu::selected_kernels().pdist(a);
   r.count = a.pos_count;
   r.mean = a.pos_sum / static_cast<double>(a.pos_count);  // 0/0 = NaN, as torch's mean of nothing
   return r;
@@ -43,7 +44,7 @@ void group_dist_backward(const at::Tensor& G, const GroupDist& d, bool squared, 
   cpu::PdistBackwardArgs a{acc_kernel_dtype(G.scalar_type()), G.data_ptr(), d.dist.data_ptr(), G.size(0),
                            squared, normalize, eps, d.mean, d.count, grad_out.data_ptr(),
                            grad_gram.data_ptr()};
-  cpu_kernels().pdist_backward(a);
+  cpu::selected_kernels().pdist_backward(a);
 }
 
 // Adds group b's distance term (weighted by dw) to loss and to the Gram gradients gGs / gGt.
@@ -58,7 +59,7 @@ void distance_term(const RelationInputs& in, int64_t b, double wb, double dw, do
   cpu::DistanceHuberArgs a{acc_kernel_dtype(in.acc), ds.dist.data_ptr(), dt.dist.data_ptr(), n,
                            1.0 / ds.mean, 1.0 / dt.mean, delta, wb * dw / nn, 0,
                            want_s ? gps.data_ptr() : nullptr, want_t ? gpt.data_ptr() : nullptr};
-  cpu_kernels().distance_huber(a);
+  cpu::selected_kernels().distance_huber(a);
   loss += dw * (a.loss / nn);
   if (want_s) group_dist_backward(in.gram_s[b], ds, squared, true, eps, gps, gGs[b]);
   if (want_t) group_dist_backward(in.gram_t[b], dt, squared, true, eps, gpt, gGt[b]);
@@ -73,7 +74,7 @@ void angle_term(const RelationInputs& in, int64_t b, double wb, double aw, doubl
   cpu::AngleArgs a{acc_kernel_dtype(in.acc), in.gram_s[b].data_ptr(), in.gram_t[b].data_ptr(), n, eps, delta,
                    wb * aw / n3, 0, (gGs.defined() && grads) ? gGs[b].data_ptr() : nullptr,
                    (gGt.defined() && grads) ? gGt[b].data_ptr() : nullptr};
-  cpu_kernels().angle(a);
+  cpu::selected_kernels().angle(a);
   loss += aw * (a.loss / n3);
 }
 

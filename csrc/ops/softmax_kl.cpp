@@ -1,63 +1,52 @@
-// CPU implementation of the softmax-KL ops: argument checks, output allocation, kernel call.
-// User-facing validation (with messages naming the argument) happens in kdfast/functional.py;
-// the checks here guard the kernel against direct torch.ops calls.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+// The softmax_kl and scale_rows_ ops: schemas and the checks both devices share. Kernels:
+// csrc/cpu/softmax_kl.cpp and csrc/cuda/softmax_kl.cu; glue: csrc/{cpu,cuda}/softmax_kl_ops.cpp;
+// math: csrc/common/softmax_kl.h; autograd and fake kernels: kdfast/.
+#include "ops/softmax_kl.h"
+
 #include <torch/library.h>
 
-#include "ops/cpu_dispatch.h"
-#include "ops/row_args.h"
+#include <cmath>
+
+#include "ops/row_pair.h"
 
 namespace kdfast {
-namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at::Tensor& t,
-                                                              double inv_temperature,
-                                                              const at::Tensor& row_weight,
-                                                              bool grad_student, bool grad_teacher,
-                                                              double grad_scale) {
-  check_kl_inputs(s, t, row_weight, grad_scale);
-  const int64_t R = s.size(0), V = s.size(1);
-  at::Tensor kl = at::empty({R}, row_weight.options());
-  at::Tensor gs = grad_student ? empty_cpu_fast({R, V}, s.scalar_type()) : at::empty({0}, s.options());
-  at::Tensor gt = grad_teacher ? empty_cpu_fast({R, V}, t.scalar_type()) : at::empty({0}, t.options());
-  if (R == 0) return {kl, gs, gt};
-  cpu::SoftmaxKLArgs a = kl_args(s, t, inv_temperature, row_weight, kl, gs, gt, grad_student, grad_teacher, grad_scale);
-  cpu_kernels().softmax_kl(a);
-  return {kl, gs, gt};
+void check_softmax_kl(const at::Tensor& s, const at::Tensor& t, double inv_temperature, const at::Tensor& row_weight,
+                      double grad_scale) {
+  check_row_inputs("softmax_kl", s, t, row_weight, grad_scale);
+  TORCH_CHECK(s.size(1) > 0, "softmax_kl: the vocabulary (last dim) is empty");
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+              "softmax_kl: inv_temperature must be finite and > 0, got ", inv_temperature);
 }
 
-void scale_rows_cpu(at::Tensor& grad, const at::Tensor& ratio) {
+kernel::SoftmaxKLArgs softmax_kl_args(const at::Tensor& s, const at::Tensor& t, double inv_temperature,
+                                      const at::Tensor& row_weight, at::Tensor& kl, at::Tensor& gs, at::Tensor& gt,
+                                      bool grad_student, bool grad_teacher, double grad_scale) {
+  kernel::SoftmaxKLArgs a;
+  set_row_pair(a, s, t, row_weight, kl, gs, gt, grad_student, grad_teacher, grad_scale);
+  a.inv_temperature = inv_temperature;
+  return a;
+}
+
+void check_scale_rows(const at::Tensor& grad, const at::Tensor& ratio) {
   TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "scale_rows_: grad must be contiguous 2-D");
+  check_kernel_dtype("scale_rows_", "grad", grad.scalar_type());
   TORCH_CHECK(ratio.dim() == 1 && ratio.size(0) == grad.size(0), "scale_rows_: ratio must have one entry per row");
-  TORCH_CHECK(ratio.device() == grad.device(), "scale_rows_: grad and ratio must be on one device");
-  // In the accumulation type, strided as handed over: usually already so (an expanded scalar: no copy).
-  const at::Tensor r = ratio.to(grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const int64_t V = grad.size(1), rs = r.stride(0);
-  // The product is taken in float (double for double): a ratio such as a loss scale of 65536 must
-  // not be rounded to the gradient's half-precision type first.
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    scalar_t* g = grad.data_ptr<scalar_t>();
-    const acc_t* rp = r.const_data_ptr<acc_t>();
-    at::parallel_for(0, grad.size(0), cpu::rows_per_task(V, 32768),
-                     [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) {
-        const acc_t f = rp[row * rs];
-        if (f == acc_t(1)) continue;
-        scalar_t* x = g + row * V;
-        for (int64_t j = 0; j < V; ++j) x[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) * f);
-      }
-    });
-  });
+  TORCH_CHECK(ratio.device() == grad.device(), "scale_rows_: grad and ratio must be on one device, got ",
+              grad.device(), " and ", ratio.device());
 }
 
-}  // namespace
 }  // namespace kdfast
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  m.impl("softmax_kl", &kdfast::softmax_kl_cpu);
-  m.impl("scale_rows_", &kdfast::scale_rows_cpu);
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // Per-row temperature softmax-KL. Returns (kl_rows, grad_student, grad_teacher): kl_rows is the
+  // unweighted KL of each row (0 where row_weight is 0), and each gradient is
+  // grad_scale * row_weight[r] * dKL_r/d(input) when asked for, else an empty tensor; the product
+  // with grad_scale is rounded as a scale_rows_ pass after the op would round it. Leading dims are
+  // flattened by the caller; the last dim must have unit stride.
+  m.def("softmax_kl(Tensor student, Tensor teacher, float inv_temperature, Tensor row_weight, "
+        "bool grad_student, bool grad_teacher, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // grad[r, :] *= ratio[r] in place, skipping rows whose ratio is exactly 1 (the usual case, where
+  // the upstream gradient is the one the forward already applied).
+  m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
 }

@@ -1,7 +1,7 @@
 // The CPU emulation behind cuda_emu.h, and a C interface to kdfast's CUDA host functions for the
 // tests (ctypes). Build (tests/test_cuda.py does it):
 //   g++ -std=c++20 -O1 -pthread -fPIC -shared -DKDFAST_CUDA_EMULATE -Icsrc -I<cuda>/include \
-//       -x c++ csrc/cuda/softmax_kl.cu -x c++ csrc/cuda/rkd.cu -x c++ csrc/cuda/feature.cu -x none csrc/cuda/emu/emu.cpp -o libkdfast_emu.so
+//       -x c++ csrc/cuda/softmax_kl.cu -x c++ csrc/cuda/rkd.cu -x c++ csrc/cuda/feature_match.cu -x none csrc/cuda/emu/emu.cpp -o libkdfast_emu.so
 #include <pthread.h>
 
 #include <algorithm>
@@ -233,7 +233,7 @@ cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 
 // ---- C interface for the tests
 namespace {
-kdfast::cpu::DType dt(int d) { return static_cast<kdfast::cpu::DType>(d); }
+kdfast::kernel::DType dt(int d) { return static_cast<kdfast::kernel::DType>(d); }
 int guarded(const std::function<cudaError_t()>& f) {
   try {
     return static_cast<int>(f());
@@ -246,7 +246,7 @@ int guarded(const std::function<cudaError_t()>& f) {
 extern "C" {
 int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_t V, int64_t ss, int64_t ts,
                    double inv_t, const void* w, void* kl, void* gs, void* gt) {
-  kdfast::cpu::SoftmaxKLArgs a;
+  kdfast::kernel::SoftmaxKLArgs a;
   a.dtype = dt(dtype);
   a.student = s, a.teacher = t, a.rows = rows, a.cols = V;
   a.student_row_stride = ss, a.teacher_row_stride = ts, a.inv_temperature = inv_t;
@@ -259,7 +259,7 @@ int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_
 }
 int emu_feature_match(int dtype, const void* s, const void* t, int64_t rows, int64_t D, int64_t ss, int64_t ts,
                       int cosine, double eps, const void* w, void* loss, void* gs, void* gt) {
-  kdfast::cpu::FeatureArgs a;
+  kdfast::kernel::FeatureArgs a;
   a.dtype = dt(dtype);
   a.student = s, a.teacher = t, a.rows = rows, a.cols = D;
   a.student_row_stride = ss, a.teacher_row_stride = ts, a.cosine = cosine != 0, a.eps = eps;
@@ -267,7 +267,7 @@ int emu_feature_match(int dtype, const void* s, const void* t, int64_t rows, int
   return guarded([&] {
     // partial sums in the accumulation type, summed per row in chunk order as the glue does
     const int64_t nchunk = kdfast::cuda::feature_match_chunks(a);
-    const bool dbl = a.dtype == kdfast::cpu::DType::Double;
+    const bool dbl = a.dtype == kdfast::kernel::DType::Double;
     std::vector<double> pd(nchunk > 1 ? rows * nchunk : 0);
     std::vector<float> pf(nchunk > 1 ? rows * nchunk : 0);
     std::vector<double> ws(kdfast::cuda::feature_match_workspace(a) / sizeof(double) + 1);

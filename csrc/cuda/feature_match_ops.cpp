@@ -1,5 +1,6 @@
-// CUDA implementation of the feature-matching op: argument checks, output allocation on the
-// current stream's device, kernel call (csrc/cuda/feature.cu). Same contract as csrc/ops/feature.cpp.
+// CUDA implementation of the feature_match op (schema and shared checks:
+// csrc/ops/feature_match.cpp): output allocation on the current stream's device, kernel call
+// (csrc/cuda/feature_match.cu).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
@@ -10,8 +11,7 @@
 
 #include "cuda/grad_scale.h"
 #include "cuda/kernels.h"
-#include "ops/cpu_dispatch.h"
-#include "ops/row_args.h"
+#include "ops/feature_match.h"
 
 namespace kdfast {
 namespace {
@@ -20,8 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_match_cuda(const at::Tens
                                                                   bool cosine, double eps,
                                                                   const at::Tensor& row_weight, bool grad_student,
                                                                   bool grad_teacher, double grad_scale) {
-  check_row_inputs("feature_match", s, t, row_weight, grad_scale);
-  TORCH_CHECK(eps >= 0, "feature_match: eps must be >= 0, got ", eps);
+  check_feature_match(s, t, eps, row_weight, grad_scale);
   TORCH_CHECK(s.is_cuda(), "feature_match: expected CUDA tensors, got ", s.device());
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t R = s.size(0), D = s.size(1);
@@ -29,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_match_cuda(const at::Tens
   at::Tensor gs = grad_student ? at::empty({R, D}, s.options()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? at::empty({R, D}, t.options()) : at::empty({0}, t.options());
   if (R == 0) return {loss, gs, gt};
-  cpu::FeatureArgs a = feature_args(s, t, cosine, eps, row_weight, loss, gs, gt, grad_student, grad_teacher, 1.0);
+  kernel::FeatureArgs a = feature_match_args(s, t, cosine, eps, row_weight, loss, gs, gt, grad_student, grad_teacher, 1.0);
   const int64_t nchunk = cuda::feature_match_chunks(a);
   at::Tensor partial = nchunk > 1 ? at::empty({R, nchunk}, row_weight.options()) : at::Tensor();
   const int64_t ws_bytes = static_cast<int64_t>(cuda::feature_match_workspace(a));

@@ -1,5 +1,5 @@
 // Feature matching on the CPU: squared error or cosine distance per row, forward and gradients in
-// one call (math in csrc/common/feature.h).
+// one call (math in csrc/common/feature_match.h).
 //
 // Squared error needs nothing but the row's weight to write its gradient, so inputs are read once
 // and the gradients written in the same pass. Cosine reads the row once for <s, t>, |s|^2 and |t|^2
@@ -19,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/feature.h"
+#include "common/feature_match.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_io.h"
 

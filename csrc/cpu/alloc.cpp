@@ -16,7 +16,7 @@
 #include <mutex>
 #include <string>
 
-#include "ops/cpu_dispatch.h"
+#include "cpu/alloc.h"
 
 namespace kdfast {
 namespace {

@@ -1,5 +1,5 @@
 // Feature matching on CUDA: squared error or cosine distance per row, forward and gradients in one
-// launch (math in csrc/common/feature.h).
+// launch (math in csrc/common/feature_match.h).
 //
 // A warp owns a slice and walks it in 16-byte vector groups (scalar where the operands' offsets
 // within 16 bytes differ), reducing its sums with shuffles: no shared memory, no block barriers.
@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/feature.h"
+#include "common/feature_match.h"
 #include "cuda/compat.cuh"
 #include "cuda/elem.cuh"
 #include "cuda/kernels.h"
@@ -24,7 +24,7 @@ namespace kdfast {
 namespace cuda {
 namespace {
 
-using cpu::FeatureArgs;
+using kernel::FeatureArgs;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;

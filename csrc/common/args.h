@@ -1,0 +1,40 @@
+#pragma once
+// The launch contract of the row ops (softmax_kl, feature_match), shared by the CPU and CUDA
+// kernels: element types and argument structs of raw pointers. No tensor headers, so the CPU
+// kernel libraries (one per ISA) and the .cu files compile without them.
+#include <cstdint>
+
+namespace kdfast {
+namespace kernel {
+
+enum class DType : int32_t { Float = 0, Double = 1, Half = 2, BFloat16 = 3 };
+
+// What the row ops share: a (rows, cols) student / teacher pair, a weight per row, each row's
+// unweighted loss out and, when asked, the gradients of sum(row_weight * loss) in the same call.
+struct RowPairArgs {
+  DType dtype;
+  const void* student;  // rows x cols, unit stride along cols
+  const void* teacher;
+  int64_t rows, cols;
+  int64_t student_row_stride, teacher_row_stride;  // in elements; 0 broadcasts one row
+  const void* row_weight;  // rows, acc type (double for double input, else float); 0 skips a row
+  void* loss_rows;         // rows, acc type: unweighted loss, 0 on skipped rows
+  void* grad_student;      // rows x cols contiguous, or null: row_weight * dL/ds (0 on skipped rows)
+  void* grad_teacher;      // rows x cols contiguous, or null
+  double grad_scale = 1;   // gradients times this, with the bits of a scale_rows_ pass after them
+};
+
+// Temperature softmax-KL per row: cols is the vocabulary.
+struct SoftmaxKLArgs : RowPairArgs {
+  double inv_temperature;
+};
+
+// Feature matching per row (see csrc/common/feature_match.h): squared error or cosine distance
+// over the cols features of a row.
+struct FeatureArgs : RowPairArgs {
+  bool cosine;
+  double eps;  // cosine: the norm clamp
+};
+
+}  // namespace kernel
+}  // namespace kdfast
