@@ -17,7 +17,20 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-VERSION = "0.1.0"
+
+
+def _read_version():
+    """kdfast/_version.py's __version__, read as text: importing kdfast would import torch."""
+    text = (ROOT / "kdfast" / "_version.py").read_text()
+    m = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
+    if m is None:
+        sys.exit("kdfast/_version.py must set __version__ to a string literal")
+    return m.group(1)
+
+
+# One source: pyproject.toml reads the same file ([tool.setuptools.dynamic]); this copy goes to the
+# C++ build info (KDFAST_VERSION).
+VERSION = _read_version()
 
 
 def _env_flag(name, default):
@@ -154,5 +167,5 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
-# name, version and dependencies are in pyproject.toml
+# name, dependencies and the version (kdfast/_version.py) are in pyproject.toml
 setup(packages=find_packages(include=["kdfast", "kdfast.*"]), ext_modules=ext_modules, cmdclass=cmdclass)

@@ -4,14 +4,13 @@ import platform
 import torch
 
 from kdfast import _backend, _ops
+from kdfast._version import __version__
 
 
 def build_info():
     """A dict: version, torch, whether the extension is loaded, the CPU kernel builds compiled and
     the one selected, OpenMP, threads, CUDA on/off and the CUDA archs compiled."""
     native = _ops.native_build_info()
-    from kdfast import __version__
-
     info = {
         "version": __version__,
         "torch": torch.__version__,

@@ -1,7 +1,7 @@
 """Pure-PyTorch implementations of every kdfast loss: the test oracle and the fallback backend.
 
 They follow the formulations people run today (F.kl_div with log_softmax, torchdistill /
-RepDistiller RKDLoss) with the semantics of DESIGN.md, and compute in at least float32.
+RepDistiller RKDLoss) with the conventions of docs/design.md, and compute in at least float32.
 """
 import functools
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md "Bad input", for every public function: a ValueError or TypeError
+"""Every bad input of docs/design.md ("Bad input", section 2), for every public function: a ValueError or TypeError
 whose message names the argument, never a crash, and the inputs left as they were."""
 import math
 import warnings
