@@ -309,7 +309,6 @@ def _rss_mb():
 
 def _steady_state(step, warmup, calls):
     """RSS growth (MB) and Python object growth over `calls` calls of step(i), after `warmup`."""
-    pytest.importorskip("psutil")
     for i in range(warmup):
         step(i)
     rss0, objs0 = _rss_mb(), len(gc.get_objects())
@@ -461,18 +460,19 @@ def test_relation_upstream_gradient_not_one(name, fn):
 
 
 def test_rkd_loss_zero_weights():
-    """A weight of 0 switches its term off, value and gradient."""
+    """A weight of 0 switches its term off, value and gradient: against the reference's other term
+    alone (float64)."""
     s = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     t = torch.randn(8, 6, dtype=torch.float64)
-    for dw, aw, other in ((0.0, 2.0, lambda: 2.0 * kdfast.rkd_angle_loss(s, t)),
-                          (3.0, 0.0, lambda: 3.0 * kdfast.rkd_distance_loss(s, t)),
+    for dw, aw, other in ((0.0, 2.0, lambda: 2.0 * ref.rkd_angle_loss(s, t)),
+                          (3.0, 0.0, lambda: 3.0 * ref.rkd_distance_loss(s, t)),
                           (0.0, 0.0, lambda: (s * 0).sum())):
         loss = kdfast.rkd_loss(s, t, distance_weight=dw, angle_weight=aw)
         want = other()
-        torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=0)
         (g,) = torch.autograd.grad(loss, s)
         (w,) = torch.autograd.grad(want, s)
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-14)
 
 
 def _autocast_features():
