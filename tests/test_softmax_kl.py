@@ -346,16 +346,17 @@ def test_backward_twice_without_retain_graph_raises():
 
 
 @pytest.mark.parametrize("fn", ["kd_loss", "logit_mse", "cosine_loss"])
-def test_create_graph_recomputes_through_reference(fn, backend):
+def test_create_graph_recomputes_through_reference(fn):
     """create_graph=True through a fused row loss: the first-order gradient carries a graph (through
-    the plain-PyTorch row formulas), and second-order gradients match the reference backend's."""
+    the plain-PyTorch row formulas), and second-order gradients match the reference backend's.
+    (Native against reference only: the reference against itself could not fail.)"""
     def run(b):
         kdfast.set_backend(b)
         s = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
         t = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_()
         (gs,) = torch.autograd.grad(getattr(kdfast, fn)(s, t) * 3.0, s, create_graph=True)
         return [gs] + list(torch.autograd.grad((gs * gs).sum(), [s, t]))
-    got, want = run(backend), run("reference")
+    got, want = run("native"), run("reference")
     for a, b in zip(got, want):
         assert relerr(a.detach(), b.detach()) < 1e-10
 
