@@ -207,10 +207,16 @@ def test_strides(layout, name, kw, dtype, backend):
           upstream="random" if kw["reduction"] == "none" else 0.7, **kw)
 
 
-@pytest.mark.parametrize("ds,dt", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                   (torch.float16, torch.float64)], ids=lambda d: DTYPE_IDS[d])
+MIXED = [(b, ds, dt) for b in ("native", "reference")
+         for ds, dt in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                        (torch.float16, torch.float64))
+         if (b, dt) != ("reference", torch.float64)]  # (that one computes in float64: the oracle itself)
+
+
+@pytest.mark.parametrize("backend,ds,dt", MIXED, ids=[f"{b}-{DTYPE_IDS[s]}-{DTYPE_IDS[t]}" for b, s, t in MIXED])
 @pytest.mark.parametrize("name,kw", NAME_KW, ids=NAME_KW_IDS)
 def test_mixed_dtypes(ds, dt, name, kw, backend):
+    kdfast.set_backend(backend)
     check(name, data(5, 40, dtype=ds), data(5, 40, dtype=dt), **kw)
 
 
@@ -218,8 +224,10 @@ def test_mixed_dtypes(ds, dt, name, kw, backend):
 
 @pytest.mark.parametrize("eps", [1e-8, 1e-3])
 @pytest.mark.parametrize("D", [7, 4097])
-@dtype_params((torch.float32, torch.float64, torch.bfloat16))
+@pytest.mark.parametrize("backend,dtype", [bd for bd in BACKEND_DTYPES if bd[1] != torch.float16],
+                         ids=[f"{b}-{DTYPE_IDS[d]}" for b, d in BACKEND_DTYPES if d != torch.float16])
 def test_cosine_zero_rows_and_norms_near_eps(eps, D, dtype, backend):
+    kdfast.set_backend(backend)
     s, t = data(7, D), data(7, D)
     s[0], t[1], s[2], t[2] = 0, 0, 0, 0          # a zero student row, a zero teacher row, both zero
     s[3] *= 0.99 * eps / s[3].norm()            # student norm just below eps
