@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEPS := numpy pytest hypothesis expecttest ninja pybind11 tabulate matplotlib rich psutil scikit-learn
+DEPS := numpy pytest hypothesis expecttest ninja pybind11 tabulate matplotlib rich psutil scikit-learn coverage
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml kdfast/_version.py
 
 .PHONY: setup build test test-slow bench bench-full clean

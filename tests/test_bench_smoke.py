@@ -6,15 +6,10 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_quick(tmp_path):
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("rich")
-    pytest.importorskip("tabulate")
     out = tmp_path / "bench"
     js = out / "r.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out),

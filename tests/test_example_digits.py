@@ -2,9 +2,6 @@
 import importlib.util
 import pathlib
 
-import pytest
-
-pytest.importorskip("sklearn")
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "distill_digits.py"
 

@@ -105,10 +105,16 @@ CASES = {  # id: (function, shapes, fixed kwargs, reductions)
 }
 
 
+# (backend, dtype): the native kernels in every dtype, the reference below float64 (in float64 the
+# reference backend is the float64 oracle itself, and comparing the two could not fail)
+BACKEND_DTYPES = [(b, d) for b in ("native", "reference") for d in DTYPES if (b, d) != ("reference", torch.float64)]
+
+
 @pytest.mark.parametrize("case,reduction", [(c, r) for c, v in CASES.items() for r in v[3]],
                          ids=[f"{c}-{r}" for c, v in CASES.items() for r in v[3]])
-@dtype_params()
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=[f"{b}-{DTYPE_IDS[d]}" for b, d in BACKEND_DTYPES])
 def test_matches_float64_reference(case, reduction, dtype, backend):
+    kdfast.set_backend(backend)
     name, shape, kw, _ = CASES[case]
     check(name, make(shape, dtype), make(shape, dtype), reduction=reduction, **kw)
 
@@ -201,10 +207,16 @@ def test_strides(layout, name, kw, dtype, backend):
           upstream="random" if kw["reduction"] == "none" else 0.7, **kw)
 
 
-@pytest.mark.parametrize("ds,dt", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                   (torch.float16, torch.float64)], ids=lambda d: DTYPE_IDS[d])
+MIXED = [(b, ds, dt) for b in ("native", "reference")
+         for ds, dt in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                        (torch.float16, torch.float64))
+         if (b, dt) != ("reference", torch.float64)]  # (that one computes in float64: the oracle itself)
+
+
+@pytest.mark.parametrize("backend,ds,dt", MIXED, ids=[f"{b}-{DTYPE_IDS[s]}-{DTYPE_IDS[t]}" for b, s, t in MIXED])
 @pytest.mark.parametrize("name,kw", NAME_KW, ids=NAME_KW_IDS)
 def test_mixed_dtypes(ds, dt, name, kw, backend):
+    kdfast.set_backend(backend)
     check(name, data(5, 40, dtype=ds), data(5, 40, dtype=dt), **kw)
 
 
@@ -212,8 +224,10 @@ def test_mixed_dtypes(ds, dt, name, kw, backend):
 
 @pytest.mark.parametrize("eps", [1e-8, 1e-3])
 @pytest.mark.parametrize("D", [7, 4097])
-@dtype_params((torch.float32, torch.float64, torch.bfloat16))
+@pytest.mark.parametrize("backend,dtype", [bd for bd in BACKEND_DTYPES if bd[1] != torch.float16],
+                         ids=[f"{b}-{DTYPE_IDS[d]}" for b, d in BACKEND_DTYPES if d != torch.float16])
 def test_cosine_zero_rows_and_norms_near_eps(eps, D, dtype, backend):
+    kdfast.set_backend(backend)
     s, t = data(7, D), data(7, D)
     s[0], t[1], s[2], t[2] = 0, 0, 0, 0          # a zero student row, a zero teacher row, both zero
     s[3] *= 0.99 * eps / s[3].norm()            # student norm just below eps
@@ -339,6 +353,7 @@ def test_backend_switch_dispatches_fused_op(grad_teacher, backend):
     assert not any(op.startswith("kdfast.") for op in calls.ops), "logit_mse(reduction='none') is elementwise"
     with FusedOpCalls() as calls, torch.no_grad():
         outs = {key: fn(s1, t1) for key, (fn, _) in LOSSES.items()}
+    kdfast.set_backend("reference")  # float64 answers from the reference, whichever backend ran above
     for key, out in outs.items():
         assert out.grad_fn is None and not out.requires_grad
         close(out, LOSSES[key][0](s.double(), t.double()), 1e-5, key)

@@ -42,6 +42,18 @@ MODULE_CASES = [
     ("RKDLoss-default", lambda: knn.RKDLoss(), lambda s, t: kdfast.rkd_loss(s, t), "feats"),
 ]
 
+# What each module's repr shows of its settings (extra_repr).
+MODULE_REPRS = {
+    "KDLoss": "temperature=3.0, reduction='mean'", "KDLoss-default": "temperature=4.0, reduction='batchmean'",
+    "SoftmaxKLDivLoss": "temperature=2.0, reduction='sum'",
+    "SoftmaxKLDivLoss-default": "temperature=1.0, reduction='batchmean'",
+    "LogitMSELoss": "reduction='sum'", "FeatureL2Loss": "reduction='mean', channel_dim=-1",
+    "FeatureL2Loss-same-width": "reduction='sum', channel_dim=-1", "CosineLoss": "dim=0, reduction='sum', eps=1e-08",
+    "RKDDistanceLoss": "delta=0.5, squared=True, eps=1e-12", "RKDAngleLoss": "delta=2.0, eps=1e-12",
+    "RKDLoss": "distance_weight=1.0, angle_weight=2.0, delta=0.7",
+    "RKDLoss-default": "distance_weight=25.0, angle_weight=50.0, delta=1.0",
+}
+
 
 @pytest.mark.parametrize("name,make,fn,kind", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
 def test_module_equals_function(name, make, fn, kind):
@@ -54,7 +66,8 @@ def test_module_equals_function(name, make, fn, kind):
     out_m.sum().backward()
     out_f.sum().backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=0, atol=0)
-    assert isinstance(repr(module), str)
+    assert module.extra_repr() == MODULE_REPRS[name]
+    assert repr(module).startswith(f"{type(module).__name__}(") and MODULE_REPRS[name] in repr(module)
 
 
 def test_kl_modules_take_a_mask():
@@ -203,7 +216,7 @@ def test_cosine_projection_trains(dim):
 # ----------------------------------------------------------------------------- backends
 
 def test_set_get_backend():
-    for name in ("reference", "auto", "native" if kdfast.native_available("cpu") else "auto"):
+    for name in ("reference", "auto", "native"):
         kdfast.set_backend(name)
         assert kdfast.get_backend() == name
     kdfast.set_backend(" Reference ")
