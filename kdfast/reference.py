@@ -34,8 +34,16 @@ def reduce_rows(rows, mask, reduction, batch):
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def kl_rows(student_logits, teacher_logits, temperature):
+def kl_rows(student_logits, teacher_logits, temperature, mask=None):
     acc = v.compute_dtype(student_logits, teacher_logits)
+    if mask is not None:
+        # Masked-out rows enter as zeros (KL 0): the where() on the inputs gives them zero gradient
+        # whatever they hold, where zeroing their KL afterwards would still pass a NaN or -inf row's
+        # NaN through log_softmax's backward.
+        keep = mask.unsqueeze(-1)
+        zero = torch.zeros((), dtype=student_logits.dtype, device=student_logits.device)
+        student_logits = torch.where(keep, student_logits, zero)
+        teacher_logits = torch.where(keep, teacher_logits, zero.to(teacher_logits.dtype))
     log_ps = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
     pt = log_pt.exp()
@@ -52,7 +60,7 @@ def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction
     temperature = v.check_positive(temperature, "temperature")
     v.check_reduction(reduction, v.KL_REDUCTIONS)
     mask = v.check_mask(mask, student_logits)
-    rows = kl_rows(student_logits, teacher_logits, temperature)
+    rows = kl_rows(student_logits, teacher_logits, temperature, mask)
     batch = student_logits.shape[0]
     return reduce_rows(rows, mask, reduction, batch).to(v.result_dtype(student_logits, teacher_logits))
 
@@ -107,6 +115,19 @@ def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
     return total.to(v.result_dtype(*[t for p in pairs for t in p]))
 
 
+def _unoverflowed(x, dim):
+    """x with every finite row whose squared norm overflows divided by its largest magnitude, as
+    the native op does: F.cosine_similarity would take that norm as inf and the cosine as 0. The
+    cosine is scale-invariant, the factor is detached, and such a norm stays far above any eps, so
+    value and gradients are unchanged otherwise."""
+    if x.shape[dim] == 0:
+        return x
+    with torch.no_grad():
+        m = x.abs().amax(dim, keepdim=True)
+        over = torch.isinf((x * x).sum(dim, keepdim=True)) & torch.isfinite(m)
+    return torch.where(over, x / torch.where(over, m, torch.ones((), dtype=m.dtype, device=m.device)), x)
+
+
 def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1e-8):
     """1 - cos(student, teacher) along `dim`, as F.cosine_similarity computes it."""
     v.check_pair(student_feats, teacher_feats, "student_feats", "teacher_feats")
@@ -114,7 +135,8 @@ def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1
     dim = v.check_dim(dim, student_feats, "student_feats")
     eps = v.check_positive(eps, "eps")
     acc = v.compute_dtype(student_feats, teacher_feats)
-    out = 1 - F.cosine_similarity(student_feats.to(acc), teacher_feats.to(acc), dim=dim, eps=eps)
+    fs, ft = _unoverflowed(student_feats.to(acc), dim), _unoverflowed(teacher_feats.to(acc), dim)
+    out = 1 - F.cosine_similarity(fs, ft, dim=dim, eps=eps)
     if reduction == "mean":
         out = out.mean()
     elif reduction == "sum":
@@ -149,10 +171,13 @@ def _pdist(x, squared, eps):
     """torchdistill's pdist, batched: (..., N, D) -> (..., N, N), clamped at eps, zero diagonal."""
     sq = (x * x).sum(-1)
     d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * (x @ x.transpose(-1, -2))).clamp(min=eps)
-    if not squared:
-        d = d.sqrt()
     eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
-    return d.masked_fill(eye, 0)
+    if not squared:
+        # sqrt'(0) = inf, and inf * 0 = NaN in backward: take no square root of a zero (the diagonal,
+        # duplicate points when eps = 0); those distances are 0 with zero gradient, as in the native op.
+        zero = eye | (d == 0)
+        d = torch.where(zero, torch.ones((), dtype=d.dtype, device=d.device), d).sqrt()
+    return d.masked_fill(eye if squared else zero, 0)
 
 
 def _normalize_by_positive_mean(d):
@@ -189,10 +214,12 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
 def _angles(x, eps):
     """cos of the angle at vertex i of every triplet: (..., N, N, N), as torchdistill's RKDAngle."""
     diff = x.unsqueeze(-3) - x.unsqueeze(-2)  # [..., i, j] = x_j - x_i
-    unit = F.normalize(diff, p=2, dim=-1, eps=eps)
     # A zero-length side (i = j, or duplicate points) has cosine 0 as in torchdistill, but no
-    # gradient: F.normalize alone would send 1/eps-sized gradients through exact duplicates.
+    # gradient: F.normalize alone would send 1/eps-sized gradients through exact duplicates, and
+    # NaN (0/0) ones when eps = 0. So such a side is not normalised at all: a stand-in is, then zeroed.
     nonzero = (diff != 0).any(-1, keepdim=True)
+    unit = F.normalize(torch.where(nonzero, diff, torch.ones((), dtype=diff.dtype, device=diff.device)),
+                       p=2, dim=-1, eps=eps)
     unit = torch.where(nonzero, unit, torch.zeros((), dtype=unit.dtype, device=unit.device))
     return unit @ unit.transpose(-1, -2)
 
