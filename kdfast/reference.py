@@ -4,6 +4,7 @@ They follow the formulations people run today (F.kl_div with log_softmax, torchd
 RepDistiller RKDLoss) with the semantics of DESIGN.md, and compute in at least float32.
 """
 import functools
+import math
 from typing import Sequence
 
 import torch
@@ -160,24 +161,26 @@ def _fp32_under_autocast(fn):
     return wrapper
 
 
-def _centered(x, acc):
-    # Distances and angles do not move when all points move together; centring keeps the
-    # Gram-matrix formula accurate for features far from the origin (e.g. after a ReLU).
-    x = x.to(acc)
-    return x - x.mean(dim=-2, keepdim=True).detach()
-
-
 def _pdist(x, squared, eps):
-    """torchdistill's pdist, batched: (..., N, D) -> (..., N, N), clamped at eps, zero diagonal."""
-    sq = (x * x).sum(-1)
-    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * (x @ x.transpose(-1, -2))).clamp(min=eps)
+    """torchdistill's pdist, batched: (..., N, D) -> (..., N, N), clamped at eps (before the square
+    root), zero diagonal. The distances come from the coordinate differences, not from
+    |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>, whose cancellation loses the small distances of points far
+    apart or far from the origin and turns duplicates into noise; this costs O(N^2 D) memory, as
+    the angle term's unit vectors do. sqrt(max(d^2, eps)) is max(|x_i - x_j|, sqrt(eps)): no square
+    root of 0 is taken, whose infinite gradient would turn the diagonal (and duplicates at eps = 0)
+    into NaN gradients."""
+    diff = x.unsqueeze(-2) - x.unsqueeze(-3)
+    if squared:
+        d = (diff * diff).sum(-1).clamp(min=eps)
+    else:
+        # the norm of a zero difference is taken of a stand-in: its first and second derivatives at
+        # 0 are 0/0 (NaN) otherwise
+        nonzero = (diff != 0).any(-1, keepdim=True)
+        one = torch.ones((), dtype=diff.dtype, device=diff.device)
+        d = torch.linalg.vector_norm(torch.where(nonzero, diff, one), dim=-1)
+        d = torch.where(nonzero.squeeze(-1), d, 0 * one).clamp(min=math.sqrt(eps))
     eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
-    if not squared:
-        # sqrt'(0) = inf, and inf * 0 = NaN in backward: take no square root of a zero (the diagonal,
-        # duplicate points when eps = 0); those distances are 0 with zero gradient, as in the native op.
-        zero = eye | (d == 0)
-        d = torch.where(zero, torch.ones((), dtype=d.dtype, device=d.device), d).sqrt()
-    return d.masked_fill(eye if squared else zero, 0)
+    return d.masked_fill(eye, 0)
 
 
 def _normalize_by_positive_mean(d):
@@ -192,7 +195,7 @@ def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):
     by the mean of its positive entries (RKD's psi)."""
     v.check_points(x, "x")
     eps = v.check_nonnegative(eps, "eps")
-    d = _pdist(_centered(x, v.compute_dtype(x)), squared, eps)
+    d = _pdist(x.to(v.compute_dtype(x)), squared, eps)
     if normalize:
         d = _normalize_by_positive_mean(d)
     return d.to(v.result_dtype(x))
@@ -205,8 +208,8 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
     delta = v.check_positive(delta, "delta")
     eps = v.check_nonnegative(eps, "eps")
     acc = v.compute_dtype(student, teacher)
-    ds = _normalize_by_positive_mean(_pdist(_centered(student, acc), squared, eps))
-    dt = _normalize_by_positive_mean(_pdist(_centered(teacher, acc), squared, eps))
+    ds = _normalize_by_positive_mean(_pdist(student.to(acc), squared, eps))
+    dt = _normalize_by_positive_mean(_pdist(teacher.to(acc), squared, eps))
     loss = F.huber_loss(ds, dt, reduction="none", delta=delta).mean((-1, -2))
     return loss.mean().to(v.result_dtype(student, teacher))
 
@@ -231,7 +234,7 @@ def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     delta = v.check_positive(delta, "delta")
     eps = v.check_nonnegative(eps, "eps")
     acc = v.compute_dtype(student, teacher)
-    cs, ct = _angles(_centered(student, acc), eps), _angles(_centered(teacher, acc), eps)
+    cs, ct = _angles(student.to(acc), eps), _angles(teacher.to(acc), eps)
     loss = F.huber_loss(cs, ct, reduction="none", delta=delta).mean((-1, -2, -3))
     return loss.mean().to(v.result_dtype(student, teacher))
 

@@ -195,3 +195,44 @@ def test_reference_cosine_overflowing_rows_match_native():
     for a, b in zip(g_r, g_n):
         for r in range(5):
             assert relerr(a[r], b[r]) <= 1e-5, (r, a[r], b[r])
+
+
+# ----------------------------------------------------------------------------- distances from differences
+
+def _far_cluster(dtype, B=None):
+    """A tight cluster (spread 1e-3) beside far points, away from the origin, with exact duplicates."""
+    x = torch.randn(*(() if B is None else (B,)), 9, 4, dtype=torch.float64) * 1e-3 + 500.0
+    x[..., 0, :] += 1e3
+    x[..., 5, :] = x[..., 2, :]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_reference_distances_exact_far_from_cluster(dtype, squared):
+    """The reference's distances come from coordinate differences: duplicates give exactly 0 (then
+    the eps clamp), and a cluster far from other points (and from the origin) keeps its small
+    distances. The Gram form |x_i|^2 + |x_j|^2 - 2 <x_i, x_j> gave 1e-8-sized noise for the
+    duplicates in float64 (so psi counted them as positive) and lost the cluster in float32."""
+    x = _far_cluster(dtype, B=2)
+    want = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    want = want * want if squared else want
+    got = ref.pairwise_distances(x, squared=squared, normalize=False, eps=0.0)
+    assert torch.equal(got[..., 2, 5], torch.zeros_like(got[..., 2, 5]))
+    cluster = [1, 2, 3, 4, 6, 7, 8]  # the small distances, one by one
+    sub = got[..., cluster, :][..., cluster].double()
+    exp = want[..., cluster, :][..., cluster]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert ((sub - exp).abs() <= tol * exp.abs() + 1e-300).all()
+
+
+@needs_native
+def test_reference_distances_duplicates_far_from_origin_match_native():
+    """float64 duplicates far from the origin: psi's mean over positive distances leaves them out on
+    both sides (it counted the Gram noise in the reference)."""
+    x = _far_cluster(torch.float64)
+    kdfast.set_backend("native")
+    out_n, (g_n,) = _run(kdfast.pairwise_distances, x)
+    out_r, (g_r,) = _run(ref.pairwise_distances, x)
+    assert relerr(out_r, out_n) <= 1e-9
+    assert relerr(g_r, g_n) <= 1e-6
