@@ -3,6 +3,7 @@ squared errors too small to gain from the fused op take ATen's mse_loss, see fun
 "native" (the compiled kernels always, an error when the extension is missing) or "reference"
 (pure PyTorch)."""
 import os
+import sys
 import warnings
 
 import torch
@@ -42,10 +43,25 @@ def native_available(device="cpu"):
 
 
 def _missing_message():
-    return ("kdfast: the compiled extension is not loaded "
-            f"({_ops.LOAD_ERROR!s}). Reinstall from source with a C++ compiler and torch present: "
-            "`pip install --no-build-isolation .` (KDFAST_BUILD_EXT=0 builds the pure-Python package "
-            "on purpose); or use kdfast.set_backend('reference').")
+    build = ("reinstall from the kdfast source with a C++ compiler and torch present: "
+             "`pip install --no-build-isolation .` (in a source checkout, "
+             "`python setup.py build_ext --inplace` builds it in place)")
+    if not _ops.BUILT:
+        return ("kdfast: the compiled extension is not loaded: this kdfast was installed without it "
+                "(KDFAST_BUILD_EXT=0, a pure-Python install), so its losses run on the pure-PyTorch "
+                f"reference backend. To build the fused kernels, {build}.")
+    return (f"kdfast: the compiled extension is not loaded: kdfast._C failed to load ({_ops.LOAD_ERROR!s}"
+            f"). To rebuild it, {build}; or use kdfast.set_backend('reference').")
+
+
+def _stacklevel_outside_package():
+    """The warnings stacklevel, counted from the caller, of the first frame outside kdfast: the
+    user's line, however deep the loss sits."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def use_native(device):
@@ -62,7 +78,8 @@ def use_native(device):
                            "use set_backend('auto') to fall back to the reference")
     if not _ops.LOADED and not _warned_missing:
         _warned_missing = True
-        warnings.warn(_missing_message() + " Running the reference backend.", RuntimeWarning, stacklevel=3)
+        suffix = "" if not _ops.BUILT else " Running the reference backend."
+        warnings.warn(_missing_message() + suffix, RuntimeWarning, stacklevel=_stacklevel_outside_package())
     return False
 
 

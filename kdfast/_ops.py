@@ -7,14 +7,18 @@ import warnings
 
 import torch
 
-try:
-    from kdfast import _C  # noqa: F401  (loading it registers the torch.ops.kdfast ops)
-
-    LOADED = True
-    LOAD_ERROR = None
-except ImportError as e:  # pure-Python install (KDFAST_BUILD_EXT=0), or a broken build
-    LOADED = False
-    LOAD_ERROR = e
+# Look for the extension before importing it: `from kdfast import _C` with no _C present fails with
+# Python's "cannot import name '_C' from partially initialized module 'kdfast' (most likely due to a
+# circular import)", which reads like a bug when the extension was left out on purpose.
+BUILT = importlib.util.find_spec("kdfast._C") is not None  # False: a KDFAST_BUILD_EXT=0 install
+LOADED = False
+LOAD_ERROR = ImportError("kdfast was installed without its compiled extension kdfast._C (KDFAST_BUILD_EXT=0)")
+if BUILT:
+    try:
+        importlib.import_module("kdfast._C")  # registers the torch.ops.kdfast ops
+        LOADED, LOAD_ERROR = True, None
+    except ImportError as e:  # a broken build: keep the loader's own message
+        LOAD_ERROR = e
 
 _ISA_ORDER = ("avx512", "avx2", "default")
 _selected_isa = None

@@ -4,6 +4,7 @@ They follow the formulations people run today (F.kl_div with log_softmax, torchd
 RepDistiller RKDLoss) with the conventions of docs/design.md, and compute in at least float32.
 """
 import functools
+import math
 from typing import Sequence
 
 import torch
@@ -34,8 +35,16 @@ def reduce_rows(rows, mask, reduction, batch):
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def kl_rows(student_logits, teacher_logits, temperature):
+def kl_rows(student_logits, teacher_logits, temperature, mask=None):
     acc = v.compute_dtype(student_logits, teacher_logits)
+    if mask is not None:
+        # Masked-out rows enter as zeros (KL 0): the where() on the inputs gives them zero gradient
+        # whatever they hold, where zeroing their KL afterwards would still pass a NaN or -inf row's
+        # NaN through log_softmax's backward.
+        keep = mask.unsqueeze(-1)
+        zero = torch.zeros((), dtype=student_logits.dtype, device=student_logits.device)
+        student_logits = torch.where(keep, student_logits, zero)
+        teacher_logits = torch.where(keep, teacher_logits, zero.to(teacher_logits.dtype))
     log_ps = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
     pt = log_pt.exp()
@@ -52,7 +61,7 @@ def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction
     temperature = v.check_positive(temperature, "temperature")
     v.check_reduction(reduction, v.KL_REDUCTIONS)
     mask = v.check_mask(mask, student_logits)
-    rows = kl_rows(student_logits, teacher_logits, temperature)
+    rows = kl_rows(student_logits, teacher_logits, temperature, mask)
     batch = student_logits.shape[0]
     return reduce_rows(rows, mask, reduction, batch).to(v.result_dtype(student_logits, teacher_logits))
 
@@ -107,6 +116,19 @@ def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
     return total.to(v.result_dtype(*[t for p in pairs for t in p]))
 
 
+def _unoverflowed(x, dim):
+    """x with every finite row whose squared norm overflows divided by its largest magnitude, as
+    the native op does: F.cosine_similarity would take that norm as inf and the cosine as 0. The
+    cosine is scale-invariant, the factor is detached, and such a norm stays far above any eps, so
+    value and gradients are unchanged otherwise."""
+    if x.shape[dim] == 0:
+        return x
+    with torch.no_grad():
+        m = x.abs().amax(dim, keepdim=True)
+        over = torch.isinf((x * x).sum(dim, keepdim=True)) & torch.isfinite(m)
+    return torch.where(over, x / torch.where(over, m, torch.ones((), dtype=m.dtype, device=m.device)), x)
+
+
 def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1e-8):
     """1 - cos(student, teacher) along `dim`, as F.cosine_similarity computes it."""
     v.check_pair(student_feats, teacher_feats, "student_feats", "teacher_feats")
@@ -114,7 +136,8 @@ def cosine_loss(student_feats, teacher_feats, *, dim=-1, reduction="mean", eps=1
     dim = v.check_dim(dim, student_feats, "student_feats")
     eps = v.check_positive(eps, "eps")
     acc = v.compute_dtype(student_feats, teacher_feats)
-    out = 1 - F.cosine_similarity(student_feats.to(acc), teacher_feats.to(acc), dim=dim, eps=eps)
+    fs, ft = _unoverflowed(student_feats.to(acc), dim), _unoverflowed(teacher_feats.to(acc), dim)
+    out = 1 - F.cosine_similarity(fs, ft, dim=dim, eps=eps)
     if reduction == "mean":
         out = out.mean()
     elif reduction == "sum":
@@ -138,19 +161,24 @@ def _fp32_under_autocast(fn):
     return wrapper
 
 
-def _centered(x, acc):
-    # Distances and angles do not move when all points move together; centring keeps the
-    # Gram-matrix formula accurate for features far from the origin (e.g. after a ReLU).
-    x = x.to(acc)
-    return x - x.mean(dim=-2, keepdim=True).detach()
-
-
 def _pdist(x, squared, eps):
-    """torchdistill's pdist, batched: (..., N, D) -> (..., N, N), clamped at eps, zero diagonal."""
-    sq = (x * x).sum(-1)
-    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * (x @ x.transpose(-1, -2))).clamp(min=eps)
-    if not squared:
-        d = d.sqrt()
+    """torchdistill's pdist, batched: (..., N, D) -> (..., N, N), clamped at eps (before the square
+    root), zero diagonal. The distances come from the coordinate differences, not from
+    |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>, whose cancellation loses the small distances of points far
+    apart or far from the origin and turns duplicates into noise; this costs O(N^2 D) memory, as
+    the angle term's unit vectors do. sqrt(max(d^2, eps)) is max(|x_i - x_j|, sqrt(eps)): no square
+    root of 0 is taken, whose infinite gradient would turn the diagonal (and duplicates at eps = 0)
+    into NaN gradients."""
+    diff = x.unsqueeze(-2) - x.unsqueeze(-3)
+    if squared:
+        d = (diff * diff).sum(-1).clamp(min=eps)
+    else:
+        # the norm of a zero difference is taken of a stand-in: its first and second derivatives at
+        # 0 are 0/0 (NaN) otherwise
+        nonzero = (diff != 0).any(-1, keepdim=True)
+        one = torch.ones((), dtype=diff.dtype, device=diff.device)
+        d = torch.linalg.vector_norm(torch.where(nonzero, diff, one), dim=-1)
+        d = torch.where(nonzero.squeeze(-1), d, 0 * one).clamp(min=math.sqrt(eps))
     eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
     return d.masked_fill(eye, 0)
 
@@ -167,7 +195,7 @@ def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):
     by the mean of its positive entries (RKD's psi)."""
     v.check_points(x, "x")
     eps = v.check_nonnegative(eps, "eps")
-    d = _pdist(_centered(x, v.compute_dtype(x)), squared, eps)
+    d = _pdist(x.to(v.compute_dtype(x)), squared, eps)
     if normalize:
         d = _normalize_by_positive_mean(d)
     return d.to(v.result_dtype(x))
@@ -180,8 +208,8 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
     delta = v.check_positive(delta, "delta")
     eps = v.check_nonnegative(eps, "eps")
     acc = v.compute_dtype(student, teacher)
-    ds = _normalize_by_positive_mean(_pdist(_centered(student, acc), squared, eps))
-    dt = _normalize_by_positive_mean(_pdist(_centered(teacher, acc), squared, eps))
+    ds = _normalize_by_positive_mean(_pdist(student.to(acc), squared, eps))
+    dt = _normalize_by_positive_mean(_pdist(teacher.to(acc), squared, eps))
     loss = F.huber_loss(ds, dt, reduction="none", delta=delta).mean((-1, -2))
     return loss.mean().to(v.result_dtype(student, teacher))
 
@@ -189,10 +217,12 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
 def _angles(x, eps):
     """cos of the angle at vertex i of every triplet: (..., N, N, N), as torchdistill's RKDAngle."""
     diff = x.unsqueeze(-3) - x.unsqueeze(-2)  # [..., i, j] = x_j - x_i
-    unit = F.normalize(diff, p=2, dim=-1, eps=eps)
     # A zero-length side (i = j, or duplicate points) has cosine 0 as in torchdistill, but no
-    # gradient: F.normalize alone would send 1/eps-sized gradients through exact duplicates.
+    # gradient: F.normalize alone would send 1/eps-sized gradients through exact duplicates, and
+    # NaN (0/0) ones when eps = 0. So such a side is not normalised at all: a stand-in is, then zeroed.
     nonzero = (diff != 0).any(-1, keepdim=True)
+    unit = F.normalize(torch.where(nonzero, diff, torch.ones((), dtype=diff.dtype, device=diff.device)),
+                       p=2, dim=-1, eps=eps)
     unit = torch.where(nonzero, unit, torch.zeros((), dtype=unit.dtype, device=unit.device))
     return unit @ unit.transpose(-1, -2)
 
@@ -204,7 +234,7 @@ def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     delta = v.check_positive(delta, "delta")
     eps = v.check_nonnegative(eps, "eps")
     acc = v.compute_dtype(student, teacher)
-    cs, ct = _angles(_centered(student, acc), eps), _angles(_centered(teacher, acc), eps)
+    cs, ct = _angles(student.to(acc), eps), _angles(teacher.to(acc), eps)
     loss = F.huber_loss(cs, ct, reduction="none", delta=delta).mean((-1, -2, -3))
     return loss.mean().to(v.result_dtype(student, teacher))
 
