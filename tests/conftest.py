@@ -43,9 +43,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long or memory-heavy cases, run with KDFAST_SLOW=1")
-    # The suite tests the compiled kernels: without them it stops here with the load error, rather
-    # than skipping every native check and reporting a pass. (The pure-Python install has its own
-    # subprocess tests.)
+    # The suite tests the compiled kernels: without them it stops here with the load error instead
+    # of skipping the native checks. (The pure-Python install has its own subprocess tests.)
     if not _ops.LOADED:
         raise pytest.UsageError(f"the kdfast test suite needs the compiled extension, which did not load "
                                 f"({_ops.LOAD_ERROR!s}); build it first: `make build`")
