@@ -6,7 +6,8 @@ to each input (the way Liger-Kernel's fused losses do). FusedLossFunction return
 whose gradient is exactly the op's gradient buffer times the upstream gradient `ratio` of each
 row: 1 in the usual `loss.backward()`, so backward usually has nothing to do but hand the buffer
 over. Few launches matter: small losses are bound by them. The ops on their own (without this
-Function) are differentiable too, through kdfast/_op_autograd.py.
+Function) are differentiable too, through kdfast/_op_autograd.py; this Function calls them below
+that layer (below_autograd).
 
 Buffer ownership (the rules the code below follows; it cites them as [B1] .. [B7])
 ------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ class FusedLossFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.buffers = ctx.key = ctx.pred = None
         if student.dtype == torch.float16 and student.device.type != "cpu":  # [B7]
-            losses, _, _ = op(student, teacher, *params, weight, False, False)
+            losses, _, _ = below_autograd(op, student, teacher, *params, weight, False, False)
             ctx.save_for_backward(student, teacher, weight)
             return losses * weight
         compiling = torch.compiler.is_compiling()
@@ -72,7 +73,7 @@ class FusedLossFunction(torch.autograd.Function):
             ctx.key = (op, params, student.dtype)  # [B3] backward reads the upstream factor
             ctx.pred = PREDICTOR.predict(ctx.key)
         scale = () if ctx.pred is None else (ctx.pred,)
-        losses, gs, gt = op(student, teacher, *params, weight, want_s, want_t, *scale)
+        losses, gs, gt = below_autograd(op, student, teacher, *params, weight, want_s, want_t, *scale)
         if compiling:  # [B6]
             ctx.save_for_backward(student, teacher, weight, gs, gt)
         else:  # [B1]
@@ -92,7 +93,7 @@ class FusedLossFunction(torch.autograd.Function):
         grads = None
         if torch.is_grad_enabled():  # [B5]
             student, teacher, weight = ctx.saved_tensors[:3]
-            grads = _differentiable_grads(ctx.op, student, teacher, weight, ctx.params, ratio, ctx.want)
+            grads = differentiable_grads(ctx.op, student, teacher, weight, ctx.params, ratio, ctx.want)
         elif buffers is not None:  # [B2], [B3]
             grads = _hand_over(ctx, buffers, ratio)
         if grads is None:
@@ -102,7 +103,8 @@ class FusedLossFunction(torch.autograd.Function):
             if len(saved) == 5:  # [B6] out of place
                 grads = (_scaled(saved[3], ratio) if want_s else None, _scaled(saved[4], ratio) if want_t else None)
             else:  # [B4], [B7]
-                grads = ctx.op(student, teacher, *ctx.params, (ratio * weight).contiguous(), want_s, want_t)[1:]
+                weight = (ratio * weight).contiguous()
+                grads = below_autograd(ctx.op, student, teacher, *ctx.params, weight, want_s, want_t)[1:]
         gs, gt = grads
         return (None, gs if want_s else None, gt if want_t else None, None) + nones
 
@@ -121,13 +123,23 @@ def _hand_over(ctx, buffers, ratio):
             # a wrong guess: recompute at factor 1, so that the rescale below gives the bits of a
             # step that made no guess (results never depend on earlier steps)
             student, teacher, weight = ctx.saved_tensors
-            _, gs, gt = ctx.op(student, teacher, *ctx.params, weight, *ctx.want)
+            _, gs, gt = below_autograd(ctx.op, student, teacher, *ctx.params, weight, *ctx.want)
     if gs.dtype == torch.float16 and not bool((ratio == 1).all()):
         return None
     for g, want in zip((gs, gt), ctx.want):
         if want and g.numel():
             _ops.scale_rows_(g if g.dim() == 2 else g.view(g.shape[0], -1), ratio)
     return gs, gt
+
+
+def below_autograd(op, *args):
+    """op(*args) below the autograd registered on it (kdfast/_op_autograd.py), for callers that are
+    the autograd themselves (this Function, the registered backwards) and record nothing: that
+    layer's Python would cost more than the op on small losses. (Traced graphs call the op as it is.)"""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def _scaled(g, ratio):
@@ -151,7 +163,9 @@ def _feature_rows(student, teacher, cosine, eps):
 ROW_REFERENCE = {_ops.softmax_kl: _kl_rows, _ops.feature_match: _feature_rows}
 
 
-def _differentiable_grads(op, student, teacher, weight, params, ratio, want):
+def differentiable_grads(op, student, teacher, weight, params, ratio, want):
+    """The gradients of sum(ratio * weight * loss rows) through the reference row formulas, with a
+    graph (create_graph=True); None for an input not in want."""
     rows = ROW_REFERENCE.get(op)
     if rows is None:
         raise RuntimeError("kdfast: double backward (create_graph=True) through a fused relation loss is not "
@@ -170,4 +184,4 @@ def fused_loss(op, student, teacher, weight, *params):
     needs_input_grad follows requires_grad even under no_grad.)"""
     if torch.is_grad_enabled():
         return FusedLossFunction.apply(op, student, teacher, weight, *params)
-    return op(student, teacher, *params, weight, False, False)[0] * weight
+    return below_autograd(op, student, teacher, *params, weight, False, False)[0] * weight

@@ -1,6 +1,7 @@
-"""The autograd layer: torch.ops.kdfast.pairwise_distances and its backward op differentiable on
-their own (kdfast/_op_autograd.py: gradcheck to third order, opcheck with inputs that require grad),
-and the buffer-ownership rules of the fused losses (kdfast/_fused_autograd.py [B1]-[B7])."""
+"""The autograd layer: every torch.ops.kdfast op with a derivative differentiable on its own
+(kdfast/_op_autograd.py: gradcheck in float64, to third order for the pairwise ops, opcheck with
+inputs that require grad), and the buffer-ownership rules of the fused losses
+(kdfast/_fused_autograd.py [B1]-[B7])."""
 import pytest
 import torch
 
@@ -63,6 +64,59 @@ def test_opcheck_pairwise_ops_requiring_grad(dtype):
     for squared, normalize in PAIRWISE_FLAGS:
         torch.library.opcheck(torch.ops.kdfast.pairwise_distances.default, (x, squared, normalize, 1e-12))
         torch.library.opcheck(torch.ops.kdfast.pairwise_distances_backward.default, (g, x, squared, normalize, 1e-12))
+
+
+# the forward-and-gradient ops: (loss per row / group, grad_student, grad_teacher); the weight of a
+# row is 0 in each case (softmax_kl and feature_match return loss 0 there, rkd its loss)
+def _row_weight():
+    return torch.tensor([1.0, 0.0, -2.5], dtype=torch.float64)
+
+
+FORWARD_AND_GRADIENT_OPS = {
+    "softmax_kl": lambda s, t, flags=(False, False): torch.ops.kdfast.softmax_kl(s, t, 0.5, _row_weight(), *flags),
+    "feature_match_sq": lambda s, t, flags=(False, False): torch.ops.kdfast.feature_match(
+        s, t, False, 1e-8, _row_weight(), *flags),
+    "feature_match_cos": lambda s, t, flags=(False, False): torch.ops.kdfast.feature_match(
+        s, t, True, 1e-8, _row_weight(), *flags),
+}
+RKD_WEIGHTS = [(1.0, 0.0), (0.0, 1.0), (25.0, 50.0)]
+
+
+@pytest.mark.parametrize("name", list(FORWARD_AND_GRADIENT_OPS))
+def test_gradcheck_row_ops(name):
+    """The loss rows of softmax_kl / feature_match, differentiated on their own, to second order;
+    their gradient outputs are not differentiable (marked so, never a silent zero)."""
+    op = FORWARD_AND_GRADIENT_OPS[name]
+    s, t = _points(3, 7, seed=5).requires_grad_(), _points(3, 7, seed=6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, t: op(s, t)[0], (s, t))
+    assert torch.autograd.gradgradcheck(lambda s, t: op(s, t)[0], (s, t))
+    loss, gs, gt = op(s, t, (True, True))
+    assert loss.requires_grad and not gs.requires_grad and not gt.requires_grad
+
+
+@pytest.mark.parametrize("dw,aw", RKD_WEIGHTS, ids=["distance", "angle", "both"])
+def test_gradcheck_rkd_op(dw, aw):
+    s, t = _points(2, 6, 3, seed=7).requires_grad_(), _points(2, 6, 4, seed=8).requires_grad_()
+    w = torch.tensor([0.5, 0.0], dtype=torch.float64)  # a group of weight 0 still has its loss
+
+    def op(s, t):
+        return torch.ops.kdfast.rkd(s, t, dw, aw, 0.7, False, 1e-12, w, False, False)[0]
+    assert torch.autograd.gradcheck(op, (s, t))
+    with pytest.raises(RuntimeError, match="(?i)double backward|create_graph"):
+        torch.autograd.grad(op(s, t).sum(), s, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_opcheck_forward_and_gradient_ops_requiring_grad(dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s, t = torch.randn(3, 9, dtype=dtype, requires_grad=True), torch.randn(3, 9, dtype=dtype, requires_grad=True)
+    w = torch.tensor([1.0, 0.0, 0.5], dtype=acc)
+    for flags in ((False, False), (True, True)):
+        torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, (s, t, 0.5, w, *flags))
+        for cosine in (False, True):
+            torch.library.opcheck(torch.ops.kdfast.feature_match.default, (s, t, cosine, 1e-8, w, *flags))
+        a, b = torch.randn(2, 5, 3, dtype=dtype, requires_grad=True), torch.randn(2, 5, 4, dtype=dtype)
+        torch.library.opcheck(torch.ops.kdfast.rkd.default, (a, b, 25.0, 50.0, 1.0, False, 1e-12, w[:2], *flags))
 
 
 # ----------------------------------------------------------------------------- buffer ownership
