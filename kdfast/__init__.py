@@ -8,6 +8,7 @@ Every loss also exists as a module in kdfast.nn and as pure PyTorch in kdfast.re
 from kdfast._version import __version__
 from kdfast import _ops  # loads the extension (if built) first
 from kdfast._backend import get_backend, native_available, set_backend
+from kdfast._grad_scale_prediction import grad_scale_prediction_enabled, set_grad_scale_prediction
 from kdfast._info import build_info
 from kdfast.functional import (cosine_loss, feature_l2, kd_loss, logit_mse, pairwise_distances,
                                rkd_angle_loss, rkd_distance_loss, rkd_loss, softmax_kl_div)
@@ -15,4 +16,5 @@ from kdfast import nn, reference  # noqa: E402
 
 __all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss", "pairwise_distances",
            "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "set_backend", "get_backend",
-           "native_available", "build_info", "nn", "reference"]
+           "native_available", "build_info", "set_grad_scale_prediction", "grad_scale_prediction_enabled",
+           "nn", "reference"]

@@ -1,5 +1,7 @@
 """Loads the compiled extension and registers, in Python, what the C++ op schemas need around them:
-fake (meta) kernels for torch.compile, and autograd. Everything here is guarded by LOADED."""
+fake (meta) kernels for torch.compile (kdfast/_fake_kernels.py) and autograd (kdfast/_op_autograd.py
+on the ops; kdfast/_fused_autograd.py around the forward-and-gradient ops). Everything here is
+guarded by LOADED."""
 import importlib.util
 import json
 import os
@@ -88,4 +90,4 @@ if LOADED:
     select_cpu_isa(os.environ.get("KDFAST_CPU_ISA", "auto"))
     has_cuda_kernels()
 
-    from kdfast import _autograd  # noqa: E402,F401  (fake kernels, autograd)
+    from kdfast import _fake_kernels, _op_autograd  # noqa: E402,F401  (registrations)

@@ -126,4 +126,6 @@ def result_dtype(*tensors):
 
 
 def compute_dtype(*tensors):
+    """The dtype the arithmetic runs in (the kernels' accumulation dtype, their row weights and
+    pairwise distances): float64 for float64 inputs, else float32."""
     return torch.float64 if result_dtype(*tensors) == torch.float64 else torch.float32

@@ -4,7 +4,7 @@ import torch
 from kdfast import _backend, _ops, _validation as v, reference
 
 if _ops.LOADED:
-    from kdfast._autograd import fused_loss
+    from kdfast._fused_autograd import fused_loss
 
 __all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss",
            "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]

@@ -64,13 +64,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _restore_global_state():
     """Every test starts from a fixed seed and no remembered upstream factors (see
-    kdfast/_autograd.py _UPSTREAM), and leaves backend, CPU ISA and threads as it found them."""
+    kdfast/_grad_scale_prediction.py), and leaves backend, CPU ISA, threads and the prediction
+    switch as it found them."""
     backend, isa, threads = kdfast.get_backend(), _ops.selected_cpu_isa(), torch.get_num_threads()
+    predict = kdfast.grad_scale_prediction_enabled()
     torch.manual_seed(0)
-    if _ops.LOADED:
-        kdfast._autograd._UPSTREAM.clear()
+    kdfast._grad_scale_prediction.PREDICTOR.clear()
     yield
     kdfast.set_backend(backend)
+    if kdfast.grad_scale_prediction_enabled() != predict:
+        kdfast.set_grad_scale_prediction(predict)
     if isa is not None and _ops.selected_cpu_isa() != isa:
         _ops.select_cpu_isa(isa)
     if torch.get_num_threads() != threads:

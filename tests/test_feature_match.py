@@ -521,14 +521,14 @@ def test_weighted_feature_loss_steps(loss):
 
     def step(beta, fresh=False):
         if fresh:
-            kdfast._autograd._UPSTREAM.clear()
+            kdfast._grad_scale_prediction.PREDICTOR.clear()
         s = s0.clone().requires_grad_()
         with FusedOpCalls() as calls:
             (beta * fn(s, t0)).backward()
         return s.grad, calls.ops
 
     for history, beta, rescaled in [([3.0, 3.0], 3.0, False), ([3.0, 3.0], 0.5, True), ([], 0.5, True)]:
-        kdfast._autograd._UPSTREAM.clear()
+        kdfast._grad_scale_prediction.PREDICTOR.clear()
         for b in history:
             step(b)
         grad, ops = step(beta)

@@ -397,7 +397,7 @@ def test_weighted_loss_steps(dtype):
 
     def step(alpha, reduction, fresh=False):
         if fresh:
-            kdfast._autograd._UPSTREAM.clear()
+            kdfast._grad_scale_prediction.PREDICTOR.clear()
         s = s0.clone().requires_grad_()
         out = kdfast.kd_loss(s, t0, temperature=2.0, reduction=reduction)
         up = alpha if reduction != "none" else torch.linspace(0, 2, 6) * alpha
@@ -406,7 +406,7 @@ def test_weighted_loss_steps(dtype):
 
     plan = [(0.3, "batchmean")] * 3 + [(2.0, "batchmean"), (2.0, "batchmean"), (0.0, "batchmean"),
                                        (0.3, "none"), (0.3, "sum"), (0.3, "sum"), (0.3, "sum")]
-    kdfast._autograd._UPSTREAM.clear()
+    kdfast._grad_scale_prediction.PREDICTOR.clear()
     for alpha, reduction in plan:
         out, grad, up = step(alpha, reduction)
         sd.grad = None
@@ -419,7 +419,7 @@ def test_weighted_loss_steps(dtype):
             ([0.3, 0.3], 0.3, False, False),   # predicted right: no pass over the buffer
             ([0.3, 0.3], 0.7, True, True),     # predicted wrong: recompute, then rescale
             ([], 0.7, True, False)]:           # nothing predicted: rescale, as always
-        kdfast._autograd._UPSTREAM.clear()
+        kdfast._grad_scale_prediction.PREDICTOR.clear()
         for a in history:
             step(a, "batchmean")
         s = s0.clone().requires_grad_()
