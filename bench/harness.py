@@ -185,7 +185,7 @@ def timed_turn(fn, inputs, leaves, iterations, device):
     """Seconds per step over `iterations` steps: CUDA events on the GPU, perf_counter on the CPU.
 
     The gradients the previous contender left are freed before the clock starts: freeing them is
-    that contender's cost (a 262 MB eager gradient takes ~20 ms to unmap on this 2-core machine),
+    that contender's cost (unmapping a large eager gradient takes a sizeable part of a step),
     and would otherwise be charged to whoever runs next. Within a turn each step frees its own."""
     for x in leaves:
         x.grad = None

@@ -1,7 +1,7 @@
 """The kdfast loss functions: validate, choose the backend, call the fused op or the reference."""
 import torch
 
-from kdfast import _backend, _ops, _validation as v, reference
+from kdfast import _backend, _ops, _tuning as tuning, _validation as v, reference
 
 if _ops.LOADED:
     from kdfast._fused_autograd import fused_loss
@@ -79,11 +79,10 @@ def _kl(student, teacher, temperature, reduction, mask, squared_t):
 
 def _feature_rows(x):
     """A (rows, C) view for the squared error, which only needs the total: C is the product of the
-    trailing dims up to at least 4096 elements, so rows are long enough for the vector loop and
-    there are enough of them to share between threads."""
+    trailing dims up to at least _tuning.SQ_ERROR_MIN_ROW elements."""
     C = 1
     for d in reversed(x.shape):
-        if C >= 4096:
+        if C >= tuning.SQ_ERROR_MIN_ROW:
             break
         C *= d
     return _rows2d(x, C)
@@ -102,13 +101,6 @@ def _native_ok(student):
     return student.numel() > 0 and _backend.use_native(student.device)
 
 
-# CPU squared errors smaller than this (elements, by element size) cost less through ATen's
-# mse_loss, one kernel with a C++ autograd node, than through the fused op, whose Python autograd
-# Function costs ~50 us a step. Measured step times, 2 threads: fp32 4096 elements 88 -> 41 us,
-# 65536 94 -> 66 us, even near 131072; bf16 (cast to float32 first) 4096 88 -> 50 us, even near
-# 49152. The "auto" backend takes the cheaper one; "native" always runs the fused op. (CUDA: not
-# measured, the fused op always.)
-_ATEN_MSE_BELOW = {2: 32768, 4: 65536, 8: 65536}
 
 
 def _native_sq_error_ok(student, teacher):
@@ -117,7 +109,7 @@ def _native_sq_error_ok(student, teacher):
     if _backend.get_backend() != "auto" or student.device.type != "cpu":
         return True
     size = torch.promote_types(student.dtype, teacher.dtype).itemsize  # the dtype the op would run in
-    return student.numel() >= _ATEN_MSE_BELOW.get(size, 65536)
+    return student.numel() >= tuning.ATEN_MSE_BELOW.get(size, tuning.ATEN_MSE_BELOW_DEFAULT)
 
 
 def logit_mse(student_logits, teacher_logits, *, reduction="mean"):

@@ -76,9 +76,8 @@ def _project(projections, i, f, dim, keep_layout=False):
     keep_layout: return them in f's own (contiguous) layout, for a loss that pairs elements with
     the teacher's in memory order (feature_l2). Where `dim` is not the last dim (NCHW feature maps)
     the map is then a 1x1 convolution over f as it lies, instead of a Linear over a permuted view,
-    whose input and output would each be copied to and from that layout (forward plus backward of
-    projection and loss, 2 CPU threads: 32 x 64 x 32 x 32 -> 128 channels 26.6 -> 24.2 ms,
-    64 x 256 x 56 x 56 -> 512 1477 -> 1180 ms)."""
+    whose input and output would each be copied to and from that layout (commit 06b6cd6 measured
+    it)."""
     if projections is None:
         return f
     if i >= len(projections):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast import functional, reference as ref
+from kdfast import _tuning, reference as ref
 
 from conftest import (DTYPE_IDS, DTYPES, GRAD_TOL, HALF, VALUE_TOL, FusedOpCalls, compare_compiled, needs_native,
                       relerr, result_dtype, same_bits)
@@ -546,7 +546,7 @@ def test_auto_sends_small_squared_errors_to_aten(loss, dtype):
     """Under "auto" a CPU squared error below the size where the fused op's Python autograd costs
     more than it saves runs ATen's mse_loss (the reference); from that size on, and always under
     "native", the fused op. Values and gradients agree either way."""
-    below = functional._ATEN_MSE_BELOW[torch.empty((), dtype=dtype).element_size()]
+    below = _tuning.ATEN_MSE_BELOW[torch.empty((), dtype=dtype).element_size()]
     fn, ref_fn = getattr(kdfast, loss), getattr(ref, loss)
     for backend, rows, fused in [("auto", below // 64 - 1, False), ("auto", below // 64, True),
                                  ("native", 3, True)]:
