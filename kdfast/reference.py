@@ -112,7 +112,8 @@ def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
         v.check_pair(fs, ft, f"student_feats[{i}]", f"teacher_feats[{i}]")
         acc = v.compute_dtype(fs, ft)
         term = F.mse_loss(fs.to(acc), ft.to(acc), reduction=reduction)
-        total = term if total is None else total + term.to(total.dtype)
+        # (promoting: a float64 term after a float32 one must not be rounded to float32)
+        total = term if total is None else total + term
     return total.to(v.result_dtype(*[t for p in pairs for t in p]))
 
 
