@@ -134,7 +134,7 @@ def feature_l2(student_feats, teacher_feats, *, reduction="mean"):
             term = _native_sq_error(fs, ft, reduction)
         else:
             term = reference.feature_l2(fs, ft, reduction=reduction)
-        total = term if total is None else total + term.to(total.dtype)
+        total = term if total is None else total + term  # promotes: a float64 pair is not rounded to float32
     return total.to(v.result_dtype(*[t for p in pairs for t in p]))
 
 
