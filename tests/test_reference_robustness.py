@@ -240,20 +240,30 @@ def test_reference_distances_duplicates_far_from_origin_match_native():
 
 # ----------------------------------------------------------------------------- feature_l2 over mixed dtypes
 
-def test_reference_feature_l2_mixed_dtypes_sums_in_the_widest():
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_feature_l2_mixed_dtypes_sums_in_the_widest(backend):
     """Pairs of different dtypes: the total is float64 and no float64 term is rounded to the first
     term's float32 on the way (a 1e297 term became inf, a small one lost its digits). Found by
-    tests/fuzz/fuzz_losses.py."""
+    tests/fuzz/fuzz_losses.py; native failed too until kdfast.functional summed with promotion."""
+    prev = kdfast.get_backend()
+    kdfast.set_backend(backend)
+    try:
+        _mixed_dtypes_checks(ref.feature_l2 if backend == "reference" else kdfast.feature_l2)
+    finally:
+        kdfast.set_backend(prev)
+
+
+def _mixed_dtypes_checks(feature_l2):
     a32, b32 = torch.randn(4, 5), torch.randn(4, 5)
     big = torch.randn(3, dtype=torch.float64) * 1e148
     small = torch.tensor([1.0 + 1e-12, 2.0], dtype=torch.float64)
     for second, want2 in ((big, (big * big).sum()), (small, (small * small).sum())):
-        got = ref.feature_l2([a32, second], [b32, torch.zeros_like(second)], reduction="sum")
+        got = feature_l2([a32, second], [b32, torch.zeros_like(second)], reduction="sum")
         want = ((a32.double() - b32.double()) ** 2).sum() + want2
         assert got.dtype == torch.float64
         assert torch.isfinite(got) and relerr(got, want) <= 1e-7, (got, want)
     # the term's own float32 rounding stays (each pair computes in its own dtype); the float64 term
     # is kept to float64 precision
-    got = ref.feature_l2([a32, small], [b32, torch.zeros_like(small)], reduction="sum")
-    first = torch.nn.functional.mse_loss(a32, b32, reduction="sum").double()  # the float32 term
+    got = feature_l2([a32, small], [b32, torch.zeros_like(small)], reduction="sum")
+    first = feature_l2(a32, b32, reduction="sum").double()  # the float32 term
     assert (got - first - (small * small).sum()).abs() <= 1e-12 * got.abs()
