@@ -21,7 +21,7 @@ import kdfast
 from kdfast import reference as ref
 
 from conftest import (DTYPE_IDS, GRAD_TOL, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, check_scale_rows,
-                      compare_compiled, relerr, same_bits)
+                      compare_compiled, decisive_mass_rows, extreme_logit_rows, relerr, same_bits)
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
 EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
@@ -825,6 +825,57 @@ def test_emu_softmax_kl(emu, path_name, dtype, case, monkeypatch):
         assert torch.isfinite(got).all()
         assert relerr(got, want) < gtol
     assert (gs[w == 0] == 0).all() and (gt[w == 0] == 0).all()
+
+
+def _emu_check_kl(emu, s, t, inv_t):
+    """The emulated kernel against float64 on rows of weight 1: the KL rounded to the accumulation
+    type (inf exactly where it overflows), both gradients (the teacher's on finite rows)."""
+    R = s.shape[0]
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    kl, gs, gt = _emu_softmax_kl(emu, s, t, inv_t, torch.ones(R, dtype=acc))
+    sd, td = s.double().requires_grad_(), t.double().requires_grad_()
+    rows = ref.softmax_kl_div(sd, td, temperature=1 / inv_t, reduction="none")
+    rows.sum().backward()
+    want = rows.detach().to(acc)
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(kl), fin), (kl, want)
+    assert torch.equal(kl[~fin], want[~fin])
+    assert relerr(kl[fin], want[fin]) < (1e-10 if acc == torch.float64 else 2e-5), (kl, want)
+    gtol = GRAD_TOL[s.dtype] if s.dtype != torch.float32 else 2e-5
+    for got, want_g in ((gs, sd.grad), (gt[fin], td.grad[fin])):
+        if s.dtype in HALF:
+            want_g = want_g.to(s.dtype)
+        assert torch.isfinite(got).all()
+        assert relerr(got, want_g) < gtol
+    return kl
+
+
+@pytest.mark.parametrize("inv_t", [1.0, 0.25])
+@pytest.mark.parametrize("path_name", list(EMU_PATHS))
+def test_emu_logits_near_float_max(emu, path_name, inv_t, monkeypatch):
+    """Finite logits up to ~FLT_MAX, 6e38 apart: the sums must not overflow where the float64 KL is
+    finite (every path, the chunk combine included)."""
+    for k, v in EMU_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    s, t = extreme_logit_rows(3001)
+    kl = _emu_check_kl(emu, s, t, inv_t)
+    assert (kl[[1, 5]] > 1e36).all()
+
+
+# Slice and chunk bounds of the emulated paths at V = 3001 (fp32: 4 elements a vector): cluster
+# slices of 752 (C = 4) and 188 (C = 16), chunks of 512.
+EMU_EDGES = [0, 187, 188, 511, 512, 751, 752, 1023, 1024, 1503, 1504, 2255, 2256, 3000]
+
+
+@pytest.mark.parametrize("path_name", list(EMU_PATHS))
+def test_emu_decisive_element_at_slice_and_chunk_edges(emu, path_name, monkeypatch):
+    """The element that decides a row's KL sits first or last in a cluster slice, a chunk or the row:
+    one element dropped or repeated at a bound fails by orders of magnitude."""
+    for k, v in EMU_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    s, t = decisive_mass_rows(3001, EMU_EDGES)
+    kl = _emu_check_kl(emu, s, t, 1.0)
+    assert (kl > 2.0).all()
 
 
 def test_emu_softmax_kl_nan_and_determinism(emu, monkeypatch):

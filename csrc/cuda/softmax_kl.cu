@@ -4,6 +4,8 @@
 // b = (t - max t) * c, e_s = 2^a, e_t = 2^b, Z = sum of e and A = sum of e_t * (b - a):
 //   KL = ln2 * A / Z_t - log Z_t + log Z_s,  dKL/ds = (p_s - p_t) / T,
 //   dKL/dt = ln2 / T * p_t * ((b - a) - A / Z_t).
+// a, b and A are held in units of h = 2^-k (kl::scale_exponent), so that neither overflows on
+// finite logits; e = 2^(a / h), and the KL and the teacher gradient take 1 / h back.
 //
 // Paths (chosen per call on the host, see plan()):
 //  * cluster (sm_80+; clusters of up to 16 CTAs on sm_90): each row is split across the CTAs of a
@@ -94,11 +96,25 @@ __device__ __forceinline__ void pass_max(const T* sb, const T* tb, int64_t o, in
   }
 }
 
-// Sums of e_s, e_t and e_t * (b - a) relative to the references rs, rt; with kStore, also the
-// exponentials at their positions in cs/ct (0 outside the slice).
+// A row's references and units: a = kl::arg(s, h, nrs, c) with nrs = -rs h (rs the row's maximum, 0
+// where a side is all -inf: its exponentials are 0 whatever the reference), e = 2^(a / h).
+template <typename A>
+struct Frame {
+  A nrs, nrt, h, c, inv_h;
+  __device__ __forceinline__ Frame(A rs, A rt, A inv_t, A h_) : h(h_), c(inv_t * A(kLog2e)), inv_h(A(1) / h_) {
+    nrs = rs == neg_inf<A>() ? A(0) : -rs * h;
+    nrt = rt == neg_inf<A>() ? A(0) : -rt * h;
+  }
+  __device__ __forceinline__ A a(A x) const { return kl::arg(x, h, nrs, c); }
+  __device__ __forceinline__ A b(A x) const { return kl::arg(x, h, nrt, c); }
+  __device__ __forceinline__ A ex(A x) const { return ex2(x * inv_h); }
+};
+
+// Sums of e_s, e_t and e_t * (b - a) (units of h) relative to the frame's references; with kStore,
+// also the exponentials at their positions in cs/ct (0 outside the slice).
 template <int P, bool kStore, typename T, typename A>
-__device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct, int64_t o, int64_t n, A rs,
-                                         A rt, A c, A& zs, A& zt, A& acc) {
+__device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct, int64_t o, int64_t n,
+                                         const Frame<A>& f, A& zs, A& zt, A& acc) {
   const Span sp(o, n, P);
   for (int64_t g = threadIdx.x; g < sp.groups; g += blockDim.x) {
     const int64_t j0 = g * P;
@@ -108,9 +124,9 @@ __device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct,
     Vec<A, P> es, et;
 #pragma unroll
     for (int q = 0; q < P; ++q) {
-      const A a = (Elem<T>::to(vs.v[q]) - rs) * c;
-      const A b = (Elem<T>::to(vt.v[q]) - rt) * c;
-      A e1 = ex2(a), e2 = ex2(b), tm = kl::term(e2, a, b);
+      const A a = f.a(Elem<T>::to(vs.v[q]));
+      const A b = f.b(Elem<T>::to(vt.v[q]));
+      A e1 = f.ex(a), e2 = f.ex(b), tm = kl::term(e2, a, b);
       if (!full && !sp.valid(j0 + q)) e1 = e2 = tm = A(0);
       zs += e1;
       zt += e2;
@@ -127,11 +143,11 @@ __device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct,
 
 template <typename A>
 struct RowK {
-  A rs, rt, c;  // references (finite) and log2(e) / T
+  Frame<A> f;   // references and units
   A coef;       // w / T
-  A coef_t;     // w / T * ln2 (a and b are in base-2 units)
+  A coef_t;     // w / T * ln2 / h (a and b are in base-2 units of h)
   A izs, izt;   // 1 / Z
-  A shift;      // A / Z_t (base-2 units)
+  A shift;      // A / Z_t (base-2 units of h)
 };
 
 // Gradients of a slice. kCached: e_s, e_t come from cs/ct (written by pass_sum), else they are
@@ -149,8 +165,8 @@ __device__ __forceinline__ void pass_grad(const T* sb, const T* tb, const A* cs,
       const Vec<T, P> vt = *reinterpret_cast<const Vec<T, P>*>(tb + j0);
 #pragma unroll
       for (int q = 0; q < P; ++q) {
-        a[q] = (Elem<T>::to(vs.v[q]) - k.rs) * k.c;
-        b[q] = (Elem<T>::to(vt.v[q]) - k.rt) * k.c;
+        a[q] = k.f.a(Elem<T>::to(vs.v[q]));
+        b[q] = k.f.b(Elem<T>::to(vt.v[q]));
       }
     }
     if (kCached) {
@@ -160,7 +176,7 @@ __device__ __forceinline__ void pass_grad(const T* sb, const T* tb, const A* cs,
       for (int q = 0; q < P; ++q) es[q] = vs.v[q], et[q] = vt.v[q];
     } else {
 #pragma unroll
-      for (int q = 0; q < P; ++q) es[q] = ex2(a[q]), et[q] = ex2(b[q]);
+      for (int q = 0; q < P; ++q) es[q] = k.f.ex(a[q]), et[q] = k.f.ex(b[q]);
     }
     const bool full = sp.full(j0, P);
     if (gsb) {
@@ -281,6 +297,7 @@ struct KLParams {
   int64_t s_stride, t_stride;  // row strides in elements (0 broadcasts a row)
   int64_t rows, V;
   double inv_t;
+  double h;       // units of a, b and A: 2^-kl::scale_exponent(V, inv_t)
   const void* w;  // rows, acc type
   void* kl;       // rows, acc type
   void* gs;       // rows x V contiguous, or null
@@ -289,11 +306,10 @@ struct KLParams {
 };
 
 template <typename A>
-__device__ __forceinline__ RowK<A> row_constants(A w, A inv_t, A rs, A rt, A zs, A zt, A acc) {
-  RowK<A> k;
-  k.rs = rs, k.rt = rt, k.c = inv_t * A(kLog2e);
+__device__ __forceinline__ RowK<A> row_constants(A w, const Frame<A>& f, A inv_t, A zs, A zt, A acc) {
+  RowK<A> k{f};
   k.coef = w * inv_t;
-  k.coef_t = k.coef * A(kLn2);
+  k.coef_t = k.coef * A(kLn2) * f.inv_h;
   k.izs = A(1) / zs;
   k.izt = A(1) / zt;
   k.shift = acc / zt;
@@ -303,8 +319,9 @@ __device__ __forceinline__ RowK<A> row_constants(A w, A inv_t, A rs, A rt, A zs,
   return k;
 }
 
-__device__ __forceinline__ double kl_value(double zs, double zt, double acc) {
-  return kl::row_value(zs, zt, acc * kLn2);
+// acc in base-2 units of h; in double, where acc / h may exceed FLT_MAX.
+__device__ __forceinline__ double kl_value(double zs, double zt, double acc, double h) {
+  return kl::row_value(zs, zt, acc * kLn2 / h);
 }
 
 // Copies positions [0, npos) from the aligned base src to dst in shared memory, 16 bytes at a time.
@@ -420,11 +437,8 @@ __device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice
   block_reduce(m, sh.red, MaxOp());
   cluster_reduce(m, sh.max, C, rank, MaxOp(), !waited);
   waited = true;
-  // A side whose row is all -inf uses reference 0: its exponentials are 0 whatever the reference.
-  const A rs = m[0] == neg_inf<A>() ? A(0) : m[0];
-  const A rt = m[1] == neg_inf<A>() ? A(0) : m[1];
   const A inv_t = static_cast<A>(p.inv_t);
-  const A c = inv_t * A(kLog2e);
+  const Frame<A> f(m[0], m[1], inv_t, static_cast<A>(p.h));
 
   const bool want_grad = p.gs != nullptr || p.gt != nullptr;
   // Exponential caches, addressed like the walk that uses them.
@@ -441,18 +455,18 @@ __device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice
   }
   A sums[3] = {A(0), A(0), A(0)};
   if (cs != nullptr) {
-    if (vec) pass_sum<P, true>(bs, bt, cs, ct, os, nn, rs, rt, c, sums[0], sums[1], sums[2]);
-    else pass_sum<1, true>(s1, t1, cs, ct, 0, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+    if (vec) pass_sum<P, true>(bs, bt, cs, ct, os, nn, f, sums[0], sums[1], sums[2]);
+    else pass_sum<1, true>(s1, t1, cs, ct, 0, nn, f, sums[0], sums[1], sums[2]);
   } else {
-    if (vec) pass_sum<P, false>(bs, bt, cs, ct, os, nn, rs, rt, c, sums[0], sums[1], sums[2]);
-    else pass_sum<1, false>(s1, t1, cs, ct, 0, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+    if (vec) pass_sum<P, false>(bs, bt, cs, ct, os, nn, f, sums[0], sums[1], sums[2]);
+    else pass_sum<1, false>(s1, t1, cs, ct, 0, nn, f, sums[0], sums[1], sums[2]);
   }
   block_reduce(sums, sh.red, AddOp());
   cluster_reduce(sums, sh.sum, C, rank, AddOp(), false);
-  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
+  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2], p.h));
   if (!want_grad || nn == 0) return;
 
-  const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
+  const RowK<A> k = row_constants(w, f, inv_t, sums[0], sums[1], sums[2]);
   T* gs = sl.gs;
   T* gt = sl.gt;
   if (cs != nullptr) {  // pass_sum's writes are read by the same threads: no barrier needed
@@ -580,13 +594,11 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
   if (sl.vec) pass_max<P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, m[0], m[1]);
   else pass_max<1>(sl.s, sl.t, 0, sl.n, m[0], m[1]);
   block_reduce(m, red, MaxOp());
-  const A rs = m[0] == neg_inf<A>() ? A(0) : m[0];
-  const A rt = m[1] == neg_inf<A>() ? A(0) : m[1];
   const A inv_t = static_cast<A>(p.inv_t);
-  const A c = inv_t * A(kLog2e);
+  const Frame<A> f(m[0], m[1], inv_t, static_cast<A>(p.h));
   A sums[3] = {A(0), A(0), A(0)};
-  if (sl.vec) pass_sum<P, false>(sl.s - sl.o, sl.t - sl.o, (A*)nullptr, (A*)nullptr, sl.o, sl.n, rs, rt, c, sums[0], sums[1], sums[2]);
-  else pass_sum<1, false>(sl.s, sl.t, (A*)nullptr, (A*)nullptr, 0, sl.n, rs, rt, c, sums[0], sums[1], sums[2]);
+  if (sl.vec) pass_sum<P, false>(sl.s - sl.o, sl.t - sl.o, (A*)nullptr, (A*)nullptr, sl.o, sl.n, f, sums[0], sums[1], sums[2]);
+  else pass_sum<1, false>(sl.s, sl.t, (A*)nullptr, (A*)nullptr, 0, sl.n, f, sums[0], sums[1], sums[2]);
   block_reduce(sums, red, AddOp());
   if (!full) {
     if (threadIdx.x == 0) {
@@ -595,9 +607,9 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
     }
     return;
   }
-  if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
+  if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2], p.h));
   if (sl.gs == nullptr && sl.gt == nullptr) return;
-  const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
+  const RowK<A> k = row_constants(w, f, inv_t, sums[0], sums[1], sums[2]);
   sl.grads_from_global(k);
 }
 
@@ -631,12 +643,14 @@ __global__ void kl_combine_kernel(KLParams p, int64_t nrows, int nchunk, const A
       zt += zk_t;
       acc += ak;
     } else {
+      // e_t (b - a) with b, a moved to the row references (ak in units of h; f (dt - ds) is 0 where
+      // f is: the chunk's maximum far below the row's)
       const double f = exp2(dt);
       zt += zk_t * f;
-      acc += f * (ak + zk_t * (dt - ds));  // e_t (b - a) with b, a moved to the row references
+      acc += f * ak + zk_t * (f * (dt - ds) * p.h);
     }
   }
-  KL[row] = static_cast<A>(kl_value(zs, zt, acc));
+  KL[row] = static_cast<A>(kl_value(zs, zt, acc, p.h));
   A* st = stats + i * 5;
   st[0] = static_cast<A>(rs), st[1] = static_cast<A>(rt);
   st[2] = static_cast<A>(zs), st[3] = static_cast<A>(zt), st[4] = static_cast<A>(acc);
@@ -657,7 +671,8 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLParams p, int64_t c
     return;
   }
   const A* st = stats + (row - p.row0) * 5;
-  const RowK<A> k = row_constants(w, static_cast<A>(p.inv_t), st[0], st[1], st[2], st[3], st[4]);
+  const A inv_t = static_cast<A>(p.inv_t);
+  const RowK<A> k = row_constants(w, Frame<A>(st[0], st[1], inv_t, static_cast<A>(p.h)), inv_t, st[2], st[3], st[4]);
   sl.grads_from_global(k);
 }
 
@@ -942,6 +957,7 @@ KLParams to_params(const SoftmaxKLArgs& a) {
   p.s_stride = a.student_row_stride, p.t_stride = a.teacher_row_stride;
   p.rows = a.rows, p.V = a.cols;
   p.inv_t = a.inv_temperature;
+  p.h = std::ldexp(1.0, -kl::scale_exponent(a.cols, a.inv_temperature));
   p.w = a.row_weight, p.kl = a.loss_rows;
   p.gs = a.grad_student, p.gt = a.grad_teacher;
   p.row0 = 0;
