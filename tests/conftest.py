@@ -195,7 +195,7 @@ def _backward(out, upstream):
         (out * upstream).sum().backward()
 
 
-def _overflow_as(x, dtype):
+def overflow_as(x, dtype):
     """float64 values beyond dtype's range as dtype rounds them (+-inf): the best answer it can hold."""
     if dtype == torch.float64:
         return x
@@ -253,7 +253,7 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
     if reduction != "none":
         value_floor = value_floor.sum()
     vdt = result_dtype(s_in.dtype, t_in.dtype)
-    assert_close_scaled(out.detach().cpu(), _overflow_as(expected, vdt), value_floor, value_tol or VALUE_TOL[vdt],
+    assert_close_scaled(out.detach().cpu(), overflow_as(expected, vdt), value_floor, value_tol or VALUE_TOL[vdt],
                         "loss")
 
     # d loss / d KL_row, then the floors mapped back to the leaves through the layout (its adjoint)
@@ -288,7 +288,7 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         exp_g = leaf_d.grad
         if leaf.dtype in HALF:
             exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
-        exp_g = _overflow_as(exp_g, leaf.dtype)
+        exp_g = overflow_as(exp_g, leaf.dtype)
         fl = to_leaf(view_d, leaf_d, torch.where(inf_rows, 0.0, wg * floor))
         tol = grad_tol or GRAD_TOL[leaf.dtype]
         if leaf.dtype in HALF:

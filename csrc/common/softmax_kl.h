@@ -35,9 +35,9 @@ inline int scale_exponent(int64_t V, double inv_t) {
   return k;
 }
 
-// The product x * y rounded on its own, never fused into a neighbouring add (nvcc contracts
-// x * y - u * v into an fma, which turns the difference of two equal products into the rounding
-// error of one of them; host builds compile with -ffp-contract=off, the ISO default).
+// The product x * y rounded on its own, never fused into a neighbouring add: compilers contract
+// x * y - u * v into fma(x, y, -u * v) (nvcc always, GCC for C++ wherever FMA is enabled), which
+// turns the difference of two equal products into the rounding error of one of them.
 template <typename acc_t>
 KDFAST_HD acc_t mul_rn(acc_t x, acc_t y) {
 #if defined(__CUDA_ARCH__)
@@ -46,6 +46,10 @@ KDFAST_HD acc_t mul_rn(acc_t x, acc_t y) {
   } else {
     return __dmul_rn(x, y);
   }
+#elif defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
+  acc_t r = x * y;
+  __asm__("" : "+x"(r));  // an opaque copy: nothing to fuse with
+  return r;
 #else
   return x * y;
 #endif

@@ -131,6 +131,22 @@ inline void scaled(const T* s, const T* t, FVec nms, FVec nmt, const Units& u, F
   b1 = at::vec::fmadd(b1, u.vh, nmt) * u.it;
 }
 
+// x * y rounded on its own (kl::mul_rn, vectorised): GCC fuses a vector product into a following
+// subtraction where FMA is enabled; the baseline build has no FMA to fuse into.
+inline FVec mul_rn(const FVec& x, const FVec& y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 r = x * y;
+  __asm__("" : "+v"(r));
+  return r;
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 r = x * y;
+  __asm__("" : "+x"(r));
+  return r;
+#else
+  return x * y;
+#endif
+}
+
 // acc + e_t * (b - a), adding nothing where e_t = 0 (a may be -inf there): kl::term, vectorised.
 inline FVec add_term(FVec acc, FVec et, FVec a, FVec b) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -281,11 +297,12 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, con
                     bool nt) {
       const FVec et0 = FVec::loadu(pet), et1 = FVec::loadu(pet + FVec::size());
       // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's; both
-      // products rounded (no fmsub): exactly 0 where p_s = p_t (kl::grad_student).
-      const FVec pt0 = et0 * vct, pt1 = et1 * vct;
+      // products rounded alike: exactly 0 where p_s = p_t (kl::grad_student).
+      const FVec pt0 = mul_rn(et0, vct), pt1 = mul_rn(et1, vct);
       if (gs) {
         const FVec es0 = FVec::loadu(pe), es1 = FVec::loadu(pe + FVec::size());
-        store2_scaled<T>(qs, vcoef * (es0 * vcs - pt0), vcoef * (es1 * vcs - pt1), scaled_out, vpost, nt);
+        store2_scaled<T>(qs, vcoef * (mul_rn(es0, vcs) - pt0), vcoef * (mul_rn(es1, vcs) - pt1), scaled_out, vpost,
+                         nt);
       }
       if (gt) {
         FVec a0, a1, b0v, b1v;
@@ -333,7 +350,8 @@ void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, const Unit
     const FVec es0 = exp_nonpos(a0, u.ex), es1 = exp_nonpos(a1, u.ex), et0 = exp_nonpos(b0, u.ex),
                et1 = exp_nonpos(b1, u.ex);
     if (gs) {
-      store2_scaled<T>(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt), scaled_out, vpost, nt);
+      store2_scaled<T>(qs, coef * (mul_rn(es0, izs) - mul_rn(et0, izt)), coef * (mul_rn(es1, izs) - mul_rn(et1, izt)),
+                       scaled_out, vpost, nt);
     }
     if (gt) {
       FVec pt0 = et0 * izt, pt1 = et1 * izt;
