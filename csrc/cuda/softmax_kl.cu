@@ -13,9 +13,6 @@
 //    (16-byte cp.async), the row maxima and sums are combined across the cluster through distributed
 //    shared memory, and the gradient is written from the on-chip copy. HBM sees one read of each
 //    input and one write of each gradient: the floor.
-//  * stream (opt-in, KDFAST_CUDA_KL=stream, until an H100 run shows it wins): the same per-row
-//    work in a persistent grid of clusters that walk the rows with two shared-memory stages, so
-//    the copy of the next row overlaps the arithmetic on the current one.
 //  * rows (fallback, any arch): one block per row, three passes over the row in global memory
 //    (max, sums, gradient), the re-reads served by L1/L2.
 //  * chunks (fallback for very long rows): (row, chunk) blocks write partial maxima and sums, a
@@ -522,54 +519,6 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
   cluster_row(p, sl, row, w, C, rank, bs, bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
 }
 
-// The streamed cluster path: a persistent grid of gridDim.x / C clusters, each walking the rows
-// blockIdx.x / C, + clusters, ... through two shared-memory stages: the copy of the next row's
-// slice is in flight while the CTA works on the current one, so each SM's loads overlap its own
-// arithmetic and gradient stores (the plain cluster path leaves that overlap to whichever other
-// CTAs share the SM). Shared memory: stage 0 [student | teacher], stage 1 [student | teacher]
-// (raw_bytes each), then the kCacheSeparate exponentials.
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 3) kl_stream_kernel(KLParams p, int C, int64_t slice,
-                                                             int64_t raw_bytes, int cache) {
-  using A = typename Elem<T>::acc;
-  KD_DYNAMIC_SHARED(smem);
-  KD_CLUSTER_SHARED(A, sh);
-  const int rank = cluster_rank_of(C);
-  const int64_t clusters = gridDim.x / C;
-  const int64_t v0 = rank * slice;
-  const A* W = static_cast<const A*>(p.w);
-  unsigned char* extra = smem + 4 * raw_bytes;
-  // One commit per row, loaded or not, so that "all but the newest group" is the current row.
-  auto fetch = [&](int64_t row, int stage) {
-    if (row < p.rows && W[row] != A(0)) {
-      unsigned char* b = smem + stage * 2 * raw_bytes;
-      GlobalSlice<T>(p, row, v0, slice).load(reinterpret_cast<T*>(b), reinterpret_cast<T*>(b + raw_bytes));
-    }
-    cp_async_commit();
-  };
-  if (C > 1) kd_cluster_arrive();
-  bool waited = false;
-  int stage = 0;
-  fetch(blockIdx.x / C, 0);
-  for (int64_t row = blockIdx.x / C; row < p.rows; row += clusters, stage ^= 1) {
-    fetch(row + clusters, stage ^ 1);  // the previous row's stage: free since its closing barrier
-    cp_async_wait<1>();
-    __syncthreads();
-    const A w = W[row];
-    const GlobalSlice<T> sl(p, row, v0, slice);
-    unsigned char* b = smem + stage * 2 * raw_bytes;
-    if (w == A(0)) {
-      zero_row<T, A>(p, sl, row, rank);
-    } else {
-      cluster_row(p, sl, row, w, C, rank, reinterpret_cast<T*>(b), reinterpret_cast<T*>(b + raw_bytes), extra,
-                  raw_bytes, cache, sh, waited);
-    }
-    __syncthreads();  // every thread is done with this stage before it is refilled
-  }
-  cp_async_wait<0>();
-  if (C > 1 && !waited) kd_cluster_wait();
-}
-
 // Fallback, one block per (row, chunk). full: the chunk is the whole row; the block writes the KL
 // and the gradients. Otherwise it writes its chunk's maxima and sums to part[(row, chunk)].
 template <typename T>
@@ -734,25 +683,88 @@ cudaError_t device_info(int dev, DeviceInfo& out) {
   return cudaSuccess;
 }
 
-// Environment knobs, for tests and tuning runs (read per call; the defaults need none of them):
-//   KDFAST_CUDA_KL=auto|cluster|stream|rows|chunks   force a path ("cluster" and "stream" fall back
-//                                              if they cannot run)
+// Environment knobs, for tests and tuning runs (the defaults need none of them), read once
+// (softmax_kl_reload_knobs reads them again: tests that switch paths call it):
+//   KDFAST_CUDA_KL=auto|cluster|rows|chunks   force a path ("cluster" falls back if it cannot run)
 //   KDFAST_CUDA_KL_CLUSTER=1|2|4|8|16         force the cluster size
-//   KDFAST_CUDA_KL_GRID=<clusters>             at most this many clusters in the stream path's grid
 //   KDFAST_CUDA_KL_CACHE=none|inplace|separate force how the gradient pass gets its exponentials
 //   KDFAST_CUDA_KL_CHUNK=<elements>            chunk length of the chunks path
 //   KDFAST_CUDA_KL_LOG=1                       print each call's plan to stderr
-const char* env(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? v : nullptr;
+enum class Force { Auto, Cluster, Rows, Chunks };
+
+struct Knobs {
+  Force force = Force::Auto;
+  int cluster = 0;        // 0: chosen by the plan
+  int cache = -1;         // -1: chosen by the plan, else a CacheMode
+  int64_t chunk = 0;      // 0: chosen by the plan
+  bool log = false;
+};
+
+Knobs read_knobs() {
+  auto env = [](const char* name) -> const char* {
+    const char* v = std::getenv(name);
+    return v != nullptr && *v != '\0' ? v : nullptr;
+  };
+  Knobs k;
+  if (const char* f = env("KDFAST_CUDA_KL")) {
+    if (!std::strcmp(f, "cluster")) k.force = Force::Cluster;
+    else if (!std::strcmp(f, "rows")) k.force = Force::Rows;
+    else if (!std::strcmp(f, "chunks")) k.force = Force::Chunks;
+  }
+  if (const char* c = env("KDFAST_CUDA_KL_CLUSTER")) k.cluster = std::atoi(c);
+  if (const char* c = env("KDFAST_CUDA_KL_CACHE")) {
+    if (!std::strcmp(c, "none")) k.cache = kCacheNone;
+    else if (!std::strcmp(c, "inplace")) k.cache = kCacheInPlace;
+    else if (!std::strcmp(c, "separate")) k.cache = kCacheSeparate;
+  }
+  if (const char* c = env("KDFAST_CUDA_KL_CHUNK")) k.chunk = std::atoll(c);
+  k.log = env("KDFAST_CUDA_KL_LOG") != nullptr;
+  return k;
 }
 
-enum class Path { Cluster, Stream, Rows, Chunks };
+std::mutex& knobs_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+Knobs& knobs_slot() {
+  static Knobs k = read_knobs();
+  return k;
+}
+
+Knobs knobs() {
+  std::lock_guard<std::mutex> lock(knobs_mutex());
+  return knobs_slot();
+}
+
+// Plan sizes and thresholds. Each names the gpu_check case (bench/gpu_check.py KL_CASES, the H100/H200
+// runs in bench/results) whose plan it decides.
+// Shared memory held back from a CTA's budget for static shared memory and the per-block reservation.
+constexpr int64_t kSmemReserve = 4096;
+// Few rows are spread over clusters of up to this many CTAs (256 x 128256: 256 rows on 132 SMs).
+constexpr int kMaxSpreadCluster = 8;
+// ... while the rows times the cluster size stay below this many CTAs per SM (256 x 128256) ...
+constexpr int kSpreadCtasPerSm = 2;
+// ... and each slice keeps at least this many elements (256 x 1000 stays one CTA a row).
+constexpr int64_t kMinSpreadSlice = 8192;
+// Fallback paths: rows longer than this are chunked (8192 x 131072 without clusters) ...
+constexpr int64_t kChunkRowsAbove = 32768;
+// ... as are rows longer than this when there are fewer rows than SMs (256 x 128256 on pre-sm_90).
+constexpr int64_t kChunkFewRowsAbove = 8192;
+// Chunk lengths of the chunks path for long rows (8192 x 131072) and for the rest (256 x 128256).
+constexpr int64_t kLongRowChunk = 16384;
+constexpr int64_t kShortRowChunk = 4096;
+// grid.y holds at most this many chunks per row.
+constexpr int64_t kMaxGridY = 65535;
+// scale_rows_: chunk length, and the blocks per SM that few rows are cut into (256 x 128256 backward).
+constexpr int64_t kScaleChunk = 16384;
+constexpr int64_t kScaleBlocksPerSm = 4;
+
+enum class Path { Cluster, Rows, Chunks };
 
 struct Plan {
   Path path = Path::Rows;
   int C = 1;
-  int64_t clusters = 0;  // stream path: the persistent grid, in clusters
   int64_t slice = 0, raw_bytes = 0;
   int cache = kCacheNone;
   size_t smem = 0;
@@ -764,9 +776,9 @@ constexpr int64_t kMaxRowsPerLaunch = int64_t(1) << 26;  // keeps C * rows withi
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// stages: 1 (cluster path) or 2 (stream path) copies of [student slice | teacher slice].
+// [student slice | teacher slice], then the kCacheSeparate exponentials.
 template <typename T>
-void cluster_layout(int64_t V, int C, int cache, int stages, Plan& pl) {
+void cluster_layout(int64_t V, int C, int cache, Plan& pl) {
   using A = typename Elem<T>::acc;
   constexpr int P = vec_elems<T>();
   pl.C = C;
@@ -774,7 +786,7 @@ void cluster_layout(int64_t V, int C, int cache, int stages, Plan& pl) {
   // room for the offset within 16 bytes and the rounding to whole 16-byte chunks
   pl.raw_bytes = round_up(pl.slice * static_cast<int64_t>(sizeof(T)) + 32, 256);
   pl.cache = cache;
-  int64_t bytes = 2 * stages * pl.raw_bytes;
+  int64_t bytes = 2 * pl.raw_bytes;
   if (cache == kCacheSeparate) bytes += 2 * (pl.raw_bytes / static_cast<int64_t>(sizeof(T))) * static_cast<int64_t>(sizeof(A));
   pl.smem = static_cast<size_t>(bytes);
 }
@@ -850,45 +862,32 @@ int cluster_capacity(ClusterKernel kernel, int dev, const DeviceInfo& d, const P
   return n;
 }
 
-int parse_cache(const char* s, int dflt) {
-  if (s == nullptr) return dflt;
-  if (!std::strcmp(s, "none")) return kCacheNone;
-  if (!std::strcmp(s, "inplace")) return kCacheInPlace;
-  if (!std::strcmp(s, "separate")) return kCacheSeparate;
-  return dflt;
-}
-
 template <typename T>
-Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
+Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d, const Knobs& kn) {
   using A = typename Elem<T>::acc;
   const int64_t R = a.rows, V = a.cols;
   const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
-  const char* force = env("KDFAST_CUDA_KL");
-  const bool forced = force != nullptr && std::strcmp(force, "auto") != 0;
   Plan pl;
-  const bool stream = forced && !std::strcmp(force, "stream");
-  const ClusterKernel kernel = stream ? kl_stream_kernel<T> : kl_cluster_kernel<T>;
-  const int stages = stream ? 2 : 1;
+  const ClusterKernel kernel = kl_cluster_kernel<T>;
 
-  if ((!forced || !std::strcmp(force, "cluster") || stream) && d.major >= 8 &&
+  if ((kn.force == Force::Auto || kn.force == Force::Cluster) && d.major >= 8 &&
       prepare_cluster_kernel(kernel, dev, d) == cudaSuccess) {
     const bool inplace_ok = sizeof(T) == sizeof(A) && a.grad_teacher == nullptr;
     int cache = want_grad && inplace_ok ? kCacheInPlace : kCacheNone;
-    cache = want_grad ? parse_cache(env("KDFAST_CUDA_KL_CACHE"), cache) : kCacheNone;
+    if (want_grad && kn.cache >= 0) cache = kn.cache;
+    if (!want_grad) cache = kCacheNone;
     if (cache == kCacheInPlace && !inplace_ok) cache = kCacheNone;
     const int max_c = d.major >= 9 ? kMaxCluster : 1;
-    const int64_t fixed = 4096;  // static shared memory and the per-block reservation, generously
-    const int64_t two_per_sm = d.smem_per_sm / 2 - fixed;
-    const int64_t one_per_sm = std::min<int64_t>(d.smem_optin, d.smem_per_sm) - fixed;
-    int want_c = 0;
-    if (const char* fc = env("KDFAST_CUDA_KL_CLUSTER")) want_c = std::atoi(fc);
+    const int64_t two_per_sm = d.smem_per_sm / 2 - kSmemReserve;
+    const int64_t one_per_sm = std::min<int64_t>(d.smem_optin, d.smem_per_sm) - kSmemReserve;
+    const int want_c = kn.cluster;
     // Candidates, best first: a forced size; else the smallest cluster whose slices leave room for
     // two CTAs per SM (widened for few rows so that every SM gets work), the larger ones, then those
     // that need a whole SM per CTA. The first one the device can hold wins.
     std::vector<Plan> cands;
     auto add = [&](int C, int64_t budget) {
       Plan c;
-      cluster_layout<T>(V, C, cache, stages, c);
+      cluster_layout<T>(V, C, cache, c);
       if (static_cast<int64_t>(c.smem) <= budget) cands.push_back(c);
     };
     if (want_c >= 1 && want_c <= max_c && (want_c & (want_c - 1)) == 0) {
@@ -906,35 +905,31 @@ Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
       }
       if (!cands.empty()) {  // few rows: spread the first choice over more CTAs
         Plan& c = cands.front();
-        while (c.C * 2 <= std::min(8, max_c) && R * c.C < 2 * d.sms && c.slice >= 8192) {
-          cluster_layout<T>(V, c.C * 2, cache, stages, c);
+        while (c.C * 2 <= std::min(kMaxSpreadCluster, max_c) && R * c.C < kSpreadCtasPerSm * d.sms &&
+               c.slice >= kMinSpreadSlice) {
+          cluster_layout<T>(V, c.C * 2, cache, c);
         }
       }
     }
     for (Plan& c : cands) {
-      const int capacity = cluster_capacity(kernel, dev, d, c);
-      if (capacity > 0) {
-        c.path = stream ? Path::Stream : Path::Cluster;
-        int64_t grid = capacity;
-        if (const char* g = env("KDFAST_CUDA_KL_GRID")) grid = std::max<int64_t>(1, std::min<int64_t>(grid, std::atoll(g)));
-        c.clusters = std::min<int64_t>(R, grid);
+      if (cluster_capacity(kernel, dev, d, c) > 0) {
+        c.path = Path::Cluster;
         return c;
       }
     }
   }
   // Global-memory fallbacks.
-  int64_t chunk = 0;
-  if (const char* ch = env("KDFAST_CUDA_KL_CHUNK")) chunk = std::atoll(ch);
-  const bool chunks = (forced && !std::strcmp(force, "chunks")) || chunk > 0 ||
-                      (!(forced && !std::strcmp(force, "rows")) && (V > 32768 || (R < d.sms && V > 8192)));
+  int64_t chunk = kn.chunk;
+  const bool chunks = kn.force == Force::Chunks || chunk > 0 ||
+                      (kn.force != Force::Rows && (V > kChunkRowsAbove || (R < d.sms && V > kChunkFewRowsAbove)));
   if (!chunks) {
     pl.path = Path::Rows;
     pl.chunk = V;
     pl.nchunk = 1;
     return pl;
   }
-  if (chunk <= 0) chunk = V > 32768 ? 16384 : 4096;
-  chunk = std::max<int64_t>(chunk, (V + 65534) / 65535);
+  if (chunk <= 0) chunk = V > kChunkRowsAbove ? kLongRowChunk : kShortRowChunk;
+  chunk = std::max<int64_t>(chunk, (V + kMaxGridY - 1) / kMaxGridY);
   chunk = round_up(chunk, 16);
   pl.path = Path::Chunks;
   pl.chunk = chunk;
@@ -982,16 +977,16 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
   if (e != cudaSuccess) return e;
   DeviceInfo d;
   if ((e = device_info(dev, d)) != cudaSuccess) return e;
-  const Plan pl = make_plan<T>(a, dev, d);
+  const Knobs kn = knobs();
+  const Plan pl = make_plan<T>(a, dev, d, kn);
   if (ws_only != nullptr) {
     *ws_only = workspace_for<T>(pl, a.rows);
     return cudaSuccess;
   }
-  if (env("KDFAST_CUDA_KL_LOG")) {
-    if (pl.path == Path::Cluster || pl.path == Path::Stream) {
-      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s C=%d cache=%d smem=%zu clusters=%lld\n",
-                   (long long)a.rows, (long long)a.cols, pl.path == Path::Stream ? "stream" : "cluster", pl.C,
-                   pl.cache, pl.smem, (long long)(pl.path == Path::Stream ? pl.clusters : a.rows));
+  if (kn.log) {
+    if (pl.path == Path::Cluster) {
+      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=cluster C=%d cache=%d smem=%zu\n",
+                   (long long)a.rows, (long long)a.cols, pl.C, pl.cache, pl.smem);
     } else {
       std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s chunk=%lld nchunk=%d\n",
                    (long long)a.rows, (long long)a.cols, pl.path == Path::Rows ? "rows" : "chunks",
@@ -999,7 +994,6 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
     }
   }
   KLParams p = to_params(a);
-  if (pl.path == Path::Stream) return launch_clusters(kl_stream_kernel<T>, pl.clusters * pl.C, pl, p, stream);
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
     const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
     p.row0 = r0;
@@ -1028,6 +1022,12 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
 
 }  // namespace
 
+void softmax_kl_reload_knobs() {
+  const Knobs k = read_knobs();
+  std::lock_guard<std::mutex> lock(knobs_mutex());
+  knobs_slot() = k;
+}
+
 size_t softmax_kl_workspace(const SoftmaxKLArgs& a) {
   size_t ws = 0;
   by_dtype(a.dtype, [&](auto tag) { return run<decltype(tag)>(a, nullptr, nullptr, &ws); });
@@ -1052,9 +1052,9 @@ cudaError_t scale_rows(DType dtype, void* grad, int64_t rows, int64_t vocab, con
     using A = typename Elem<T>::acc;
     // Rows are cut into chunks only as far as few rows need it to fill the device: in the usual
     // backward every row's ratio is 1 and its blocks exit at once, so fewer blocks cost less.
-    const int64_t chunk = 16384;
-    const int64_t fill = std::max<int64_t>(1, (4 * d.sms + rows - 1) / rows);
-    const int64_t nchunk = std::min<int64_t>({(vocab + chunk - 1) / chunk, fill, 65535});
+    const int64_t chunk = kScaleChunk;
+    const int64_t fill = std::max<int64_t>(1, (kScaleBlocksPerSm * d.sms + rows - 1) / rows);
+    const int64_t nchunk = std::min<int64_t>({(vocab + chunk - 1) / chunk, fill, kMaxGridY});
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerLaunch) {
       const int64_t nr = std::min(rows - r0, kMaxRowsPerLaunch);
       KD_LAUNCH(dim3(static_cast<unsigned>(nr), static_cast<unsigned>(nchunk)), kThreads, 0, stream, scale_rows_kernel<T>)(
