@@ -42,11 +42,9 @@ KL_CASES = [  # (rows, V, dtype): the 8192 x 131072 pair carries the performance
     (256, 1000, torch.float32),  # an image-classification head: launch-bound
 ]
 COMPILE_CASES = {(8192, 131072, torch.bfloat16), (8192, 131072, torch.float32), (2048, 32000, torch.bfloat16)}
-CLUSTER_CONFIGS = [  # (path, cluster size, cache): "stream" is the persistent double-buffered variant
+CLUSTER_CONFIGS = [  # (path, cluster size, cache)
     ("cluster", 4, "none"), ("cluster", 8, "none"), ("cluster", 8, "inplace"), ("cluster", 16, "none"),
     ("cluster", 16, "separate"), ("cluster", 16, "inplace"),
-    ("stream", 4, "none"), ("stream", 8, "none"), ("stream", 8, "inplace"), ("stream", 16, "none"),
-    ("stream", 16, "inplace"),
 ]
 KDFAST_CONFIGS = {  # environment knobs of the CUDA kernel (see csrc/cuda/softmax_kl.cu)
     "auto": {},
@@ -55,8 +53,7 @@ KDFAST_CONFIGS = {  # environment knobs of the CUDA kernel (see csrc/cuda/softma
     "rows (fallback)": {"KDFAST_CUDA_KL": "rows"},
     "chunks (fallback)": {"KDFAST_CUDA_KL": "chunks"},
 }
-KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK",
-         "KDFAST_CUDA_KL_GRID")
+KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK")
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
@@ -76,12 +73,20 @@ def log(msg):
     print(msg, flush=True)
 
 
+def reload_knobs():
+    """The CUDA op reads its knobs once per process: read them again after changing them."""
+    op = getattr(torch.ops.kdfast, "_cuda_softmax_kl_reload_knobs", None) if hasattr(torch.ops, "kdfast") else None
+    if op is not None:
+        op()
+
+
 @contextlib.contextmanager
 def knobs(values):
     old = {k: os.environ.get(k) for k in KNOBS}
     for k in KNOBS:
         os.environ.pop(k, None)
     os.environ.update(values)
+    reload_knobs()
     try:
         yield
     finally:
@@ -90,6 +95,7 @@ def knobs(values):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        reload_knobs()
 
 
 def sync(device):
@@ -327,12 +333,14 @@ def logged_plan(device):
     to the list it yields once the block ends."""
     plans, err = [], []
     os.environ["KDFAST_CUDA_KL_LOG"] = "1"
+    reload_knobs()
     try:
         with captured_stderr(err):
             yield plans
             sync(device)
     finally:
         os.environ.pop("KDFAST_CUDA_KL_LOG", None)
+        reload_knobs()
     plans += [ln.split("cuda: ", 1)[1] for ln in "".join(err).splitlines() if "softmax_kl cuda: " in ln]
 
 

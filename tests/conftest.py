@@ -212,6 +212,13 @@ def _backward(out, upstream):
         (out * upstream).sum().backward()
 
 
+def overflow_as(x, dtype):
+    """float64 values beyond dtype's range as dtype rounds them (+-inf): the best answer it can hold."""
+    if dtype == torch.float64:
+        return x
+    return torch.where(x.abs() > torch.finfo(dtype).max, x.to(dtype).double(), x)
+
+
 def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmean", mask=None,
              grad_student=True, grad_teacher=False, upstream=None, layout=None, value_tol=None,
              grad_tol=None, device="cpu"):
@@ -263,7 +270,8 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
     if reduction != "none":
         value_floor = value_floor.sum()
     vdt = result_dtype(s_in.dtype, t_in.dtype)
-    assert_close_scaled(out.detach().cpu(), expected, value_floor, value_tol or VALUE_TOL[vdt], "loss")
+    assert_close_scaled(out.detach().cpu(), overflow_as(expected, vdt), value_floor, value_tol or VALUE_TOL[vdt],
+                        "loss")
 
     # d loss / d KL_row, then the floors mapped back to the leaves through the layout (its adjoint)
     if isinstance(upstream, torch.Tensor):
@@ -297,6 +305,7 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         exp_g = leaf_d.grad
         if leaf.dtype in HALF:
             exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
+        exp_g = overflow_as(exp_g, leaf.dtype)
         fl = to_leaf(view_d, leaf_d, torch.where(inf_rows, 0.0, wg * floor))
         tol = grad_tol or GRAD_TOL[leaf.dtype]
         if leaf.dtype in HALF:
@@ -477,3 +486,34 @@ def python_jobs():
     yield jobs
     for job in jobs.values():
         job.kill()
+
+
+def extreme_logit_rows(V, dtype=torch.float32):
+    """(student, teacher) of shape (6, V) with finite logits near float32's range: where the float64
+    KL and gradients are finite, fp32 kernels must be too. The jumps sit past the first 2048-element
+    block where V allows, so that an online softmax's running maxima move by ~FLT_MAX."""
+    big = 3e38
+    s = torch.randn(6, V, dtype=torch.float64) * 3
+    t = torch.randn(6, V, dtype=torch.float64) * 3
+    late = V // 2
+    s[0, late] = big                      # one student logit near FLT_MAX: KL ~ 3e38 at T = 1
+    s[1, -1], t[1, 0] = 1e37, -1e37       # a gap of 1e37, the student's in the row's last element
+    t[2, -2], s[2, 0] = big, -big         # the teacher's maximum jumps by ~FLT_MAX late in the row
+    s[3] = -big                           # logits 6e38 apart: s - max s overflows in fp32
+    s[3, -1], t[3, V // 3] = big, big     # (KL = 6e38 / T: inf at T <= 1, finite at T = 4)
+    s[4, ::2], t[4, 1::2] = big, big      # +-FLT_MAX-ish in alternation on both sides
+    s[4, 1::2], t[4, ::2] = -big, -big
+    t[5, late:] = t[5, late:] - big       # the teacher's mass in the first half, the student's last
+    s[5, :late] = s[5, :late] - 1e37
+    return s.to(dtype), t.to(dtype)
+
+
+def decisive_mass_rows(V, positions, dtype=torch.float32):
+    """(student, teacher), one row per position p: the teacher's mass almost all at p, the student's
+    partly, so that dropping or double-counting element p moves the KL by far more than any
+    tolerance. Put p at the first and last elements of rows, blocks and split chunks."""
+    s = torch.randn(len(positions), V, dtype=torch.float64)
+    t = torch.randn(len(positions), V, dtype=torch.float64)
+    for r, p in enumerate(positions):
+        t[r, p], s[r, p] = 25.0, 5.0
+    return s.to(dtype), t.to(dtype)

@@ -22,7 +22,8 @@ import kdfast
 from kdfast import reference as ref
 
 from conftest import (DTYPE_IDS, GRAD_TOL, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, check_scale_rows,
-                      compare_compiled, relerr, same_bits)
+                      assert_close_scaled, compare_compiled, decisive_mass_rows, extreme_logit_rows, overflow_as,
+                      kl_floors, relerr, same_bits)
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
 EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
@@ -32,7 +33,8 @@ NINF = float("-inf")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Kernel paths, forced through the extension's environment knobs (read on every call).
+# Kernel paths, forced through the extension's environment knobs. The kernels read them once:
+# reload_knobs() reads them again after a test changes them.
 PATHS = {
     "auto": {},
     "cluster1": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "1"},
@@ -40,14 +42,17 @@ PATHS = {
                           "KDFAST_CUDA_KL_CACHE": "separate"},
     "cluster16_nocache": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16",
                           "KDFAST_CUDA_KL_CACHE": "none"},
-    # the streamed (persistent) cluster path, its grid capped so that each cluster walks several rows
-    "stream4_grid2": {"KDFAST_CUDA_KL": "stream", "KDFAST_CUDA_KL_CLUSTER": "4", "KDFAST_CUDA_KL_GRID": "2"},
-    "stream1_grid3": {"KDFAST_CUDA_KL": "stream", "KDFAST_CUDA_KL_CLUSTER": "1", "KDFAST_CUDA_KL_GRID": "3"},
     "rows": {"KDFAST_CUDA_KL": "rows"},
     "chunks": {"KDFAST_CUDA_KL": "chunks", "KDFAST_CUDA_KL_CHUNK": "64"},
 }
 _KNOBS = ("KDFAST_CUDA_KL", "KDFAST_CUDA_KL_CLUSTER", "KDFAST_CUDA_KL_CACHE", "KDFAST_CUDA_KL_CHUNK",
-          "KDFAST_CUDA_KL_GRID", "KDFAST_CUDA_KL_LOG")
+          "KDFAST_CUDA_KL_LOG")
+
+
+def reload_knobs():
+    """The CUDA softmax-KL reads its knobs once per process; read them again from os.environ."""
+    if CUDA:
+        torch.ops.kdfast._cuda_softmax_kl_reload_knobs()
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +61,7 @@ def _native_backend(request, monkeypatch):
         pytest.skip("no CUDA device, or kdfast was built without CUDA kernels")
     for k in _KNOBS:
         monkeypatch.delenv(k, raising=False)
+    reload_knobs()
     if CUDA:
         kdfast.set_backend("native")
 
@@ -64,6 +70,7 @@ def _native_backend(request, monkeypatch):
 def path(request, monkeypatch):
     for k, v in PATHS[request.param].items():
         monkeypatch.setenv(k, v)
+    reload_knobs()
     return request.param
 
 
@@ -309,6 +316,7 @@ def test_paths_agree():
         for k in _KNOBS:
             os.environ.pop(k, None)
         os.environ.update(knobs)
+        reload_knobs()
         try:
             s1 = s.clone().requires_grad_()
             out = kdfast.kd_loss(s1, t, reduction="none")
@@ -317,6 +325,7 @@ def test_paths_agree():
         finally:
             for k in _KNOBS:
                 os.environ.pop(k, None)
+            reload_knobs()
     base = got["auto"]
     for name, (o, g) in got.items():
         assert relerr(o, base[0]) < 1e-5, name
@@ -328,6 +337,7 @@ def test_default_plan_is_cluster_on_hopper(capfd, monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90")
     monkeypatch.setenv("KDFAST_CUDA_KL_LOG", "1")
+    reload_knobs()
     for dtype in (torch.bfloat16, torch.float32):
         s = torch.randn(16, 131072, device=DEV, dtype=dtype, requires_grad=True)
         kdfast.kd_loss(s, torch.randn(16, 131072, device=DEV, dtype=dtype)).backward()
@@ -343,16 +353,17 @@ def _free_bytes():
     return free
 
 
-@pytest.mark.parametrize("path_name", ["auto", "stream", "rows", "chunks"])
+@pytest.mark.parametrize("path_name", ["auto", "rows", "chunks"])
 def test_rows_times_vocab_at_least_2_pow_31(path_name, monkeypatch):
     """16384 x 131072 bf16 = 2^31 elements: offsets past 2^31 must not wrap (64-bit indexing)."""
     R, V = 16384, 131072
     need = 3 * R * V * 2 + (2 << 30)  # student, teacher, gradient, headroom
     if _free_bytes() < need:
         pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
-    for k, v in PATHS.get(path_name, {"KDFAST_CUDA_KL": path_name}).items():  # stream: its default grid
+    for k, v in PATHS.get(path_name, {"KDFAST_CUDA_KL": path_name}).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("KDFAST_CUDA_KL_CHUNK", raising=False)
+    reload_knobs()
     g = torch.Generator(device=DEV).manual_seed(0)
     s = (torch.randn(R, V, device=DEV, generator=g) * 2).to(torch.bfloat16).requires_grad_()
     t = (torch.randn(R, V, device=DEV, generator=g) * 2).to(torch.bfloat16)
@@ -709,6 +720,7 @@ class Emu:
     P, I, D, Ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     SIGS = {
         "emu_softmax_kl": [Ci, P, P, I, I, I, I, D, P, P, P, P],
+        "emu_softmax_kl_reload_knobs": [],
         "emu_scale_rows": [Ci, P, I, I, P, I],
         "emu_feature_match": [Ci, P, P, I, I, I, I, Ci, D, P, P, P, P],
         "emu_rkd_inv_sides": [Ci, P, I, I, D, P],
@@ -766,6 +778,7 @@ def _emu_softmax_kl(emu, s, t, inv_t, w, gs=True, gt=True):
     kl = torch.full((R,), math.nan, dtype=acc)
     G = torch.full((R, V), math.nan, dtype=s.dtype) if gs else None
     H = torch.full((R, V), math.nan, dtype=s.dtype) if gt else None
+    emu.emu_softmax_kl_reload_knobs()  # the knobs as the test set them (the kernels read them once)
     emu.emu_softmax_kl(_KDT[s.dtype], s, t, R, V, s.stride(0), t.stride(0), inv_t, w, kl, G, H)
     return kl, G, H
 
@@ -797,7 +810,7 @@ def _emu_case(case, dtype):
 @dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 @pytest.mark.parametrize("path_name", list(EMU_PATHS))
 def test_emu_softmax_kl(emu, path_name, dtype, case, monkeypatch):
-    if path_name in ("cluster16_nocache", "chunks", "stream4_grid2") and dtype in (torch.float16, torch.float64):
+    if path_name in ("cluster16_nocache", "chunks") and dtype in (torch.float16, torch.float64):
         pytest.skip("slow in emulation: fp32 and bf16 cover this path")
     for k, v in EMU_PATHS[path_name].items():
         monkeypatch.setenv(k, v)
@@ -828,6 +841,58 @@ def test_emu_softmax_kl(emu, path_name, dtype, case, monkeypatch):
     assert (gs[w == 0] == 0).all() and (gt[w == 0] == 0).all()
 
 
+def _emu_check_kl(emu, s, t, inv_t):
+    """The emulated kernel against float64 on rows of weight 1, as check_kl does it: norm-wise within
+    the conditioning floors, the KL rounded to the accumulation type (inf exactly where it
+    overflows), the teacher gradient on rows whose KL is finite."""
+    R = s.shape[0]
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    kl, gs, gt = _emu_softmax_kl(emu, s, t, inv_t, torch.ones(R, dtype=acc))
+    sd, td = s.double().requires_grad_(), t.double().requires_grad_()
+    rows = ref.softmax_kl_div(sd, td, temperature=1 / inv_t, reduction="none")
+    rows.sum().backward()
+    vfloor, sfloor, tfloor = kl_floors(sd, td, 1 / inv_t)
+    want = overflow_as(rows.detach(), acc)
+    assert_close_scaled(kl, want, vfloor, 1e-10 if acc == torch.float64 else 2e-5, "loss")
+    gtol = GRAD_TOL[s.dtype] if s.dtype != torch.float32 else 2e-5
+    inf_rows = ~torch.isfinite(vfloor).unsqueeze(-1).expand_as(gs)
+    for got, want_g, floor, skip, what in ((gs, sd.grad, sfloor, None, "student gradient"),
+                                           (gt, td.grad, tfloor, inf_rows, "teacher gradient")):
+        if s.dtype in HALF:
+            want_g = want_g.to(s.dtype).double()
+        floor = torch.where(inf_rows, 0.0, floor)
+        assert_close_scaled(got, overflow_as(want_g, s.dtype), floor, gtol, what, skip=skip)
+    return kl
+
+
+@pytest.mark.parametrize("inv_t", [1.0, 0.25])
+@pytest.mark.parametrize("path_name", list(EMU_PATHS))
+def test_emu_logits_near_float_max(emu, path_name, inv_t, monkeypatch):
+    """Finite logits up to ~FLT_MAX, 6e38 apart: the sums must not overflow where the float64 KL is
+    finite (every path, the chunk combine included)."""
+    for k, v in EMU_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    s, t = extreme_logit_rows(3001)
+    kl = _emu_check_kl(emu, s, t, inv_t)
+    assert (kl[[1, 5]] > 1e36).all()
+
+
+# Slice and chunk bounds of the emulated paths at V = 3001 (fp32: 4 elements a vector): cluster
+# slices of 752 (C = 4) and 188 (C = 16), chunks of 512.
+EMU_EDGES = [0, 187, 188, 511, 512, 751, 752, 1023, 1024, 1503, 1504, 2255, 2256, 3000]
+
+
+@pytest.mark.parametrize("path_name", list(EMU_PATHS))
+def test_emu_decisive_element_at_slice_and_chunk_edges(emu, path_name, monkeypatch):
+    """The element that decides a row's KL sits first or last in a cluster slice, a chunk or the row:
+    one element dropped or repeated at a bound fails by orders of magnitude."""
+    for k, v in EMU_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    s, t = decisive_mass_rows(3001, EMU_EDGES)
+    kl = _emu_check_kl(emu, s, t, 1.0)
+    assert (kl > 2.0).all()
+
+
 def test_emu_softmax_kl_nan_and_determinism(emu, monkeypatch):
     monkeypatch.setenv("KDFAST_CUDA_KL", "cluster")
     monkeypatch.setenv("KDFAST_CUDA_KL_CLUSTER", "4")
@@ -856,24 +921,6 @@ def test_emu_nan_row_gradients(emu, path_name, monkeypatch):
     assert kl[1:].isnan().all() and torch.isfinite(kl[0])
     for g in (gs, gt):
         assert g[1:].isnan().all() and torch.isfinite(g[0]).all()
-
-
-@pytest.mark.parametrize("C", ["1", "4"])
-def test_emu_stream_matches_cluster(emu, C, monkeypatch):
-    """The streamed path does each row's work exactly as the cluster path: same bits, also when a
-    cluster's every row has weight 0 (it never touches distributed shared memory) and when rows
-    outnumber the grid several times (both stages reused)."""
-    s, t = logits(7, 3001), logits(7, 3001)
-    w = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.5, 0.0, 1.0])  # grid 2: cluster 1 gets rows 1, 3, 5
-    monkeypatch.setenv("KDFAST_CUDA_KL_CLUSTER", C)
-    monkeypatch.setenv("KDFAST_CUDA_KL", "cluster")
-    want = _emu_softmax_kl(emu, s, t, 0.5, w)
-    monkeypatch.setenv("KDFAST_CUDA_KL", "stream")
-    monkeypatch.setenv("KDFAST_CUDA_KL_GRID", "2")
-    got = _emu_softmax_kl(emu, s, t, 0.5, w)
-    for a, b in zip(got, want):
-        assert same_bits(a, b)
-    assert (got[1][w == 0] == 0).all() and torch.isfinite(got[0]).all()
 
 
 @dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))

@@ -306,6 +306,30 @@ def test_nonfinite_inputs_propagate(value, where, D, pos, backend):
     assert not torch.isfinite(g[1]).all(), "the non-finite row's gradient is hidden"
 
 
+@pytest.mark.parametrize("where", ["student", "teacher", "both"])
+@pytest.mark.parametrize("D,pos", [(5, 4), (4097, 100), (4097, 4096), (40000, 39999)],
+                         ids=["short", "body", "tail", "split_row"])
+def test_cosine_nan_row_is_nan_throughout(where, D, pos, cpu_isa):
+    """A NaN in a cosine row makes that row's loss and every element of both its gradients NaN (a
+    NaN norm must not be clamped to eps or taken for 0); the other rows stay finite and right."""
+    s, t = data(3, D), data(3, D)
+    if where != "teacher":
+        s[1, pos] = math.nan
+    if where != "student":
+        t[1, pos] = math.nan
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = kdfast.cosine_loss(s1, t1, reduction="none")
+    out.sum().backward()
+    assert out[1].isnan() and torch.isfinite(out[[0, 2]]).all()
+    for g in (s1.grad, t1.grad):
+        assert g[1].isnan().all(), f"{int((~g[1].isnan()).sum())} of {D} elements of the NaN row are not NaN"
+        assert torch.isfinite(g[[0, 2]]).all()
+    sd, td = s.double().requires_grad_(), t.double().requires_grad_()
+    ref.cosine_loss(sd, td, reduction="none")[[0, 2]].sum().backward()
+    close(s1.grad[[0, 2]], sd.grad[[0, 2]], 1e-5, "student gradient of the finite rows")
+    close(t1.grad[[0, 2]], td.grad[[0, 2]], 1e-5, "teacher gradient of the finite rows")
+
+
 # ----------------------------------------------------------------------------- autograd paths
 
 LOSSES = {  # (loss, number of fused op calls on the native backend)

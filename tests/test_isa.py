@@ -14,7 +14,7 @@ import torch
 import kdfast
 from kdfast import _ops
 
-from conftest import DTYPE_IDS, REPO, check_kl, needs_native, relerr, same_bits
+from conftest import DTYPE_IDS, REPO, check_kl, decisive_mass_rows, needs_native, relerr, same_bits
 
 pytestmark = needs_native
 
@@ -75,6 +75,37 @@ def test_isa_wide_logits(cpu_isa, dtype, scale, temperature):
         s = (torch.randn(rows, V, dtype=torch.float64) * scale).to(dtype)
         t = (torch.randn(rows, V, dtype=torch.float64) * scale).to(dtype)
         check_kl(s, t, temperature=temperature, reduction="sum", grad_teacher=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("V", [1, 7, 5000, 70001])
+def test_isa_equal_distributions_give_exact_zeros(cpu_isa, dtype, V):
+    """Where p_s = p_t exactly (V = 1, or a student row equal to the teacher's), the KL and both
+    gradients are exactly 0, not rounding residue: on the row, online-block and split paths."""
+    s = (torch.randn(3, V, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(3, V, dtype=torch.float64) * 3).to(dtype) if V == 1 else s.clone()
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = kdfast.kd_loss(s1, t1, temperature=1.7, reduction="none")
+    (out * torch.tensor([1.0, -2.0, 0.5], dtype=out.dtype)).sum().backward()
+    assert (out == 0).all(), out
+    for g in (s1.grad, t1.grad):
+        assert (g == 0).all(), f"max |gradient| {g.abs().max().item():.3g}"
+
+
+# Chunk and block bounds of the CPU kernels: online-softmax blocks of 2048 on the row path, split
+# chunks of 32768 (rows < 16, V >= 65536).
+EDGE_POSITIONS = {5000: [0, 2047, 2048, 4095, 4096, 4999],
+                  70001: [0, 32767, 32768, 65535, 65536, 70000]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("V", sorted(EDGE_POSITIONS))
+def test_isa_decisive_element_at_block_and_chunk_edges(cpu_isa, dtype, V):
+    """The element that decides a row's KL sits first or last in a block, a split chunk or the row:
+    a kernel that drops or repeats one element at a bound fails by orders of magnitude."""
+    s, t = decisive_mass_rows(V, EDGE_POSITIONS[V], dtype)
+    out, _, _ = check_kl(s, t, temperature=1.0, reduction="none", grad_teacher=True)
+    assert (out > 2.0).all()  # the decisive element carries the KL: without it the row's KL is < 1
 
 
 STREAMED = [pytest.param(dtype, shape, id=f"{DTYPE_IDS[dtype]}-{name}") for dtype, shape, name in [

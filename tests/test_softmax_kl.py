@@ -12,7 +12,7 @@ import kdfast
 from kdfast import reference as ref
 
 from conftest import (DTYPE_IDS, DTYPES, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, check_scale_rows,
-                      compare_compiled, needs_native, relerr, run_in_threads, same_bits)
+                      compare_compiled, extreme_logit_rows, needs_native, relerr, run_in_threads, same_bits)
 
 pytestmark = needs_native
 NINF = float("-inf")
@@ -122,6 +122,21 @@ def test_huge_logits(temperature, dtype):
         # correctly rounded answer there, which check_kl has compared already)
         assert torch.isfinite(gt).all()
     assert (out > 1e3 / temperature).any()  # really far apart, not accidentally tiny
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("V", [300, 5000, 70001])  # one block; online-softmax blocks; the split path
+@dtype_params((torch.float32, torch.bfloat16))
+def test_logits_near_float_max(temperature, V, dtype):
+    """Finite logits up to ~FLT_MAX, 6e38 apart: the kernels' sums must not overflow where the
+    float64 answer is finite (values, both gradients), and give inf exactly where it is inf."""
+    s, t = extreme_logit_rows(V, dtype)
+    # (value_tol: row 4 sums 35000 equal terms of A in float lanes, whose rounding errors add up
+    # one way, to ~2e-5 at V = 70001; any row of equal terms does that, whatever their size)
+    out, gs, gt = check_kl(s, t, temperature=temperature, reduction="none", grad_teacher=True, value_tol=1e-4)
+    assert (out[[1, 5]] > 1e36 / temperature).all()  # really that far apart
+    assert torch.isfinite(out[[1, 2, 5]]).all()
+    assert torch.isfinite(gs).all()  # p_s - p_t: bounded whatever the KL
 
 
 # ----------------------------------------------------------------------------- -inf logits

@@ -36,13 +36,15 @@ template <typename acc_t>
 KDFAST_HD CosineRow<acc_t> cosine_row(acc_t dot, acc_t ss, acc_t tt, acc_t m_s, acc_t m_t, acc_t eps, acc_t w) {
   using std::sqrt;
   const acc_t ls = m_s * sqrt(ss), lt = m_t * sqrt(tt);
-  const acc_t ns = ls > eps ? ls : eps, nt = lt > eps ? lt : eps;
+  // Clamps and guards that let a NaN norm through: a NaN in a row makes its loss and every element
+  // of both its gradients NaN (through scale on its own side, cross and self on the other).
+  const acc_t ns = ls < eps ? eps : ls, nt = lt < eps ? eps : lt;
   // One norm at a time: the product of two large norms can overflow where c cannot.
   const acc_t c = dot * (m_s / ns) * (m_t / nt);
   CosineRow<acc_t> r;
   r.loss = acc_t(1) - c;
-  r.s = {w / ns, acc_t(-1) / nt, ls > acc_t(0) ? c / ls : acc_t(0)};
-  r.t = {w / nt, acc_t(-1) / ns, lt > acc_t(0) ? c / lt : acc_t(0)};
+  r.s = {w / ns, acc_t(-1) / nt, ls == acc_t(0) ? acc_t(0) : c / ls};
+  r.t = {w / nt, acc_t(-1) / ns, lt == acc_t(0) ? acc_t(0) : c / lt};
   return r;
 }
 

@@ -1,23 +1,34 @@
 #pragma once
-// exp(x) for x <= 0 (softmax arguments relative to their maximum), NaN propagating.
-// On AVX-512, 2^n * p(f) with n = round(x log2 e), f = x log2 e - n taken by one vreduceps, p a
-// degree-5 minimax polynomial and one vscalefps (10 uops), with a relative error of 2.1e-7 in
-// float32 arithmetic (checked against float64 in the tests); 0 below exp(-87) ~ 1.6e-38.
-// Elsewhere ATen's exp_u20.
+// exp(x / h) for x <= 0 (softmax arguments relative to their maximum, in the kernel's units: h a
+// power of two, see common/softmax_kl.h), NaN propagating. The scale is an argument made by
+// exp_scale(1 / h).
+// On AVX-512, 2^n * p(f) with n = round(x log2(e) / h), f = x log2(e) / h - n taken by one
+// vreduceps, p a degree-5 minimax polynomial and one vscalefps (10 uops; 1 / h rides on the first
+// multiply), with a relative error of 2.1e-7 in float32 arithmetic (checked against float64 in the
+// tests); 0 below exp(-87) ~ 1.6e-38. Elsewhere ATen's exp_u20 of x / h (one multiply more).
 #include <ATen/cpu/vec/vec.h>
 
 namespace kdfast {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
-inline at::vec::Vectorized<float> exp_nonpos(const at::vec::Vectorized<float>& x) {
+// The scale argument of exp_nonpos for arguments in units of h, given inv_h = 1 / h.
+inline at::vec::Vectorized<float> exp_scale(float inv_h) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = x;
-  // Lanes below -87 (-inf included) give 0 without being computed: exp there is below float's
-  // smallest normal, and producing a subnormal costs a microcode assist of ~100 cycles a vector
-  // (masked vocabularies and padded row tails hit it on every element). NaN lanes stay live.
-  const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.f), _CMP_NLT_UQ);
-  const __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f));  // x * log2(e)
+  return at::vec::Vectorized<float>(1.44269504088896341f * inv_h);  // log2(e) / h, exact: a power of two
+#else
+  return at::vec::Vectorized<float>(inv_h);
+#endif
+}
+
+inline at::vec::Vectorized<float> exp_nonpos(const at::vec::Vectorized<float>& x,
+                                             const at::vec::Vectorized<float>& scale) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 t = _mm512_mul_ps(x, scale);  // x log2(e) / h
+  // Lanes below -87 log2(e) (-inf included) give 0 without being computed: exp there is below
+  // float's smallest normal, and producing a subnormal costs a microcode assist of ~100 cycles a
+  // vector (masked vocabularies and padded row tails hit it on every element). NaN lanes stay live.
+  const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.f * 1.44269504088896341f), _CMP_NLT_UQ);
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // t - round(t)
   const __m512 n = _mm512_sub_ps(t, f);
   // 2^f on [-0.5, 0.5]: minimax for relative error (Remez, 7.5e-8 in exact arithmetic).
@@ -29,7 +40,7 @@ inline at::vec::Vectorized<float> exp_nonpos(const at::vec::Vectorized<float>& x
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_maskz_scalef_ps(live, p, n);
 #else
-  return x.exp_u20();
+  return (x * scale).exp_u20();
 #endif
 }
 

@@ -106,16 +106,45 @@ void row_max(const T* s, const T* t, int64_t n, float& ms, float& mt) {
   if (std::isnan(m2)) mt = m2;
 }
 
-// a = (s - ms) / T, b = (t - mt) / T for K elements at s + i.
+// The per-call constants of the float kernels: the units h = 2^-k of a, b and A (see
+// common/softmax_kl.h), 1 / T, and the exponentials' scale for those units.
+struct Units {
+  float h, inv_h, invt;
+  FVec vh, it, ex;
+  Units(int k, float invt_)
+      : h(std::ldexp(1.f, -k)), inv_h(std::ldexp(1.f, k)), invt(invt_), vh(h), it(invt_), ex(exp_scale(inv_h)) {}
+  // -m h: the addend of kl::arg for a row maximum m (0 where a side is all -inf: its exponentials are
+  // 0 whatever the reference).
+  FVec neg_mh(float m) const { return FVec(m == -std::numeric_limits<float>::infinity() ? 0.f : -m * h); }
+};
+
+// a = (s - ms) / T, b = (t - mt) / T in units of h for K elements at s (kl::arg, one fma each:
+// nms = -ms h, nmt = -mt h).
 template <typename T>
-inline void scaled(const T* s, const T* t, FVec ms, FVec mt, FVec it, FVec& a0, FVec& a1, FVec& b0,
+inline void scaled(const T* s, const T* t, FVec nms, FVec nmt, const Units& u, FVec& a0, FVec& a1, FVec& b0,
                    FVec& b1) {
   load2(s, a0, a1);
   load2(t, b0, b1);
-  a0 = (a0 - ms) * it;
-  a1 = (a1 - ms) * it;
-  b0 = (b0 - mt) * it;
-  b1 = (b1 - mt) * it;
+  a0 = at::vec::fmadd(a0, u.vh, nms) * u.it;
+  a1 = at::vec::fmadd(a1, u.vh, nms) * u.it;
+  b0 = at::vec::fmadd(b0, u.vh, nmt) * u.it;
+  b1 = at::vec::fmadd(b1, u.vh, nmt) * u.it;
+}
+
+// x * y rounded on its own (kl::mul_rn, vectorised): GCC fuses a vector product into a following
+// subtraction where FMA is enabled; the baseline build has no FMA to fuse into.
+inline FVec mul_rn(const FVec& x, const FVec& y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 r = x * y;
+  __asm__("" : "+v"(r));
+  return r;
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 r = x * y;
+  __asm__("" : "+x"(r));
+  return r;
+#else
+  return x * y;
+#endif
 }
 
 // acc + e_t * (b - a), adding nothing where e_t = 0 (a may be -inf there): kl::term, vectorised.
@@ -128,14 +157,15 @@ inline FVec add_term(FVec acc, FVec et, FVec a, FVec b) {
 #endif
 }
 
-// The sums Z_s, Z_t and A over K elements at s and t, with exponentials relative to the maxima in
-// vms / vmt; the exponentials also go to es_out / et_out when given.
+// The sums Z_s, Z_t and A (in units of h) over K elements at s and t, with exponentials relative to
+// the maxima given as nms / nmt (Units::neg_mh); the exponentials also go to es_out / et_out when given.
 template <typename T>
-inline void sums_k(const T* s, const T* t, FVec vms, FVec vmt, FVec vit, FVec& zs, FVec& zt, FVec& acc,
+inline void sums_k(const T* s, const T* t, FVec nms, FVec nmt, const Units& u, FVec& zs, FVec& zt, FVec& acc,
                    float* es_out, float* et_out) {
   FVec a0, a1, b0, b1;
-  scaled(s, t, vms, vmt, vit, a0, a1, b0, b1);
-  FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
+  scaled(s, t, nms, nmt, u, a0, a1, b0, b1);
+  FVec es0 = exp_nonpos(a0, u.ex), es1 = exp_nonpos(a1, u.ex), et0 = exp_nonpos(b0, u.ex),
+       et1 = exp_nonpos(b1, u.ex);
   zs = zs + (es0 + es1);
   zt = zt + (et0 + et1);
   acc = add_term(add_term(acc, et0, a0, b0), et1, a1, b1);
@@ -158,14 +188,14 @@ inline RowStats reduce_stats(FVec zs, FVec zt, FVec acc) {
 
 // The sums of a chunk of a split row (relative to the row's maxima).
 template <typename T>
-RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, float invt) {
-  const FVec vms(ms), vmt(mt), vit(invt);
+RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, const Units& u) {
+  const FVec nms = u.neg_mh(ms), nmt = u.neg_mh(mt);
   FVec zs(0.f), zt(0.f), acc(0.f);
   int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) sums_k(s + i, t + i, vms, vmt, vit, zs, zt, acc, nullptr, nullptr);
+  for (; i + kStep <= n; i += kStep) sums_k(s + i, t + i, nms, nmt, u, zs, zt, acc, nullptr, nullptr);
   if (i < n) {
     const Tail tail(s + i, t + i, n - i, kPadLogit);
-    sums_k(tail.s, tail.t, vms, vmt, vit, zs, zt, acc, nullptr, nullptr);
+    sums_k(tail.s, tail.t, nms, nmt, u, zs, zt, acc, nullptr, nullptr);
   }
   return reduce_stats(zs, zt, acc);
 }
@@ -192,7 +222,7 @@ inline void prefetch_k(const T* p) {
 inline float nan_max(float a, float b) { return (b > a || std::isnan(b)) ? b : a; }
 
 template <typename T>
-RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out, float* et_out,
+RowStats row_online(const T* s, const T* t, int64_t n, const Units& u, float* es_out, float* et_out,
                     float* block_ms, float* block_mt, float& ms, float& mt) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int64_t K = kStep;
@@ -204,36 +234,36 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
     row_max(s + b0, t + b0, bn, bms, bmt);
     const float nms = nan_max(ms, bms), nmt = nan_max(mt, bmt);
     if (!(nms == ms && nmt == mt)) {
+      // The moves of the maxima, in double: finite maxima can be 2 FLT_MAX apart. With f = e^-dt,
+      // A' = f A + Z_t f (ds - dt) h: both factors are finite, and f (ds - dt) is 0 where f is
+      // (A' = f (A + Z_t (ds - dt) h) would take inf * 0 for a jump of ~FLT_MAX).
+      const double ds = ms == kNegInf ? 0.0 : (static_cast<double>(nms) - ms) * u.invt;
       if (mt == kNegInf) {  // no teacher mass yet: nothing to rescale on that side
         acc = FVec(0.f);
-        if (ms != kNegInf) zs = zs * FVec(std::exp((ms - nms) * invt));
       } else {
-        const float dt = (nmt - mt) * invt;
-        const float ds = ms == kNegInf ? 0.f : (nms - ms) * invt;
-        const FVec ft(std::exp(-dt));
-        acc = ft * (acc + zt * FVec(ds - dt));
-        zt = zt * ft;
-        if (ms != kNegInf) zs = zs * FVec(std::exp(-ds));
+        const double dt = (static_cast<double>(nmt) - mt) * u.invt;
+        const double ft = std::exp(-dt);
+        acc = acc * FVec(static_cast<float>(ft)) + zt * FVec(static_cast<float>(ft * (ds - dt) * u.h));
+        zt = zt * FVec(static_cast<float>(ft));
       }
+      if (ms != kNegInf) zs = zs * FVec(static_cast<float>(std::exp(-ds)));
       ms = nms, mt = nmt;
     }
     block_ms[blk] = ms, block_mt[blk] = mt;
-    // Where a side has only -inf so far, its exponentials are 0 whatever the reference.
-    const float rs = ms == kNegInf ? 0.f : ms, rt = mt == kNegInf ? 0.f : mt;
-    const FVec vms(rs), vmt(rt), vit(invt);
+    const FVec vnms = u.neg_mh(ms), vnmt = u.neg_mh(mt);
     const T* sb = s + b0;
     const T* tb = t + b0;
     int64_t i = 0;
     for (; i + K <= bn; i += K) {
       prefetch_k(sb + i + kBlock);
       prefetch_k(tb + i + kBlock);
-      sums_k(sb + i, tb + i, vms, vmt, vit, zs, zt, acc, es_out ? es_out + b0 + i : nullptr,
+      sums_k(sb + i, tb + i, vnms, vnmt, u, zs, zt, acc, es_out ? es_out + b0 + i : nullptr,
              es_out ? et_out + b0 + i : nullptr);
     }
     if (i < bn) {  // only the row's last block has a tail (kBlock is a multiple of K)
       const Tail tail(sb + i, tb + i, bn - i, kPadLogit);
       float es[K], et[K];
-      sums_k(tail.s, tail.t, vms, vmt, vit, zs, zt, acc, es, et);
+      sums_k(tail.s, tail.t, vnms, vnmt, u, zs, zt, acc, es, et);
       if (es_out) copy_out(es, bn - i, es_out + b0 + i), copy_out(et, bn - i, et_out + b0 + i);
     }
   }
@@ -241,39 +271,44 @@ RowStats row_online(const T* s, const T* t, int64_t n, float invt, float* es_out
 }
 
 // Gradients of a row from the cached exponentials of row_online.
+// shift = A / Z_t in units of h; the teacher's coefficient is coef / h.
 template <typename T>
-void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, float invt, float coef,
+void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, const Units& u, float coef,
                       double zs, double zt, float shift, float post, const float* es_in,
                       const float* et_in, const float* block_ms, const float* block_mt, T* gs, T* gt,
                       bool stream) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int64_t K = kStep;
   constexpr int64_t kWriteAhead = 2048 / sizeof(T);
-  const FVec vms(ms), vmt(mt), vit(invt), vcoef(coef), vshift(shift), vpost(post);
+  const FVec nms = u.neg_mh(ms), nmt = u.neg_mh(mt), vcoef(coef), vcoef_t(coef * u.inv_h), vshift(shift),
+             vpost(post);
   const bool scaled_out = post != 1.f;
   stream = can_stream(stream, gs, gt);
   for (int64_t b0 = 0, blk = 0; b0 < n; b0 += kBlock, ++blk) {
     const int64_t bn = std::min(kBlock, n - b0);
     // This block's exponentials are relative to its own running maxima: one factor corrects them.
-    const float cs = block_ms[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((block_ms[blk] - ms) * invt) / zs);
-    const float ct = block_mt[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((block_mt[blk] - mt) * invt) / zt);
+    // (In double: the maxima can be 2 FLT_MAX apart.)
+    const float cs = block_ms[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((static_cast<double>(block_ms[blk]) - ms) * u.invt) / zs);
+    const float ct = block_mt[blk] == kNegInf ? 0.f : static_cast<float>(std::exp((static_cast<double>(block_mt[blk]) - mt) * u.invt) / zt);
     const FVec vcs(cs), vct(ct);
     // One step of K elements: exponentials at pe / pet, inputs at ps / pt, gradients to qs / qt,
     // non-temporal when nt (never into the tail's stack buffers: they need not be vector-aligned).
     auto step = [&](const float* pe, const float* pet, const auto* ps, const auto* pt, auto* qs, auto* qt,
                     bool nt) {
       const FVec et0 = FVec::loadu(pet), et1 = FVec::loadu(pet + FVec::size());
-      if (gs) {  // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's
+      // coef * (e_s cs - e_t ct), coef last: kd_loss's gradient is exactly T^2 times the KL's; both
+      // products rounded alike: exactly 0 where p_s = p_t (kl::grad_student).
+      const FVec pt0 = mul_rn(et0, vct), pt1 = mul_rn(et1, vct);
+      if (gs) {
         const FVec es0 = FVec::loadu(pe), es1 = FVec::loadu(pe + FVec::size());
-        store2_scaled<T>(qs, vcoef * at::vec::fmsub(es0, vcs, et0 * vct),
-                         vcoef * at::vec::fmsub(es1, vcs, et1 * vct), scaled_out, vpost, nt);
+        store2_scaled<T>(qs, vcoef * (mul_rn(es0, vcs) - pt0), vcoef * (mul_rn(es1, vcs) - pt1), scaled_out, vpost,
+                         nt);
       }
       if (gt) {
-        const FVec pt0 = et0 * vct, pt1 = et1 * vct;
         FVec a0, a1, b0v, b1v;
-        scaled(ps, pt, vms, vmt, vit, a0, a1, b0v, b1v);
-        store2_scaled<T>(qt, FVec::blendv(FVec(0.f), vcoef * pt0 * ((b0v - a0) - vshift), pt0 != FVec(0.f)),
-                         FVec::blendv(FVec(0.f), vcoef * pt1 * ((b1v - a1) - vshift), pt1 != FVec(0.f)),
+        scaled(ps, pt, nms, nmt, u, a0, a1, b0v, b1v);
+        store2_scaled<T>(qt, FVec::blendv(FVec(0.f), vcoef_t * pt0 * ((b0v - a0) - vshift), pt0 != FVec(0.f)),
+                         FVec::blendv(FVec(0.f), vcoef_t * pt1 * ((b1v - a1) - vshift), pt1 != FVec(0.f)),
                          scaled_out, vpost, nt);
       }
     };
@@ -296,29 +331,32 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, flo
 }
 
 struct GradCoef {
-  float coef, inv_zs, inv_zt, shift, post;
+  float coef, inv_zs, inv_zt, shift, post;  // shift in units of h
 };
 
 // Gradients of a chunk of a split row, recomputing the exponentials from the inputs.
 template <typename T>
-void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, float invt, const GradCoef& g, T* gs,
+void row_grads(const T* s, const T* t, int64_t n, float ms, float mt, const Units& u, const GradCoef& g, T* gs,
                T* gt, bool stream) {
   constexpr int64_t K = kStep;
-  const FVec vms(ms), vmt(mt), vit(invt), coef(g.coef), izs(g.inv_zs), izt(g.inv_zt), shift(g.shift);
+  const FVec nms = u.neg_mh(ms), nmt = u.neg_mh(mt), coef(g.coef), coef_t(g.coef * u.inv_h), izs(g.inv_zs),
+             izt(g.inv_zt), shift(g.shift);
   const FVec vpost(g.post);
   const bool scaled_out = g.post != 1.f;
   stream = can_stream(stream, gs, gt);
   auto step = [&](const auto* ps, const auto* pt, auto* qs, auto* qt, bool nt) {  // nt: as row_grads_cached
     FVec a0, a1, b0, b1;
-    scaled(ps, pt, vms, vmt, vit, a0, a1, b0, b1);
-    const FVec es0 = exp_nonpos(a0), es1 = exp_nonpos(a1), et0 = exp_nonpos(b0), et1 = exp_nonpos(b1);
+    scaled(ps, pt, nms, nmt, u, a0, a1, b0, b1);
+    const FVec es0 = exp_nonpos(a0, u.ex), es1 = exp_nonpos(a1, u.ex), et0 = exp_nonpos(b0, u.ex),
+               et1 = exp_nonpos(b1, u.ex);
     if (gs) {
-      store2_scaled<T>(qs, coef * (es0 * izs - et0 * izt), coef * (es1 * izs - et1 * izt), scaled_out, vpost, nt);
+      store2_scaled<T>(qs, coef * (mul_rn(es0, izs) - mul_rn(et0, izt)), coef * (mul_rn(es1, izs) - mul_rn(et1, izt)),
+                       scaled_out, vpost, nt);
     }
     if (gt) {
       FVec pt0 = et0 * izt, pt1 = et1 * izt;
-      store2_scaled<T>(qt, FVec::blendv(FVec(0.f), coef * pt0 * ((b0 - a0) - shift), et0 != FVec(0.f)),
-                       FVec::blendv(FVec(0.f), coef * pt1 * ((b1 - a1) - shift), et1 != FVec(0.f)), scaled_out, vpost,
+      store2_scaled<T>(qt, FVec::blendv(FVec(0.f), coef_t * pt0 * ((b0 - a0) - shift), et0 != FVec(0.f)),
+                       FVec::blendv(FVec(0.f), coef_t * pt1 * ((b1 - a1) - shift), et1 != FVec(0.f)), scaled_out, vpost,
                        nt);
     }
   };
@@ -384,6 +422,10 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   const acc_t post = static_cast<acc_t>(p.grad_scale);
   const bool want_grad = GS || GT;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  // The float kernels' units (common/softmax_kl.h); the double loops work in natural units.
+  constexpr bool kDouble = std::is_same<T, double>::value;
+  const Units u(kl::scale_exponent(V, p.inv_temperature), static_cast<float>(p.inv_temperature));
+  const double inv_h = kDouble ? 1.0 : static_cast<double>(u.inv_h);
 
   auto grad_coef = [&](acc_t w, const RowStats& st) {
     acc_t zs = static_cast<acc_t>(st.zs), zt = static_cast<acc_t>(st.zt);
@@ -410,7 +452,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           zero_grad_row(gs, V, post), zero_grad_row(gt, V, post);
           continue;
         }
-        if constexpr (std::is_same<T, double>::value) {
+        if constexpr (kDouble) {
           acc_t ms = kNegInf, mt = kNegInf;
           row_max(s, t, V, ms, mt);
           RowStats st = row_stats(s, t, V, ms, mt, invt);
@@ -427,14 +469,14 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           float* es = want_grad ? scratch.data() : nullptr;
           float* et = want_grad ? scratch.data() + V : nullptr;
           float fms, fmt;
-          RowStats st = row_online(s, t, V, invt, es, et, bms, bmt, fms, fmt);
-          KL[r] = static_cast<float>(kl::row_value(st.zs, st.zt, st.a));
+          RowStats st = row_online(s, t, V, u, es, et, bms, bmt, fms, fmt);
+          KL[r] = static_cast<float>(kl::row_value(st.zs, st.zt, st.a * inv_h));
           if (want_grad && std::isnan(KL[r])) {
             nan_grad_row(gs, V), nan_grad_row(gt, V);
           } else if (want_grad) {
             auto [c, izs, izt, shift] = grad_coef(w, st);
             (void)izs, (void)izt;
-            row_grads_cached(s, t, V, fms, fmt, invt, c, st.zs, st.zt, shift, post, es, et, bms, bmt, gs, gt,
+            row_grads_cached(s, t, V, fms, fmt, u, c, st.zs, st.zt, shift, post, es, et, bms, bmt, gs, gt,
                              stream);
           }
         }
@@ -473,8 +515,13 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
       int64_t r, b, n;
       chunk_of(k, r, b, n);
       if (W[r] == acc_t(0)) continue;
-      cst[k] = row_stats(S + r * p.student_row_stride + b, Tt + r * p.teacher_row_stride + b, n,
-                         ms[r], mt[r], invt);
+      const T* s = S + r * p.student_row_stride + b;
+      const T* t = Tt + r * p.teacher_row_stride + b;
+      if constexpr (kDouble) {
+        cst[k] = row_stats(s, t, n, ms[r], mt[r], invt);
+      } else {
+        cst[k] = row_stats(s, t, n, ms[r], mt[r], u);
+      }
     }
   });
   std::vector<RowStats> st(R);
@@ -483,7 +530,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
     d.zs += cst[k].zs, d.zt += cst[k].zt, d.a += cst[k].a;
   }
   for (int64_t r = 0; r < R; ++r) {
-    KL[r] = W[r] == acc_t(0) ? acc_t(0) : static_cast<acc_t>(kl::row_value(st[r].zs, st[r].zt, st[r].a));
+    KL[r] = W[r] == acc_t(0) ? acc_t(0) : static_cast<acc_t>(kl::row_value(st[r].zs, st[r].zt, st[r].a * inv_h));
   }
   if (!want_grad) return;
   at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
@@ -504,10 +551,10 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
       const T* s = S + r * p.student_row_stride + b;
       const T* t = Tt + r * p.teacher_row_stride + b;
       auto [c, izs, izt, shift] = grad_coef(W[r], st[r]);
-      if constexpr (std::is_same<T, double>::value) {
+      if constexpr (kDouble) {
         row_grads(s, t, n, ms[r], mt[r], invt, c, izs, izt, shift, post, gs, gt);
       } else {
-        row_grads(s, t, n, ms[r], mt[r], invt, GradCoef{c, izs, izt, shift, post}, gs, gt, stream);
+        row_grads(s, t, n, ms[r], mt[r], u, GradCoef{c, izs, izt, shift, post}, gs, gt, stream);
       }
     }
   });

@@ -4,6 +4,8 @@
 // b = (t - max t) * c, e_s = 2^a, e_t = 2^b, Z = sum of e and A = sum of e_t * (b - a):
 //   KL = ln2 * A / Z_t - log Z_t + log Z_s,  dKL/ds = (p_s - p_t) / T,
 //   dKL/dt = ln2 / T * p_t * ((b - a) - A / Z_t).
+// a, b and A are held in units of h = 2^-k (kl::scale_exponent), so that neither overflows on
+// finite logits; e = 2^(a / h), and the KL and the teacher gradient take 1 / h back.
 //
 // Paths (chosen per call on the host, see plan()):
 //  * cluster (sm_80+; clusters of up to 16 CTAs on sm_90): each row is split across the CTAs of a
@@ -11,9 +13,6 @@
 //    (16-byte cp.async), the row maxima and sums are combined across the cluster through distributed
 //    shared memory, and the gradient is written from the on-chip copy. HBM sees one read of each
 //    input and one write of each gradient: the floor.
-//  * stream (opt-in, KDFAST_CUDA_KL=stream, until an H100 run shows it wins): the same per-row
-//    work in a persistent grid of clusters that walk the rows with two shared-memory stages, so
-//    the copy of the next row overlaps the arithmetic on the current one.
 //  * rows (fallback, any arch): one block per row, three passes over the row in global memory
 //    (max, sums, gradient), the re-reads served by L1/L2.
 //  * chunks (fallback for very long rows): (row, chunk) blocks write partial maxima and sums, a
@@ -94,11 +93,25 @@ __device__ __forceinline__ void pass_max(const T* sb, const T* tb, int64_t o, in
   }
 }
 
-// Sums of e_s, e_t and e_t * (b - a) relative to the references rs, rt; with kStore, also the
-// exponentials at their positions in cs/ct (0 outside the slice).
+// A row's references and units: a = kl::arg(s, h, nrs, c) with nrs = -rs h (rs the row's maximum, 0
+// where a side is all -inf: its exponentials are 0 whatever the reference), e = 2^(a / h).
+template <typename A>
+struct Frame {
+  A nrs, nrt, h, c, inv_h;
+  __device__ __forceinline__ Frame(A rs, A rt, A inv_t, A h_) : h(h_), c(inv_t * A(kLog2e)), inv_h(A(1) / h_) {
+    nrs = rs == neg_inf<A>() ? A(0) : -rs * h;
+    nrt = rt == neg_inf<A>() ? A(0) : -rt * h;
+  }
+  __device__ __forceinline__ A a(A x) const { return kl::arg(x, h, nrs, c); }
+  __device__ __forceinline__ A b(A x) const { return kl::arg(x, h, nrt, c); }
+  __device__ __forceinline__ A ex(A x) const { return ex2(x * inv_h); }
+};
+
+// Sums of e_s, e_t and e_t * (b - a) (units of h) relative to the frame's references; with kStore,
+// also the exponentials at their positions in cs/ct (0 outside the slice).
 template <int P, bool kStore, typename T, typename A>
-__device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct, int64_t o, int64_t n, A rs,
-                                         A rt, A c, A& zs, A& zt, A& acc) {
+__device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct, int64_t o, int64_t n,
+                                         const Frame<A>& f, A& zs, A& zt, A& acc) {
   const Span sp(o, n, P);
   for (int64_t g = threadIdx.x; g < sp.groups; g += blockDim.x) {
     const int64_t j0 = g * P;
@@ -108,9 +121,9 @@ __device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct,
     Vec<A, P> es, et;
 #pragma unroll
     for (int q = 0; q < P; ++q) {
-      const A a = (Elem<T>::to(vs.v[q]) - rs) * c;
-      const A b = (Elem<T>::to(vt.v[q]) - rt) * c;
-      A e1 = ex2(a), e2 = ex2(b), tm = kl::term(e2, a, b);
+      const A a = f.a(Elem<T>::to(vs.v[q]));
+      const A b = f.b(Elem<T>::to(vt.v[q]));
+      A e1 = f.ex(a), e2 = f.ex(b), tm = kl::term(e2, a, b);
       if (!full && !sp.valid(j0 + q)) e1 = e2 = tm = A(0);
       zs += e1;
       zt += e2;
@@ -127,11 +140,11 @@ __device__ __forceinline__ void pass_sum(const T* sb, const T* tb, A* cs, A* ct,
 
 template <typename A>
 struct RowK {
-  A rs, rt, c;  // references (finite) and log2(e) / T
+  Frame<A> f;   // references and units
   A coef;       // w / T
-  A coef_t;     // w / T * ln2 (a and b are in base-2 units)
+  A coef_t;     // w / T * ln2 / h (a and b are in base-2 units of h)
   A izs, izt;   // 1 / Z
-  A shift;      // A / Z_t (base-2 units)
+  A shift;      // A / Z_t (base-2 units of h)
 };
 
 // Gradients of a slice. kCached: e_s, e_t come from cs/ct (written by pass_sum), else they are
@@ -149,8 +162,8 @@ __device__ __forceinline__ void pass_grad(const T* sb, const T* tb, const A* cs,
       const Vec<T, P> vt = *reinterpret_cast<const Vec<T, P>*>(tb + j0);
 #pragma unroll
       for (int q = 0; q < P; ++q) {
-        a[q] = (Elem<T>::to(vs.v[q]) - k.rs) * k.c;
-        b[q] = (Elem<T>::to(vt.v[q]) - k.rt) * k.c;
+        a[q] = k.f.a(Elem<T>::to(vs.v[q]));
+        b[q] = k.f.b(Elem<T>::to(vt.v[q]));
       }
     }
     if (kCached) {
@@ -160,7 +173,7 @@ __device__ __forceinline__ void pass_grad(const T* sb, const T* tb, const A* cs,
       for (int q = 0; q < P; ++q) es[q] = vs.v[q], et[q] = vt.v[q];
     } else {
 #pragma unroll
-      for (int q = 0; q < P; ++q) es[q] = ex2(a[q]), et[q] = ex2(b[q]);
+      for (int q = 0; q < P; ++q) es[q] = k.f.ex(a[q]), et[q] = k.f.ex(b[q]);
     }
     const bool full = sp.full(j0, P);
     if (gsb) {
@@ -281,6 +294,7 @@ struct KLParams {
   int64_t s_stride, t_stride;  // row strides in elements (0 broadcasts a row)
   int64_t rows, V;
   double inv_t;
+  double h;       // units of a, b and A: 2^-kl::scale_exponent(V, inv_t)
   const void* w;  // rows, acc type
   void* kl;       // rows, acc type
   void* gs;       // rows x V contiguous, or null
@@ -289,11 +303,10 @@ struct KLParams {
 };
 
 template <typename A>
-__device__ __forceinline__ RowK<A> row_constants(A w, A inv_t, A rs, A rt, A zs, A zt, A acc) {
-  RowK<A> k;
-  k.rs = rs, k.rt = rt, k.c = inv_t * A(kLog2e);
+__device__ __forceinline__ RowK<A> row_constants(A w, const Frame<A>& f, A inv_t, A zs, A zt, A acc) {
+  RowK<A> k{f};
   k.coef = w * inv_t;
-  k.coef_t = k.coef * A(kLn2);
+  k.coef_t = k.coef * A(kLn2) * f.inv_h;
   k.izs = A(1) / zs;
   k.izt = A(1) / zt;
   k.shift = acc / zt;
@@ -303,8 +316,9 @@ __device__ __forceinline__ RowK<A> row_constants(A w, A inv_t, A rs, A rt, A zs,
   return k;
 }
 
-__device__ __forceinline__ double kl_value(double zs, double zt, double acc) {
-  return kl::row_value(zs, zt, acc * kLn2);
+// acc in base-2 units of h; in double, where acc / h may exceed FLT_MAX.
+__device__ __forceinline__ double kl_value(double zs, double zt, double acc, double h) {
+  return kl::row_value(zs, zt, acc * kLn2 / h);
 }
 
 // Copies positions [0, npos) from the aligned base src to dst in shared memory, 16 bytes at a time.
@@ -420,11 +434,8 @@ __device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice
   block_reduce(m, sh.red, MaxOp());
   cluster_reduce(m, sh.max, C, rank, MaxOp(), !waited);
   waited = true;
-  // A side whose row is all -inf uses reference 0: its exponentials are 0 whatever the reference.
-  const A rs = m[0] == neg_inf<A>() ? A(0) : m[0];
-  const A rt = m[1] == neg_inf<A>() ? A(0) : m[1];
   const A inv_t = static_cast<A>(p.inv_t);
-  const A c = inv_t * A(kLog2e);
+  const Frame<A> f(m[0], m[1], inv_t, static_cast<A>(p.h));
 
   const bool want_grad = p.gs != nullptr || p.gt != nullptr;
   // Exponential caches, addressed like the walk that uses them.
@@ -441,18 +452,18 @@ __device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice
   }
   A sums[3] = {A(0), A(0), A(0)};
   if (cs != nullptr) {
-    if (vec) pass_sum<P, true>(bs, bt, cs, ct, os, nn, rs, rt, c, sums[0], sums[1], sums[2]);
-    else pass_sum<1, true>(s1, t1, cs, ct, 0, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+    if (vec) pass_sum<P, true>(bs, bt, cs, ct, os, nn, f, sums[0], sums[1], sums[2]);
+    else pass_sum<1, true>(s1, t1, cs, ct, 0, nn, f, sums[0], sums[1], sums[2]);
   } else {
-    if (vec) pass_sum<P, false>(bs, bt, cs, ct, os, nn, rs, rt, c, sums[0], sums[1], sums[2]);
-    else pass_sum<1, false>(s1, t1, cs, ct, 0, nn, rs, rt, c, sums[0], sums[1], sums[2]);
+    if (vec) pass_sum<P, false>(bs, bt, cs, ct, os, nn, f, sums[0], sums[1], sums[2]);
+    else pass_sum<1, false>(s1, t1, cs, ct, 0, nn, f, sums[0], sums[1], sums[2]);
   }
   block_reduce(sums, sh.red, AddOp());
   cluster_reduce(sums, sh.sum, C, rank, AddOp(), false);
-  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
+  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2], p.h));
   if (!want_grad || nn == 0) return;
 
-  const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
+  const RowK<A> k = row_constants(w, f, inv_t, sums[0], sums[1], sums[2]);
   T* gs = sl.gs;
   T* gt = sl.gt;
   if (cs != nullptr) {  // pass_sum's writes are read by the same threads: no barrier needed
@@ -508,54 +519,6 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
   cluster_row(p, sl, row, w, C, rank, bs, bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
 }
 
-// The streamed cluster path: a persistent grid of gridDim.x / C clusters, each walking the rows
-// blockIdx.x / C, + clusters, ... through two shared-memory stages: the copy of the next row's
-// slice is in flight while the CTA works on the current one, so each SM's loads overlap its own
-// arithmetic and gradient stores (the plain cluster path leaves that overlap to whichever other
-// CTAs share the SM). Shared memory: stage 0 [student | teacher], stage 1 [student | teacher]
-// (raw_bytes each), then the kCacheSeparate exponentials.
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 3) kl_stream_kernel(KLParams p, int C, int64_t slice,
-                                                             int64_t raw_bytes, int cache) {
-  using A = typename Elem<T>::acc;
-  KD_DYNAMIC_SHARED(smem);
-  KD_CLUSTER_SHARED(A, sh);
-  const int rank = cluster_rank_of(C);
-  const int64_t clusters = gridDim.x / C;
-  const int64_t v0 = rank * slice;
-  const A* W = static_cast<const A*>(p.w);
-  unsigned char* extra = smem + 4 * raw_bytes;
-  // One commit per row, loaded or not, so that "all but the newest group" is the current row.
-  auto fetch = [&](int64_t row, int stage) {
-    if (row < p.rows && W[row] != A(0)) {
-      unsigned char* b = smem + stage * 2 * raw_bytes;
-      GlobalSlice<T>(p, row, v0, slice).load(reinterpret_cast<T*>(b), reinterpret_cast<T*>(b + raw_bytes));
-    }
-    cp_async_commit();
-  };
-  if (C > 1) kd_cluster_arrive();
-  bool waited = false;
-  int stage = 0;
-  fetch(blockIdx.x / C, 0);
-  for (int64_t row = blockIdx.x / C; row < p.rows; row += clusters, stage ^= 1) {
-    fetch(row + clusters, stage ^ 1);  // the previous row's stage: free since its closing barrier
-    cp_async_wait<1>();
-    __syncthreads();
-    const A w = W[row];
-    const GlobalSlice<T> sl(p, row, v0, slice);
-    unsigned char* b = smem + stage * 2 * raw_bytes;
-    if (w == A(0)) {
-      zero_row<T, A>(p, sl, row, rank);
-    } else {
-      cluster_row(p, sl, row, w, C, rank, reinterpret_cast<T*>(b), reinterpret_cast<T*>(b + raw_bytes), extra,
-                  raw_bytes, cache, sh, waited);
-    }
-    __syncthreads();  // every thread is done with this stage before it is refilled
-  }
-  cp_async_wait<0>();
-  if (C > 1 && !waited) kd_cluster_wait();
-}
-
 // Fallback, one block per (row, chunk). full: the chunk is the whole row; the block writes the KL
 // and the gradients. Otherwise it writes its chunk's maxima and sums to part[(row, chunk)].
 template <typename T>
@@ -580,13 +543,11 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
   if (sl.vec) pass_max<P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, m[0], m[1]);
   else pass_max<1>(sl.s, sl.t, 0, sl.n, m[0], m[1]);
   block_reduce(m, red, MaxOp());
-  const A rs = m[0] == neg_inf<A>() ? A(0) : m[0];
-  const A rt = m[1] == neg_inf<A>() ? A(0) : m[1];
   const A inv_t = static_cast<A>(p.inv_t);
-  const A c = inv_t * A(kLog2e);
+  const Frame<A> f(m[0], m[1], inv_t, static_cast<A>(p.h));
   A sums[3] = {A(0), A(0), A(0)};
-  if (sl.vec) pass_sum<P, false>(sl.s - sl.o, sl.t - sl.o, (A*)nullptr, (A*)nullptr, sl.o, sl.n, rs, rt, c, sums[0], sums[1], sums[2]);
-  else pass_sum<1, false>(sl.s, sl.t, (A*)nullptr, (A*)nullptr, 0, sl.n, rs, rt, c, sums[0], sums[1], sums[2]);
+  if (sl.vec) pass_sum<P, false>(sl.s - sl.o, sl.t - sl.o, (A*)nullptr, (A*)nullptr, sl.o, sl.n, f, sums[0], sums[1], sums[2]);
+  else pass_sum<1, false>(sl.s, sl.t, (A*)nullptr, (A*)nullptr, 0, sl.n, f, sums[0], sums[1], sums[2]);
   block_reduce(sums, red, AddOp());
   if (!full) {
     if (threadIdx.x == 0) {
@@ -595,9 +556,9 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
     }
     return;
   }
-  if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2]));
+  if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2], p.h));
   if (sl.gs == nullptr && sl.gt == nullptr) return;
-  const RowK<A> k = row_constants(w, inv_t, rs, rt, sums[0], sums[1], sums[2]);
+  const RowK<A> k = row_constants(w, f, inv_t, sums[0], sums[1], sums[2]);
   sl.grads_from_global(k);
 }
 
@@ -631,12 +592,14 @@ __global__ void kl_combine_kernel(KLParams p, int64_t nrows, int nchunk, const A
       zt += zk_t;
       acc += ak;
     } else {
+      // e_t (b - a) with b, a moved to the row references (ak in units of h; f (dt - ds) is 0 where
+      // f is: the chunk's maximum far below the row's)
       const double f = exp2(dt);
       zt += zk_t * f;
-      acc += f * (ak + zk_t * (dt - ds));  // e_t (b - a) with b, a moved to the row references
+      acc += f * ak + zk_t * (f * (dt - ds) * p.h);
     }
   }
-  KL[row] = static_cast<A>(kl_value(zs, zt, acc));
+  KL[row] = static_cast<A>(kl_value(zs, zt, acc, p.h));
   A* st = stats + i * 5;
   st[0] = static_cast<A>(rs), st[1] = static_cast<A>(rt);
   st[2] = static_cast<A>(zs), st[3] = static_cast<A>(zt), st[4] = static_cast<A>(acc);
@@ -657,7 +620,8 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLParams p, int64_t c
     return;
   }
   const A* st = stats + (row - p.row0) * 5;
-  const RowK<A> k = row_constants(w, static_cast<A>(p.inv_t), st[0], st[1], st[2], st[3], st[4]);
+  const A inv_t = static_cast<A>(p.inv_t);
+  const RowK<A> k = row_constants(w, Frame<A>(st[0], st[1], inv_t, static_cast<A>(p.h)), inv_t, st[2], st[3], st[4]);
   sl.grads_from_global(k);
 }
 
@@ -719,25 +683,88 @@ cudaError_t device_info(int dev, DeviceInfo& out) {
   return cudaSuccess;
 }
 
-// Environment knobs, for tests and tuning runs (read per call; the defaults need none of them):
-//   KDFAST_CUDA_KL=auto|cluster|stream|rows|chunks   force a path ("cluster" and "stream" fall back
-//                                              if they cannot run)
+// Environment knobs, for tests and tuning runs (the defaults need none of them), read once
+// (softmax_kl_reload_knobs reads them again: tests that switch paths call it):
+//   KDFAST_CUDA_KL=auto|cluster|rows|chunks   force a path ("cluster" falls back if it cannot run)
 //   KDFAST_CUDA_KL_CLUSTER=1|2|4|8|16         force the cluster size
-//   KDFAST_CUDA_KL_GRID=<clusters>             at most this many clusters in the stream path's grid
 //   KDFAST_CUDA_KL_CACHE=none|inplace|separate force how the gradient pass gets its exponentials
 //   KDFAST_CUDA_KL_CHUNK=<elements>            chunk length of the chunks path
 //   KDFAST_CUDA_KL_LOG=1                       print each call's plan to stderr
-const char* env(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? v : nullptr;
+enum class Force { Auto, Cluster, Rows, Chunks };
+
+struct Knobs {
+  Force force = Force::Auto;
+  int cluster = 0;        // 0: chosen by the plan
+  int cache = -1;         // -1: chosen by the plan, else a CacheMode
+  int64_t chunk = 0;      // 0: chosen by the plan
+  bool log = false;
+};
+
+Knobs read_knobs() {
+  auto env = [](const char* name) -> const char* {
+    const char* v = std::getenv(name);
+    return v != nullptr && *v != '\0' ? v : nullptr;
+  };
+  Knobs k;
+  if (const char* f = env("KDFAST_CUDA_KL")) {
+    if (!std::strcmp(f, "cluster")) k.force = Force::Cluster;
+    else if (!std::strcmp(f, "rows")) k.force = Force::Rows;
+    else if (!std::strcmp(f, "chunks")) k.force = Force::Chunks;
+  }
+  if (const char* c = env("KDFAST_CUDA_KL_CLUSTER")) k.cluster = std::atoi(c);
+  if (const char* c = env("KDFAST_CUDA_KL_CACHE")) {
+    if (!std::strcmp(c, "none")) k.cache = kCacheNone;
+    else if (!std::strcmp(c, "inplace")) k.cache = kCacheInPlace;
+    else if (!std::strcmp(c, "separate")) k.cache = kCacheSeparate;
+  }
+  if (const char* c = env("KDFAST_CUDA_KL_CHUNK")) k.chunk = std::atoll(c);
+  k.log = env("KDFAST_CUDA_KL_LOG") != nullptr;
+  return k;
 }
 
-enum class Path { Cluster, Stream, Rows, Chunks };
+std::mutex& knobs_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+Knobs& knobs_slot() {
+  static Knobs k = read_knobs();
+  return k;
+}
+
+Knobs knobs() {
+  std::lock_guard<std::mutex> lock(knobs_mutex());
+  return knobs_slot();
+}
+
+// Plan sizes and thresholds. Each names the gpu_check case (bench/gpu_check.py KL_CASES, the H100/H200
+// runs in bench/results) whose plan it decides.
+// Shared memory held back from a CTA's budget for static shared memory and the per-block reservation.
+constexpr int64_t kSmemReserve = 4096;
+// Few rows are spread over clusters of up to this many CTAs (256 x 128256: 256 rows on 132 SMs).
+constexpr int kMaxSpreadCluster = 8;
+// ... while the rows times the cluster size stay below this many CTAs per SM (256 x 128256) ...
+constexpr int kSpreadCtasPerSm = 2;
+// ... and each slice keeps at least this many elements (256 x 1000 stays one CTA a row).
+constexpr int64_t kMinSpreadSlice = 8192;
+// Fallback paths: rows longer than this are chunked (8192 x 131072 without clusters) ...
+constexpr int64_t kChunkRowsAbove = 32768;
+// ... as are rows longer than this when there are fewer rows than SMs (256 x 128256 on pre-sm_90).
+constexpr int64_t kChunkFewRowsAbove = 8192;
+// Chunk lengths of the chunks path for long rows (8192 x 131072) and for the rest (256 x 128256).
+constexpr int64_t kLongRowChunk = 16384;
+constexpr int64_t kShortRowChunk = 4096;
+// grid.y holds at most this many chunks per row.
+constexpr int64_t kMaxGridY = 65535;
+// scale_rows_: chunk length, and the blocks per SM that few rows are cut into (256 x 128256 backward).
+constexpr int64_t kScaleChunk = 16384;
+constexpr int64_t kScaleBlocksPerSm = 4;
+
+enum class Path { Cluster, Rows, Chunks };
 
 struct Plan {
   Path path = Path::Rows;
   int C = 1;
-  int64_t clusters = 0;  // stream path: the persistent grid, in clusters
   int64_t slice = 0, raw_bytes = 0;
   int cache = kCacheNone;
   size_t smem = 0;
@@ -749,9 +776,9 @@ constexpr int64_t kMaxRowsPerLaunch = int64_t(1) << 26;  // keeps C * rows withi
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// stages: 1 (cluster path) or 2 (stream path) copies of [student slice | teacher slice].
+// [student slice | teacher slice], then the kCacheSeparate exponentials.
 template <typename T>
-void cluster_layout(int64_t V, int C, int cache, int stages, Plan& pl) {
+void cluster_layout(int64_t V, int C, int cache, Plan& pl) {
   using A = typename Elem<T>::acc;
   constexpr int P = vec_elems<T>();
   pl.C = C;
@@ -759,7 +786,7 @@ void cluster_layout(int64_t V, int C, int cache, int stages, Plan& pl) {
   // room for the offset within 16 bytes and the rounding to whole 16-byte chunks
   pl.raw_bytes = round_up(pl.slice * static_cast<int64_t>(sizeof(T)) + 32, 256);
   pl.cache = cache;
-  int64_t bytes = 2 * stages * pl.raw_bytes;
+  int64_t bytes = 2 * pl.raw_bytes;
   if (cache == kCacheSeparate) bytes += 2 * (pl.raw_bytes / static_cast<int64_t>(sizeof(T))) * static_cast<int64_t>(sizeof(A));
   pl.smem = static_cast<size_t>(bytes);
 }
@@ -835,45 +862,32 @@ int cluster_capacity(ClusterKernel kernel, int dev, const DeviceInfo& d, const P
   return n;
 }
 
-int parse_cache(const char* s, int dflt) {
-  if (s == nullptr) return dflt;
-  if (!std::strcmp(s, "none")) return kCacheNone;
-  if (!std::strcmp(s, "inplace")) return kCacheInPlace;
-  if (!std::strcmp(s, "separate")) return kCacheSeparate;
-  return dflt;
-}
-
 template <typename T>
-Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
+Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d, const Knobs& kn) {
   using A = typename Elem<T>::acc;
   const int64_t R = a.rows, V = a.cols;
   const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
-  const char* force = env("KDFAST_CUDA_KL");
-  const bool forced = force != nullptr && std::strcmp(force, "auto") != 0;
   Plan pl;
-  const bool stream = forced && !std::strcmp(force, "stream");
-  const ClusterKernel kernel = stream ? kl_stream_kernel<T> : kl_cluster_kernel<T>;
-  const int stages = stream ? 2 : 1;
+  const ClusterKernel kernel = kl_cluster_kernel<T>;
 
-  if ((!forced || !std::strcmp(force, "cluster") || stream) && d.major >= 8 &&
+  if ((kn.force == Force::Auto || kn.force == Force::Cluster) && d.major >= 8 &&
       prepare_cluster_kernel(kernel, dev, d) == cudaSuccess) {
     const bool inplace_ok = sizeof(T) == sizeof(A) && a.grad_teacher == nullptr;
     int cache = want_grad && inplace_ok ? kCacheInPlace : kCacheNone;
-    cache = want_grad ? parse_cache(env("KDFAST_CUDA_KL_CACHE"), cache) : kCacheNone;
+    if (want_grad && kn.cache >= 0) cache = kn.cache;
+    if (!want_grad) cache = kCacheNone;
     if (cache == kCacheInPlace && !inplace_ok) cache = kCacheNone;
     const int max_c = d.major >= 9 ? kMaxCluster : 1;
-    const int64_t fixed = 4096;  // static shared memory and the per-block reservation, generously
-    const int64_t two_per_sm = d.smem_per_sm / 2 - fixed;
-    const int64_t one_per_sm = std::min<int64_t>(d.smem_optin, d.smem_per_sm) - fixed;
-    int want_c = 0;
-    if (const char* fc = env("KDFAST_CUDA_KL_CLUSTER")) want_c = std::atoi(fc);
+    const int64_t two_per_sm = d.smem_per_sm / 2 - kSmemReserve;
+    const int64_t one_per_sm = std::min<int64_t>(d.smem_optin, d.smem_per_sm) - kSmemReserve;
+    const int want_c = kn.cluster;
     // Candidates, best first: a forced size; else the smallest cluster whose slices leave room for
     // two CTAs per SM (widened for few rows so that every SM gets work), the larger ones, then those
     // that need a whole SM per CTA. The first one the device can hold wins.
     std::vector<Plan> cands;
     auto add = [&](int C, int64_t budget) {
       Plan c;
-      cluster_layout<T>(V, C, cache, stages, c);
+      cluster_layout<T>(V, C, cache, c);
       if (static_cast<int64_t>(c.smem) <= budget) cands.push_back(c);
     };
     if (want_c >= 1 && want_c <= max_c && (want_c & (want_c - 1)) == 0) {
@@ -891,35 +905,31 @@ Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d) {
       }
       if (!cands.empty()) {  // few rows: spread the first choice over more CTAs
         Plan& c = cands.front();
-        while (c.C * 2 <= std::min(8, max_c) && R * c.C < 2 * d.sms && c.slice >= 8192) {
-          cluster_layout<T>(V, c.C * 2, cache, stages, c);
+        while (c.C * 2 <= std::min(kMaxSpreadCluster, max_c) && R * c.C < kSpreadCtasPerSm * d.sms &&
+               c.slice >= kMinSpreadSlice) {
+          cluster_layout<T>(V, c.C * 2, cache, c);
         }
       }
     }
     for (Plan& c : cands) {
-      const int capacity = cluster_capacity(kernel, dev, d, c);
-      if (capacity > 0) {
-        c.path = stream ? Path::Stream : Path::Cluster;
-        int64_t grid = capacity;
-        if (const char* g = env("KDFAST_CUDA_KL_GRID")) grid = std::max<int64_t>(1, std::min<int64_t>(grid, std::atoll(g)));
-        c.clusters = std::min<int64_t>(R, grid);
+      if (cluster_capacity(kernel, dev, d, c) > 0) {
+        c.path = Path::Cluster;
         return c;
       }
     }
   }
   // Global-memory fallbacks.
-  int64_t chunk = 0;
-  if (const char* ch = env("KDFAST_CUDA_KL_CHUNK")) chunk = std::atoll(ch);
-  const bool chunks = (forced && !std::strcmp(force, "chunks")) || chunk > 0 ||
-                      (!(forced && !std::strcmp(force, "rows")) && (V > 32768 || (R < d.sms && V > 8192)));
+  int64_t chunk = kn.chunk;
+  const bool chunks = kn.force == Force::Chunks || chunk > 0 ||
+                      (kn.force != Force::Rows && (V > kChunkRowsAbove || (R < d.sms && V > kChunkFewRowsAbove)));
   if (!chunks) {
     pl.path = Path::Rows;
     pl.chunk = V;
     pl.nchunk = 1;
     return pl;
   }
-  if (chunk <= 0) chunk = V > 32768 ? 16384 : 4096;
-  chunk = std::max<int64_t>(chunk, (V + 65534) / 65535);
+  if (chunk <= 0) chunk = V > kChunkRowsAbove ? kLongRowChunk : kShortRowChunk;
+  chunk = std::max<int64_t>(chunk, (V + kMaxGridY - 1) / kMaxGridY);
   chunk = round_up(chunk, 16);
   pl.path = Path::Chunks;
   pl.chunk = chunk;
@@ -942,6 +952,7 @@ KLParams to_params(const SoftmaxKLArgs& a) {
   p.s_stride = a.student_row_stride, p.t_stride = a.teacher_row_stride;
   p.rows = a.rows, p.V = a.cols;
   p.inv_t = a.inv_temperature;
+  p.h = std::ldexp(1.0, -kl::scale_exponent(a.cols, a.inv_temperature));
   p.w = a.row_weight, p.kl = a.loss_rows;
   p.gs = a.grad_student, p.gt = a.grad_teacher;
   p.row0 = 0;
@@ -966,16 +977,16 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
   if (e != cudaSuccess) return e;
   DeviceInfo d;
   if ((e = device_info(dev, d)) != cudaSuccess) return e;
-  const Plan pl = make_plan<T>(a, dev, d);
+  const Knobs kn = knobs();
+  const Plan pl = make_plan<T>(a, dev, d, kn);
   if (ws_only != nullptr) {
     *ws_only = workspace_for<T>(pl, a.rows);
     return cudaSuccess;
   }
-  if (env("KDFAST_CUDA_KL_LOG")) {
-    if (pl.path == Path::Cluster || pl.path == Path::Stream) {
-      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s C=%d cache=%d smem=%zu clusters=%lld\n",
-                   (long long)a.rows, (long long)a.cols, pl.path == Path::Stream ? "stream" : "cluster", pl.C,
-                   pl.cache, pl.smem, (long long)(pl.path == Path::Stream ? pl.clusters : a.rows));
+  if (kn.log) {
+    if (pl.path == Path::Cluster) {
+      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=cluster C=%d cache=%d smem=%zu\n",
+                   (long long)a.rows, (long long)a.cols, pl.C, pl.cache, pl.smem);
     } else {
       std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s chunk=%lld nchunk=%d\n",
                    (long long)a.rows, (long long)a.cols, pl.path == Path::Rows ? "rows" : "chunks",
@@ -983,7 +994,6 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
     }
   }
   KLParams p = to_params(a);
-  if (pl.path == Path::Stream) return launch_clusters(kl_stream_kernel<T>, pl.clusters * pl.C, pl, p, stream);
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
     const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
     p.row0 = r0;
@@ -1012,6 +1022,12 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
 
 }  // namespace
 
+void softmax_kl_reload_knobs() {
+  const Knobs k = read_knobs();
+  std::lock_guard<std::mutex> lock(knobs_mutex());
+  knobs_slot() = k;
+}
+
 size_t softmax_kl_workspace(const SoftmaxKLArgs& a) {
   size_t ws = 0;
   by_dtype(a.dtype, [&](auto tag) { return run<decltype(tag)>(a, nullptr, nullptr, &ws); });
@@ -1036,9 +1052,9 @@ cudaError_t scale_rows(DType dtype, void* grad, int64_t rows, int64_t vocab, con
     using A = typename Elem<T>::acc;
     // Rows are cut into chunks only as far as few rows need it to fill the device: in the usual
     // backward every row's ratio is 1 and its blocks exit at once, so fewer blocks cost less.
-    const int64_t chunk = 16384;
-    const int64_t fill = std::max<int64_t>(1, (4 * d.sms + rows - 1) / rows);
-    const int64_t nchunk = std::min<int64_t>({(vocab + chunk - 1) / chunk, fill, 65535});
+    const int64_t chunk = kScaleChunk;
+    const int64_t fill = std::max<int64_t>(1, (kScaleBlocksPerSm * d.sms + rows - 1) / rows);
+    const int64_t nchunk = std::min<int64_t>({(vocab + chunk - 1) / chunk, fill, kMaxGridY});
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerLaunch) {
       const int64_t nr = std::min(rows - r0, kMaxRowsPerLaunch);
       KD_LAUNCH(dim3(static_cast<unsigned>(nr), static_cast<unsigned>(nchunk)), kThreads, 0, stream, scale_rows_kernel<T>)(

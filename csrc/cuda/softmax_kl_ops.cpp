@@ -53,6 +53,12 @@ void scale_rows_cuda(at::Tensor& grad, const at::Tensor& ratio) {
 }  // namespace
 }  // namespace kdfast
 
+// The CUDA softmax-KL reads its KDFAST_CUDA_KL* tuning knobs once; tests and tuning runs that change
+// them between calls read them again with this op.
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  m.def("_cuda_softmax_kl_reload_knobs() -> ()", [] { kdfast::cuda::softmax_kl_reload_knobs(); });
+}
+
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
   m.impl("softmax_kl", &kdfast::softmax_kl_cuda);
   m.impl("scale_rows_", &kdfast::scale_rows_cuda);

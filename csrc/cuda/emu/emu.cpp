@@ -257,6 +257,12 @@ int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_
     return kdfast::cuda::softmax_kl(a, ws ? buf.data() : nullptr, nullptr);
   });
 }
+int emu_softmax_kl_reload_knobs() {
+  return guarded([] {
+    kdfast::cuda::softmax_kl_reload_knobs();
+    return cudaSuccess;
+  });
+}
 int emu_feature_match(int dtype, const void* s, const void* t, int64_t rows, int64_t D, int64_t ss, int64_t ts,
                       int cosine, double eps, const void* w, void* loss, void* gs, void* gt) {
   kdfast::kernel::FeatureArgs a;
