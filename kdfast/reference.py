@@ -149,9 +149,9 @@ def _pdist(x, squared, eps):
     """torchdistill's pdist, batched: (..., N, D) -> (..., N, N), clamped at eps, zero diagonal."""
     sq = (x * x).sum(-1)
     d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * (x @ x.transpose(-1, -2))).clamp(min=eps)
-    if not squared:
-        d = d.sqrt()
     eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
+    if not squared:  # no sqrt at 0 on the diagonal: its gradient would be NaN at eps = 0
+        d = d.masked_fill(eye, 1).sqrt()
     return d.masked_fill(eye, 0)
 
 
@@ -189,10 +189,11 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
 def _angles(x, eps):
     """cos of the angle at vertex i of every triplet: (..., N, N, N), as torchdistill's RKDAngle."""
     diff = x.unsqueeze(-3) - x.unsqueeze(-2)  # [..., i, j] = x_j - x_i
-    unit = F.normalize(diff, p=2, dim=-1, eps=eps)
     # A zero-length side (i = j, or duplicate points) has cosine 0 as in torchdistill, but no
-    # gradient: F.normalize alone would send 1/eps-sized gradients through exact duplicates.
+    # gradient: F.normalize alone would send 1/eps-sized gradients through exact duplicates (and
+    # 0/0 ones at eps = 0).
     nonzero = (diff != 0).any(-1, keepdim=True)
+    unit = F.normalize(torch.where(nonzero, diff, 1.0), p=2, dim=-1, eps=eps)
     unit = torch.where(nonzero, unit, torch.zeros((), dtype=unit.dtype, device=unit.device))
     return unit @ unit.transpose(-1, -2)
 
@@ -209,14 +210,20 @@ def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     return loss.mean().to(v.result_dtype(student, teacher))
 
 
-def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0):
+def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0, squared=False, eps=1e-12):
     """distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss (RKD-DA, Park et al.).
     A term of weight 0 is left out (not computed, so its NaN cannot reach the loss), as
     torchdistill's RKDLoss leaves out a term whose factor is 0."""
+    v.check_relation_pair(student, teacher)
     dw = v.check_nonnegative(distance_weight, "distance_weight")
     aw = v.check_nonnegative(angle_weight, "angle_weight")
-    terms = [w * f(student, teacher, delta=delta)
-             for w, f in ((dw, rkd_distance_loss), (aw, rkd_angle_loss)) if w != 0]
+    delta = v.check_positive(delta, "delta")
+    eps = v.check_nonnegative(eps, "eps")
+    terms = []
+    if dw != 0:
+        terms.append(dw * rkd_distance_loss(student, teacher, delta=delta, squared=squared, eps=eps))
+    if aw != 0:
+        terms.append(aw * rkd_angle_loss(student, teacher, delta=delta, eps=eps))
     if not terms:  # exactly 0, with zero gradients (sums of empty slices: no NaN can enter)
         return (student.flatten()[:0].sum() + teacher.flatten()[:0].sum()).to(v.result_dtype(student, teacher))
     return sum(terms[1:], terms[0])
