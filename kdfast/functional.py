@@ -201,7 +201,7 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
 
 def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     """RKD angle term: mean Huber_delta between the cosines of every triplet angle, computed from
-    Gram matrices in O(N^2) memory."""
+    exact squared distances by the law of cosines in O(N^2) memory."""
     v.check_relation_pair(student, teacher)
     delta = v.check_positive(delta, "delta")
     eps = v.check_nonnegative(eps, "eps")
@@ -210,12 +210,15 @@ def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     return _native_relation(student, teacher, 0.0, 1.0, delta, eps=eps)
 
 
-def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0):
-    """RKD-DA: distance_weight * distance term + angle_weight * angle term (25 and 50 as published)."""
+def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0, squared=False, eps=1e-12):
+    """RKD-DA: distance_weight * distance term + angle_weight * angle term (25 and 50 as published);
+    squared and eps as in rkd_distance_loss (eps also as in rkd_angle_loss)."""
     v.check_relation_pair(student, teacher)
     dw = v.check_nonnegative(distance_weight, "distance_weight")
     aw = v.check_nonnegative(angle_weight, "angle_weight")
     delta = v.check_positive(delta, "delta")
+    eps = v.check_nonnegative(eps, "eps")
     if not _backend.use_native(student.device):
-        return reference.rkd_loss(student, teacher, distance_weight=dw, angle_weight=aw, delta=delta)
-    return _native_relation(student, teacher, dw, aw, delta)
+        return reference.rkd_loss(student, teacher, distance_weight=dw, angle_weight=aw, delta=delta,
+                                  squared=squared, eps=eps)
+    return _native_relation(student, teacher, dw, aw, delta, squared, eps)

@@ -188,13 +188,16 @@ class RKDLoss(nn.Module):
     """RKD-DA: distance_weight * distance term + angle_weight * angle term (weights 25 and 50 as
     published); see kdfast.rkd_loss."""
 
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, delta: float = 1.0):
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, delta: float = 1.0,
+                 squared: bool = False, eps: float = 1e-12):
         super().__init__()
         self.distance_weight, self.angle_weight, self.delta = distance_weight, angle_weight, delta
+        self.squared, self.eps = squared, eps
 
     def forward(self, student, teacher):
         return F.rkd_loss(student, teacher, distance_weight=self.distance_weight,
-                          angle_weight=self.angle_weight, delta=self.delta)
+                          angle_weight=self.angle_weight, delta=self.delta, squared=self.squared, eps=self.eps)
 
     def extra_repr(self):
-        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, delta={self.delta}"
+        return (f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, delta={self.delta}, "
+                f"squared={self.squared}, eps={self.eps}")

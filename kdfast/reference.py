@@ -240,14 +240,20 @@ def rkd_angle_loss(student, teacher, *, delta=1.0, eps=1e-12):
     return loss.mean().to(v.result_dtype(student, teacher))
 
 
-def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0):
+def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta=1.0, squared=False, eps=1e-12):
     """distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss (RKD-DA, Park et al.).
     A term of weight 0 is left out (not computed, so its NaN cannot reach the loss), as
     torchdistill's RKDLoss leaves out a term whose factor is 0."""
+    v.check_relation_pair(student, teacher)
     dw = v.check_nonnegative(distance_weight, "distance_weight")
     aw = v.check_nonnegative(angle_weight, "angle_weight")
-    terms = [w * f(student, teacher, delta=delta)
-             for w, f in ((dw, rkd_distance_loss), (aw, rkd_angle_loss)) if w != 0]
+    delta = v.check_positive(delta, "delta")
+    eps = v.check_nonnegative(eps, "eps")
+    terms = []
+    if dw != 0:
+        terms.append(dw * rkd_distance_loss(student, teacher, delta=delta, squared=squared, eps=eps))
+    if aw != 0:
+        terms.append(aw * rkd_angle_loss(student, teacher, delta=delta, eps=eps))
     if not terms:  # exactly 0, with zero gradients (sums of empty slices: no NaN can enter)
         return (student.flatten()[:0].sum() + teacher.flatten()[:0].sum()).to(v.result_dtype(student, teacher))
     return sum(terms[1:], terms[0])

@@ -723,14 +723,15 @@ class Emu:
         "emu_softmax_kl_reload_knobs": [],
         "emu_scale_rows": [Ci, P, I, I, P, I],
         "emu_feature_match": [Ci, P, P, I, I, I, I, Ci, D, P, P, P, P],
-        "emu_rkd_inv_sides": [Ci, P, I, I, D, P],
-        "emu_rkd_pdist": [Ci, P, I, I, Ci, D, P],
-        "emu_rkd_pdist_backward": [Ci, P, P, P, P, P, I, I, Ci, D, P],
+        "emu_rkd_sq_dists": [P, I, I, I, P],
+        "emu_rkd_angle_prep": [Ci, P, P, P, I, I, P, P, P],
+        "emu_rkd_pdist": [P, I, I, Ci, P, P],
+        "emu_rkd_pdist_backward": [P, P, P, P, P, I, I, Ci, P, P],
         "emu_rkd_distance_blocks": [I],
-        "emu_rkd_distance_huber": [Ci, P, P, P, P, P, I, I, D, P, P, P],
+        "emu_rkd_distance_huber": [P, P, P, P, P, I, I, D, P, P, P],
         "emu_rkd_angle_tiles": [I],
-        "emu_rkd_angle": [Ci, P, P, P, P, I, I, D, P, P, P, P, P, P, P, P],
-        "emu_rkd_angle_side_grad": [Ci, P, P, I, I, D, P],
+        "emu_rkd_angle": [Ci, P, P, P, P, P, P, I, I, D, P, P, P, P, P, P, P, P],
+        "emu_rkd_angle_grad": [Ci, P, P, P, P, P, I, I, P],
     }
 
     def __init__(self, path):
@@ -950,94 +951,107 @@ def test_emu_scale_rows_many_long_rows(emu):
     torch.testing.assert_close(g, want.float())
 
 
-# ---- the relation ops' glue, mirrored from csrc/cuda/rkd_ops.cpp
+# ---- the relation ops' glue, mirrored from csrc/cuda/rkd_ops.cpp and csrc/ops/rkd_common.h
 
-def _gram(x, acc):
-    xa = x.to(acc)
-    c = xa - xa.mean(1, keepdim=True)
-    g = c @ c.transpose(1, 2)
-    return c, ((g + g.transpose(1, 2)) * 0.5).contiguous()
-
-
-def _grad_points(gG, c, dtype):
-    g = (gG + gG.transpose(1, 2)) @ c
-    return (g - g.mean(1, keepdim=True)).to(dtype)
+def _pow2(x):
+    m = x.abs().amax((1, 2), keepdim=True)
+    ok = torch.isfinite(m) & (m > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(m), -torch.frexp(m).exponent), torch.ones_like(m))
 
 
-def _sqdist_grad(M):
-    g = M * -2
-    g.diagonal(0, 1, 2).add_(M.sum(-1) + M.sum(-2))
-    return g
+def _prep(emu, x):
+    """RelationPoints: (scaled centred points, scale per group, D2 from the CUDA kernel)."""
+    xd = x.double()
+    s1 = _pow2(xd)
+    xd = xd * s1
+    xc = xd - xd.mean(1, keepdim=True)
+    s2 = _pow2(xc)
+    xc, scale = (xc * s2).contiguous(), (s1 * s2).view(-1)
+    B, n, D = xc.shape
+    d2 = torch.full((B, n, n), math.nan, dtype=torch.float64)
+    emu.emu_rkd_sq_dists(xc, B, n, D, d2)
+    return xc, scale, d2
 
 
-def _acc_id(G):
-    return 1 if G.dtype == torch.float64 else 0
+def _grad_points(M, xc, factor, dtype):
+    W = M + M.transpose(1, 2)
+    W.diagonal(0, 1, 2).zero_()
+    g = W.sum(-1, keepdim=True) * xc - W @ xc
+    return (g * (factor * 2).view(-1, 1, 1)).to(dtype)
 
 
-def _pdist(emu, G, squared, eps):
-    B, n, _ = G.shape
-    d = torch.empty_like(G)
-    emu.emu_rkd_pdist(_acc_id(G), G, B, n, int(squared), eps, d)
+def _acc_id(dtype):
+    return 1 if dtype == torch.float64 else 0
+
+
+def _pdist(emu, d2, squared, eps):
+    B, n, _ = d2.shape
+    d = torch.empty_like(d2)
+    emu.emu_rkd_pdist(d2, B, n, int(squared), eps.contiguous(), d)
     pos = d > 0
     cnt = pos.sum((1, 2)).double()
-    return d, torch.where(pos, d, 0.0).sum((1, 2), dtype=torch.float64) / cnt, cnt
+    return d, torch.where(pos, d, 0.0).sum((1, 2)) / cnt, cnt
 
 
-def _pdist_backward(emu, G, d, mean, cnt, squared, normalize, eps, gout):
-    B, n, _ = G.shape
+def _pdist_backward(emu, d2, d, mean, cnt, squared, normalize, eps, gout):
+    B, n, _ = d2.shape
     if normalize:
         im = (1.0 / mean).contiguous()
-        k = ((gout * d).sum((1, 2), dtype=torch.float64) / (mean * mean * cnt)).contiguous()
+        k = ((gout * d).sum((1, 2)) / (mean * mean * cnt)).contiguous()
     else:
         im, k = torch.ones(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
-    M = torch.empty_like(G)
-    emu.emu_rkd_pdist_backward(_acc_id(G), G, d, gout, im, k, B, n, int(squared), eps, M)
-    return _sqdist_grad(M)
+    M = torch.empty_like(d2)
+    emu.emu_rkd_pdist_backward(d2, d, gout, im, k, B, n, int(squared), eps.contiguous(), M)
+    return M
 
 
-def _drop(gG, w):
-    return torch.where((w != 0).view(-1, 1, 1), gG, 0.0)
+def _drop(M, w):
+    return torch.where((w != 0).view(-1, 1, 1), M, 0.0)
 
 
 def _emu_rkd_distance(emu, s, t, delta, squared, eps, w):
-    acc = w.dtype
-    cs, Gs = _gram(s, acc)
-    ct, Gt = _gram(t, acc)
-    B, n, _ = Gs.shape
-    ds, ms, ns = _pdist(emu, Gs, squared, eps)
-    dt, mt, nt = _pdist(emu, Gt, squared, eps)
+    xs, ss, d2s = _prep(emu, s)
+    xt, st, d2t = _prep(emu, t)
+    B, n, _ = d2s.shape
+    es, et = eps * ss * ss, eps * st * st
+    ds, ms, ns = _pdist(emu, d2s, squared, es)
+    dt, mt, nt = _pdist(emu, d2t, squared, et)
     coef = (w.double() / (n * n)).contiguous()
     part = torch.empty(B, emu.emu_rkd_distance_blocks(n), dtype=torch.float64)
-    gps, gpt = torch.empty_like(Gs), torch.empty_like(Gt)
-    emu.emu_rkd_distance_huber(_acc_id(Gs), ds, dt, (1 / ms).contiguous(), (1 / mt).contiguous(), coef, B, n,
-                               delta, part, gps, gpt)
-    gGs = _drop(_pdist_backward(emu, Gs, ds, ms, ns, squared, True, eps, gps), w)
-    gGt = _drop(_pdist_backward(emu, Gt, dt, mt, nt, squared, True, eps, gpt), w)
-    return (part.sum(1) / (n * n)).to(acc), _grad_points(gGs, cs, s.dtype), _grad_points(gGt, ct, t.dtype)
+    gps, gpt = torch.empty_like(d2s), torch.empty_like(d2t)
+    emu.emu_rkd_distance_huber(ds, dt, (1 / ms).contiguous(), (1 / mt).contiguous(), coef, B, n, delta, part,
+                               gps, gpt)
+    Ms = _drop(_pdist_backward(emu, d2s, ds, ms, ns, squared, True, es, gps), w)
+    Mt = _drop(_pdist_backward(emu, d2t, dt, mt, nt, squared, True, et, gpt), w)
+    return (part.sum(1) / (n * n)).to(w.dtype), _grad_points(Ms, xs, ss, s.dtype), _grad_points(Mt, xt, st, t.dtype)
 
 
 def _emu_rkd_angle(emu, s, t, delta, eps, w):
     acc = w.dtype
-    cs, Gs = _gram(s, acc)
-    ct, Gt = _gram(t, acc)
-    B, n, _ = Gs.shape
-    a = _acc_id(Gs)
-    inv_s, inv_t = torch.empty_like(Gs), torch.empty_like(Gt)
-    emu.emu_rkd_inv_sides(a, Gs, B, n, eps, inv_s)
-    emu.emu_rkd_inv_sides(a, Gt, B, n, eps, inv_t)
+    xs, ss, d2s = _prep(emu, s)
+    xt, st, d2t = _prep(emu, t)
+    B, n, _ = d2s.shape
+    a = _acc_id(acc)
+
+    def side(d2, scale):
+        hi, lo, inv = (torch.full((B, n, n), math.nan, dtype=acc) for _ in range(3))
+        e = (eps * scale).contiguous()
+        emu.emu_rkd_angle_prep(a, d2, d2.amax((1, 2)).contiguous(), e, B, n, hi, lo, inv)
+        return hi, lo, inv, e
+    hs, ls, is_, es = side(d2s, ss)
+    ht, lt, it, et = side(d2t, st)
     coef = (w.double() / n ** 3).contiguous()
     part = torch.empty(B, emu.emu_rkd_angle_tiles(n), dtype=torch.float64)
-    As, Rs, Ss, At, Rt, St = (torch.full_like(Gs, math.nan) for _ in range(6))
-    emu.emu_rkd_angle(a, Gs, Gt, inv_s, inv_t, B, n, delta, coef, part, As, At, Rs, Rt, Ss, St)
+    As, Rs, Ss, At, Rt, St = (torch.full((B, n, n), math.nan, dtype=acc) for _ in range(6))
+    emu.emu_rkd_angle(a, hs, ls, ht, lt, is_, it, B, n, delta, coef, part, As, At, Rs, Rt, Ss, St)
 
-    def compose(G, inv, A, R, S):
-        emu.emu_rkd_angle_side_grad(a, G, inv, B, n, eps, S)
-        g = A - 2 * R + _sqdist_grad(S)
-        g.diagonal(0, 1, 2).add_(R.sum(-1))
-        return g
-    gGs = _drop(compose(Gs, inv_s, As, Rs, Ss), w)
-    gGt = _drop(compose(Gt, inv_t, At, Rt, St), w)
-    return (part.sum(1) / n ** 3).to(acc), _grad_points(gGs, cs, s.dtype), _grad_points(gGt, ct, t.dtype)
+    def grad(d2, A, R, S, e):
+        M = torch.full_like(d2, math.nan)
+        emu.emu_rkd_angle_grad(a, d2, A, R, S, e, B, n, M)
+        return M
+    Ms = _drop(grad(d2s, As, Rs, Ss, es), w)
+    Mt = _drop(grad(d2t, At, Rt, St, et), w)
+    return (part.sum(1) / n ** 3).to(acc), _grad_points(Ms, xs, ss, s.dtype), _grad_points(Mt, xt, st, t.dtype)
 
 
 @pytest.mark.parametrize("kind", ["distance", "angle"])
@@ -1064,22 +1078,70 @@ def test_emu_rkd(emu, kind, shape, dtype):
     assert relerr(gs, sd.grad) < tol and relerr(gt, td.grad) < tol
 
 
+def _far_point_set(ratio, D, seed):
+    """6 points at spread 0.03 and one at ratio * 0.03 from them, float32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, D, generator=g, dtype=torch.float64) * 0.03
+    u = torch.randn(D, generator=g, dtype=torch.float64)
+    x[-1] += ratio * 0.03 * u / u.norm()
+    return x.float()
+
+
+def _emu_rkd_vs_float64(emu, kind, s, t, eps, tol_value, tol_grad, scale=1.0):
+    """The emulated term on fp32 (1, N, D) points against the float64 reference on the same points
+    divided by scale (the loss is scale-invariant; the gradients scale by 1 / scale)."""
+    w = torch.ones(1)
+    if kind == "distance":
+        loss, gs, gt = _emu_rkd_distance(emu, s, t, 1.0, False, eps, w)
+        ref_fn = ref.rkd_distance_loss
+    else:
+        loss, gs, gt = _emu_rkd_angle(emu, s, t, 1.0, eps, w)
+        ref_fn = ref.rkd_angle_loss
+    sd = (s[0].double() / scale).requires_grad_()
+    td = (t[0].double() / scale).requires_grad_()
+    want = ref_fn(sd, td, eps=eps)
+    want.backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    assert relerr(loss, want.detach().view(1)) < tol_value
+    assert relerr(gs[0].double() * scale, sd.grad) < tol_grad and relerr(gt[0].double() * scale, td.grad) < tol_grad
+
+
+@pytest.mark.parametrize("kind", ["distance", "angle"])
+@pytest.mark.parametrize("ratio", [1e3, 1e4, 1e6])
+def test_emu_rkd_far_point(emu, kind, ratio):
+    """One point far from a tight cluster (fp32): the CUDA kernels within 1e-4 of float64."""
+    s = _far_point_set(ratio, 8, 1).unsqueeze(0)
+    t = _far_point_set(ratio * 0.37, 5, 101).unsqueeze(0)
+    _emu_rkd_vs_float64(emu, kind, s, t, 1e-12, 1e-4, 1e-3)
+
+
+@pytest.mark.parametrize("kind", ["distance", "angle"])
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_emu_rkd_scale(emu, kind, scale):
+    """fp32 points at 1e20 and 1e-20 (eps = 0): finite, equal to the unscaled loss."""
+    g = torch.Generator().manual_seed(7)
+    s0, t0 = torch.randn(1, 9, 6, generator=g), torch.randn(1, 9, 4, generator=g)
+    s, t = (s0.double() * scale).float(), (t0.double() * scale).float()
+    _emu_rkd_vs_float64(emu, kind, s, t, 0.0, 1e-5, 1e-4, scale=scale)
+
+
 @pytest.mark.parametrize("squared", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_emu_pairwise_distances(emu, squared, normalize):
     x = torch.randn(2, 37, 6, dtype=torch.float64)
     x[1, 5] = x[1, 9]
-    _, G = _gram(x, torch.float64)
-    d, mean, cnt = _pdist(emu, G, squared, 1e-12)
-    out = d / mean.view(-1, 1, 1) if normalize else d
+    xc, scale, d2 = _prep(emu, x)
+    eps = 1e-12 * scale * scale
+    d, mean, cnt = _pdist(emu, d2, squared, eps)
+    out = d / (mean if normalize else scale * scale if squared else scale).view(-1, 1, 1)
     xd = x.clone().requires_grad_()
     want = torch.stack([ref.pairwise_distances(xd[b], squared=squared, normalize=normalize, eps=1e-12)
                         for b in range(2)])
     assert relerr(out, want.detach()) < 1e-10
     up = torch.randn(2, 37, 37, dtype=torch.float64)
     (want * up).sum().backward()
-    c, G = _gram(x, torch.float64)
-    gx = _grad_points(_pdist_backward(emu, G, d, mean, cnt, squared, normalize, 1e-12, up.contiguous()), c,
+    factor = scale if normalize else (1 / scale if squared else torch.ones_like(scale))
+    gx = _grad_points(_pdist_backward(emu, d2, d, mean, cnt, squared, normalize, eps, up.contiguous()), xc, factor,
                       torch.float64)
     assert relerr(gx, xd.grad) < 1e-9
 

@@ -1,9 +1,20 @@
 #pragma once
-// Relational KD math shared by the CPU and CUDA kernels. Everything is expressed through the Gram
-// matrix G = Xc Xc^T of centred points Xc (the caller centres: distances and angles do not move when
-// all points move together, and centring keeps G's cancellation small):
-//   D2_ij = G_ii + G_jj - 2 G_ij                       (squared distance)
-//   <x_j - x_i, x_k - x_i> = G_jk - G_ij - G_ik + G_ii  (numerator of the angle at vertex i)
+// Relational KD math shared by the CPU and CUDA kernels.
+//
+// Everything is expressed through the exact squared distances D2_ij = |x_i - x_j|^2, summed from
+// the differences in double (not from a Gram matrix, whose cancellation error eps |x|^2 swamps
+// the short sides of a point set with one far point). The angle numerator comes from them by the
+// law of cosines, <x_j - x_i, x_k - x_i> = H_jk - H_ik - H_ij with H = -D2 / 2, and the
+// gradients go back to the points as dL/dD2 (see grad_points in ops/rkd_common.h).
+//
+// The angle loop runs in the accumulation type (float for float inputs). H_ik and H_jk can be far
+// larger than their difference (k far from i and j), so H is held as hi + lo: hi a multiple of a
+// per-group quantum q with |hi| <= 2^21 q, so that the sum of three hi values is exact in float,
+// and lo = H - hi (|lo| <= q / 2) in float. The numerator (hi sum) + (lo sum) is then as accurate
+// as the inputs' float rounding allows, whatever the ratio of the far and near distances.
+//
+// The caller scales each group by a power of 2 (exact) so that its largest centred coordinate
+// lies in [0.5, 1): any finite input then has finite D2, and the eps clamps are scaled with it.
 #include <cmath>
 
 #include "common/macros.h"
@@ -11,31 +22,40 @@
 namespace kdfast {
 namespace rkd {
 
-// Squared distance from the Gram matrix. A value inside the rounding noise of the Gram formula
-// (relative to the two squared norms) is a duplicate point: exactly 0, as the direct difference
-// torchdistill takes would give.
-template <typename acc_t>
-KDFAST_HD acc_t sq_dist(acc_t gii, acc_t gjj, acc_t gij, acc_t noise) {
-  acc_t d2 = gii + gjj - acc_t(2) * gij;
-  return d2 <= noise * (gii + gjj) ? acc_t(0) : d2;
+// The quantum q of the hi parts for a group whose largest |H| is max_h: q = 2^(e - 21) with
+// max_h < 2^e, so |hi| / q <= 2^21 and three of them sum exactly in float (24-bit significand).
+KDFAST_HD double h_quantum(double max_h) {
+  using std::frexp;
+  using std::ldexp;
+  int e = 0;
+  frexp(max_h, &e);  // max_h = m 2^e, m in [0.5, 1); e = 0 for max_h = 0
+  return ldexp(1.0, e - 21);
 }
 
-// Relative rounding noise of a Gram-matrix squared distance, per accumulation type.
+// H = -d2 / 2 split into hi (a multiple of q, exact in acc_t) and lo = H - hi rounded to acc_t.
 template <typename acc_t>
-KDFAST_HD acc_t gram_noise();
-template <>
-KDFAST_HD float gram_noise<float>() { return 64.f * 1.1920929e-7f; }
-template <>
-KDFAST_HD double gram_noise<double>() { return 64.0 * 2.220446049250313e-16; }
+KDFAST_HD void split_h(double d2, double q, acc_t& hi, acc_t& lo) {
+  using std::nearbyint;
+  const double h = -0.5 * d2;
+  const double r = nearbyint(h / q) * q;
+  hi = static_cast<acc_t>(r);
+  lo = static_cast<acc_t>(h - r);
+}
 
 // 1 / max(|x_j - x_i|, eps) as F.normalize divides, and 0 for a zero-length side, so that every
-// triplet with such a side has cosine 0.
-template <typename acc_t>
-KDFAST_HD acc_t inv_side(acc_t d2, acc_t eps) {
+// triplet with such a side has cosine 0 (and no gradient).
+KDFAST_HD double inv_side(double d2, double eps) {
   using std::sqrt;
-  if (d2 <= acc_t(0)) return acc_t(0);
-  acc_t n = sqrt(d2);
-  return acc_t(1) / (n > eps ? n : eps);
+  if (d2 <= 0.0) return 0.0;
+  const double n = sqrt(d2);
+  return 1.0 / (n > eps ? n : eps);
+}
+
+// Whether a side's length is above its eps clamp (below it, the side is a constant eps and
+// carries no gradient).
+KDFAST_HD bool side_unclamped(double d2, double eps) {
+  using std::sqrt;
+  return d2 > 0.0 && sqrt(d2) > eps;
 }
 
 template <typename acc_t>

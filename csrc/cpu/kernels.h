@@ -24,59 +24,70 @@ using kernel::FeatureArgs;
 using kernel::RowPairArgs;
 using kernel::SoftmaxKLArgs;
 
-// Relation kernels work on one group's n x n matrices in the accumulation type (Float or Double),
-// all contiguous. The caller forms the Gram matrix of the centred points with a matrix product.
+// Relation kernels work on one group's n x n matrices, all contiguous, from the exact squared
+// distances of its points (see csrc/common/rkd.h); their gradients come out as d loss / d D2 in
+// double, which the caller takes back to the points. Distances are in the caller's scaled units
+// and eps is scaled with them.
+
+// D2_ij = |x_i - x_j|^2 summed from the differences, for n points of dim coordinates (double,
+// row-major). Symmetric, exact zero diagonal.
+struct SqDistArgs {
+  const double* points;
+  int64_t n, dim;
+  double* d2;  // out: n x n
+};
+
 struct PdistArgs {
-  DType dtype;
-  const void* gram;
+  const double* d2;
   int64_t n;
   bool squared;
-  double eps;
-  void* dist;        // out: distances clamped at eps, zero diagonal, not normalised
+  double eps;        // the clamp of the squared distance
+  double* dist;      // out: distances clamped at eps, zero diagonal, not normalised
   double pos_sum;    // out: sum and count of the positive distances (psi divides by their mean)
   int64_t pos_count;
 };
 
 struct PdistBackwardArgs {
-  DType dtype;
-  const void* gram;
-  const void* dist;  // as PdistArgs wrote it
+  const double* d2;
+  const double* dist;  // as PdistArgs wrote it
   int64_t n;
   bool squared, normalize;
   double eps, mean;  // mean of the positive distances (used when normalize)
   int64_t pos_count;
-  const void* grad_out;  // d loss / d psi (normalize) or d loss / d dist
-  void* grad_gram;       // in/out: d loss / d G (not symmetrised) is added to it
+  const double* grad_out;  // d loss / d psi (normalize) or d loss / d dist
+  double* grad_d2;         // in/out: d loss / d D2 (not symmetrised) is added to it
 };
 
-// Huber between psi_s = dist_s / mean_s and psi_t = dist_t / mean_t over n x n entries.
+// Huber between psi_s = dist_s / mean_s and psi_t = dist_t / mean_t over n x n entries (double).
 struct DistanceHuberArgs {
-  DType dtype;
-  const void* dist_s;
-  const void* dist_t;
+  const double* dist_s;
+  const double* dist_t;
   int64_t n;
   double inv_mean_s, inv_mean_t, delta, coef;  // coef scales the gradients (weight / n^2)
   double loss;                                  // out: sum of Huber values
-  void* grad_psi_s;                             // out or null: coef * Huber'
-  void* grad_psi_t;
+  double* grad_psi_s;                           // out or null: coef * Huber'
+  double* grad_psi_t;
 };
 
-// Angle Huber over the n^3 triplets of one group, with the sums its gradient needs (see rkd.cpp).
+// Angle Huber over the n^3 triplets of one group, with the sums its gradient needs (see rkd.cpp),
+// in the accumulation type (Float or Double).
 struct AngleArgs {
   DType dtype;
-  const void* gram_s;
-  const void* gram_t;
+  const double* d2_s;
+  const double* d2_t;
   int64_t n;
-  double eps, delta, coef;  // coef scales the gradients (weight / n^3)
-  double loss;              // out: sum of Huber values
-  void* grad_gram_s;        // in/out or null: d loss / d G_s (not symmetrised) is added; n x n
-  void* grad_gram_t;
+  double eps_s, eps_t;  // the side-length clamp of each side, in its own units
+  double delta, coef;   // coef scales the gradients (weight / n^3)
+  double loss;          // out: sum of Huber values
+  double* grad_d2_s;    // in/out or null: d loss / d D2_s (not symmetrised) is added; n x n
+  double* grad_d2_t;
 };
 
 // The kernel table of one ISA build; the main library selects one at import (csrc/kdfast.cpp).
 struct Kernels {
   const char* isa;
   void (*softmax_kl)(const SoftmaxKLArgs&);
+  void (*sq_dists)(const SqDistArgs&);
   void (*pdist)(PdistArgs&);
   void (*pdist_backward)(const PdistBackwardArgs&);
   void (*distance_huber)(DistanceHuberArgs&);

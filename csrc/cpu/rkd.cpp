@@ -1,9 +1,11 @@
-// Relational KD kernels on the CPU, one group (n points) at a time, from Gram matrices.
+// Relational KD kernels on the CPU, one group (n points) at a time, from the exact squared
+// distances D2 of its points (see csrc/common/rkd.h).
 //
-// Angle (n^3 triplets, O(n^2) memory): with c_ijk the cosine at vertex i and h_ijk = coef * Huber'
-// of (c_s - c_t), the gradient needs only n x n sums, because c_ijk = c_ikj:
+// Angle (n^3 triplets, O(n^2) memory): with c_ijk the cosine at vertex i, numerator
+// H_jk - H_ik - H_ij (H = -D2 / 2), and h_ijk = coef * Huber' of (c_s - c_t), the gradient needs
+// only n x n sums, because c_ijk = c_ikj:
 //   A_jk = sum_i gN_ijk,  R_ij = sum_k gN_ijk,  S_ij = sum_k h_ijk c_ijk,   gN_ijk = h_ijk / (n_ij n_ik)
-//   dL/dG = A - 2R + diag(rowsum R) + [terms of the side lengths n_ij through D2, from S]
+//   dL/dD2 = R - A / 2 (through the numerator) - S / D2 (through the side lengths n_ab)
 // The triplet loop runs in parallel over j: every sum above is then owned by one thread, so the
 // result does not depend on the thread count and needs no per-thread n x n buffers.
 #include <ATen/Parallel.h>
@@ -12,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/rkd.h"
@@ -29,36 +33,83 @@ using at::vec::Vectorized;
 // more than the work).
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(n, 1)); }
 
-template <typename acc_t>
-acc_t side_sq(const acc_t* G, int64_t n, int64_t i, int64_t j) {
-  if (i == j) return acc_t(0);
-  return rkd::sq_dist(G[i * n + i], G[j * n + j], G[i * n + j], rkd::gram_noise<acc_t>());
+// |x_i - x_j|^2 for rows i0..i0+3 against rows j0..j0+3 (each row read once per 4 pairs), into out.
+template <int64_t T>
+void sq_dist_tile(const double* x, int64_t dim, int64_t i0, int64_t j0, double (&out)[T][T]) {
+  using V = Vectorized<double>;
+  constexpr int64_t W = V::size();
+  V acc[T][T];
+  for (int64_t a = 0; a < T; ++a)
+    for (int64_t b = 0; b < T; ++b) acc[a][b] = V(0.0);
+  int64_t k = 0;
+  auto step = [&](int64_t m) {
+    V xi[T], xj[T];
+    for (int64_t a = 0; a < T; ++a) {
+      xi[a] = m == W ? V::loadu(x + (i0 + a) * dim + k) : V::loadu(x + (i0 + a) * dim + k, m);
+      xj[a] = m == W ? V::loadu(x + (j0 + a) * dim + k) : V::loadu(x + (j0 + a) * dim + k, m);
+    }
+    for (int64_t a = 0; a < T; ++a)
+      for (int64_t b = 0; b < T; ++b) {
+        const V d = xi[a] - xj[b];
+        acc[a][b] = at::vec::fmadd(d, d, acc[a][b]);
+      }
+  };
+  for (; k + W <= dim; k += W) step(W);
+  if (k < dim) step(dim - k);
+  // lane sums through memory: ATen's horizontal reduction goes through the stack anyway
+  double lanes[T][T][W];
+  for (int64_t a = 0; a < T; ++a)
+    for (int64_t b = 0; b < T; ++b) acc[a][b].store(lanes[a][b]);
+  for (int64_t a = 0; a < T; ++a)
+    for (int64_t b = 0; b < T; ++b) {
+      double s = 0;
+      for (int64_t l = 0; l < W; ++l) s += lanes[a][b][l];
+      out[a][b] = s;
+    }
 }
 
-// gG += d/dG of sum_ab M_ab * D2_ab, with D2_ab = G_aa + G_bb - 2 G_ab.
-template <typename acc_t>
-void add_sqdist_grad(const acc_t* M, int64_t n, acc_t* gG) {
-  std::vector<acc_t> col(n, acc_t(0));
-  for (int64_t a = 0; a < n; ++a)  // column sums in a fixed order
-    for (int64_t b = 0; b < n; ++b) col[b] += M[a * n + b];
-  at::parallel_for(0, n, row_grain(n), [&](int64_t a0, int64_t a1) {
-    for (int64_t a = a0; a < a1; ++a) {
-      acc_t row = 0;
-      for (int64_t b = 0; b < n; ++b) {
-        row += M[a * n + b];
-        gG[a * n + b] -= acc_t(2) * M[a * n + b];
-      }
-      gG[a * n + a] += row + col[a];
+// D2 over 4 x 4 tiles of the upper triangle; the lower one is its mirror (the same bits:
+// (a - b)^2 = (b - a)^2). Rows past n (in the last tile) repeat row n - 1 and are not stored.
+void sq_dists_impl(const SqDistArgs& p) {
+  constexpr int64_t T = 4;
+  const double* x = p.points;
+  double* D = p.d2;
+  const int64_t n = p.n, dim = p.dim, nt = (n + T - 1) / T;
+  const int64_t tiles = nt * (nt + 1) / 2;
+  // the last tile's missing rows read from a copy padded with its last row
+  std::vector<double> pad;
+  const double* xp = x;
+  if (n % T != 0) {
+    pad.resize(nt * T * dim);
+    std::copy(x, x + n * dim, pad.begin());
+    for (int64_t r = n; r < nt * T; ++r) std::copy(x + (n - 1) * dim, x + n * dim, pad.begin() + r * dim);
+    xp = pad.data();
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(T * T * dim, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    int64_t I = 0, rem = t0;  // tile t0 -> (I, J) with J >= I, row by row
+    while (rem >= nt - I) rem -= nt - I, ++I;
+    int64_t J = I + rem;
+    for (int64_t t = t0; t < t1; ++t) {
+      double v[T][T];
+      sq_dist_tile<T>(xp, dim, I * T, J * T, v);
+      for (int64_t a = 0; a < T; ++a)
+        for (int64_t b = 0; b < T; ++b) {
+          const int64_t i = I * T + a, j = J * T + b;
+          if (i >= n || j >= n) continue;
+          const double d = i == j ? 0.0 : v[a][b];
+          D[i * n + j] = d, D[j * n + i] = d;
+        }
+      if (++J == nt) ++I, J = I;
     }
   });
 }
 
-template <typename acc_t>
-void pdist_typed(PdistArgs& p) {
-  const acc_t* G = static_cast<const acc_t*>(p.gram);
-  acc_t* D = static_cast<acc_t*>(p.dist);
+void pdist_impl(PdistArgs& p) {
+  const double* D2 = p.d2;
+  double* D = p.dist;
   const int64_t n = p.n;
-  const acc_t eps = static_cast<acc_t>(p.eps);
+  const double eps = p.eps;
   std::vector<double> rsum(n);
   std::vector<int64_t> rcnt(n);
   at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
@@ -66,9 +117,9 @@ void pdist_typed(PdistArgs& p) {
       double s = 0;
       int64_t c = 0;
       for (int64_t j = 0; j < n; ++j) {
-        acc_t d = 0;
+        double d = 0;
         if (j != i) {
-          acc_t v = side_sq(G, n, i, j);
+          double v = D2[i * n + j];
           v = v < eps ? eps : v;  // clamp(min=eps) as torchdistill's pdist; NaN stays NaN
           d = p.squared ? v : std::sqrt(v);
         }
@@ -82,54 +133,48 @@ void pdist_typed(PdistArgs& p) {
   for (int64_t i = 0; i < n; ++i) p.pos_sum += rsum[i], p.pos_count += rcnt[i];
 }
 
-template <typename acc_t>
-void pdist_backward_typed(const PdistBackwardArgs& p) {
-  const acc_t* G = static_cast<const acc_t*>(p.gram);
-  const acc_t* D = static_cast<const acc_t*>(p.dist);
-  const acc_t* gout = static_cast<const acc_t*>(p.grad_out);
-  acc_t* gG = static_cast<acc_t*>(p.grad_gram);
+void pdist_backward_impl(const PdistBackwardArgs& p) {
+  const double* D2 = p.d2;
+  const double* D = p.dist;
+  const double* gout = p.grad_out;
+  double* M = p.grad_d2;
   const int64_t n = p.n;
-  const acc_t eps = static_cast<acc_t>(p.eps);
   // psi = d / mean(positive d): d psi_kl / d d_ab = [kl = ab] / mean - [d_ab > 0] psi_kl / (mean cnt)
-  acc_t k = 0;
+  double k = 0;
   if (p.normalize) {
     double acc = 0;
-    for (int64_t i = 0; i < n * n; ++i) acc += static_cast<double>(gout[i]) * D[i];
-    k = static_cast<acc_t>(acc / (p.mean * p.mean * static_cast<double>(p.pos_count)));
+    for (int64_t i = 0; i < n * n; ++i) acc += gout[i] * D[i];
+    k = acc / (p.mean * p.mean * static_cast<double>(p.pos_count));
   }
-  const acc_t inv_mean = p.normalize ? static_cast<acc_t>(1.0 / p.mean) : acc_t(1);
-  std::vector<acc_t> M(n * n);
+  const double inv_mean = p.normalize ? 1.0 / p.mean : 1.0;
   at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t ij = i * n + j;
-        acc_t gd = gout[ij] * inv_mean - (D[ij] > 0 ? k : acc_t(0));
-        acc_t v = side_sq(G, n, i, j);
-        // Only unclamped off-diagonal entries depend on G.
-        M[ij] = (j != i && v > eps) ? (p.squared ? gd : gd / (acc_t(2) * D[ij])) : acc_t(0);
+        const double gd = gout[ij] * inv_mean - (D[ij] > 0 ? k : 0.0);
+        // Only unclamped off-diagonal entries depend on D2.
+        if (j != i && D2[ij] > p.eps) M[ij] += p.squared ? gd : gd / (2 * D[ij]);
       }
     }
   });
-  add_sqdist_grad(M.data(), n, gG);
 }
 
-template <typename acc_t>
-void distance_huber_typed(DistanceHuberArgs& p) {
-  const acc_t* Ds = static_cast<const acc_t*>(p.dist_s);
-  const acc_t* Dt = static_cast<const acc_t*>(p.dist_t);
-  acc_t* gs = static_cast<acc_t*>(p.grad_psi_s);
-  acc_t* gt = static_cast<acc_t*>(p.grad_psi_t);
+void distance_huber_impl(DistanceHuberArgs& p) {
+  const double* Ds = p.dist_s;
+  const double* Dt = p.dist_t;
+  double* gs = p.grad_psi_s;
+  double* gt = p.grad_psi_t;
   const int64_t n = p.n;
-  const acc_t ims = p.inv_mean_s, imt = p.inv_mean_t, delta = p.delta, coef = p.coef;
+  const double ims = p.inv_mean_s, imt = p.inv_mean_t, delta = p.delta, coef = p.coef;
   std::vector<double> part(n);
   at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       double s = 0;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t ij = i * n + j;
-        acc_t x = Ds[ij] * ims - Dt[ij] * imt;
+        const double x = Ds[ij] * ims - Dt[ij] * imt;
         s += rkd::huber(x, delta);
-        acc_t g = coef * rkd::huber_grad(x, delta);
+        const double g = coef * rkd::huber_grad(x, delta);
         if (gs) gs[ij] = g;
         if (gt) gt[ij] = -g;
       }
@@ -140,51 +185,71 @@ void distance_huber_typed(DistanceHuberArgs& p) {
   for (int64_t i = 0; i < n; ++i) p.loss += part[i];
 }
 
-// Turns A, R, S of one side into dL/dG (written over A).
+// Adds d loss / d D2 of the angle term from A, R, S of one side to M (see the top of the file).
 template <typename acc_t>
-void compose_angle_grad(const acc_t* G, const acc_t* inv, acc_t* A, const acc_t* R, acc_t* S, int64_t n,
-                        acc_t eps) {
+void add_angle_grad(const double* D2, const acc_t* A, const acc_t* R, const acc_t* S, int64_t n, double eps,
+                    double* M) {
   at::parallel_for(0, n, row_grain(n), [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
-      acc_t rrow = 0;
       for (int64_t b = 0; b < n; ++b) {
         const int64_t ab = a * n + b;
-        rrow += R[ab];
-        A[ab] -= acc_t(2) * R[ab];
-        // n_ab = sqrt(D2_ab) where it is above eps: dL/dD2_ab = -S_ab (1/n_ab)^2 (twice S: the
+        if (a == b) continue;  // D2_aa is no variable
+        double g = static_cast<double>(R[ab]) - 0.5 * static_cast<double>(A[ab]);
+        // n_ab = sqrt(D2_ab) where it is above eps: dL/dD2_ab = -S_ab / D2_ab (twice S / 2: the
         // side appears as n_ij and as n_ik, and the two sums are equal by symmetry).
-        acc_t d2 = side_sq(G, n, a, b);
-        S[ab] = (d2 > 0 && std::sqrt(d2) > eps) ? -S[ab] * inv[ab] * inv[ab] : acc_t(0);
+        if (rkd::side_unclamped(D2[ab], eps)) g -= static_cast<double>(S[ab]) / D2[ab];
+        M[ab] += g;
       }
-      A[a * n + a] += rrow;
     }
   });
-  add_sqdist_grad(S, n, A);
 }
 
-template <typename acc_t>
-void add_to(const std::vector<acc_t>& x, acc_t* out) {
-  for (size_t i = 0; i < x.size(); ++i) out[i] += x[i];
+// A group whose squared side lengths span at most this factor needs no lo parts: the float
+// rounding of H then costs the cosines at most 1.5 * 4 float ulps, as the float Gram formulation did.
+constexpr double kSplitSpan = 4;
+
+// The largest D2 and the smallest positive one of a group.
+inline void d2_range(const double* D2, int64_t n, double& mx, double& mn) {
+  mx = 0, mn = INFINITY;
+  for (int64_t e = 0; e < n * n; ++e) {
+    mx = std::max(mx, D2[e]);
+    if (D2[e] > 0) mn = std::min(mn, D2[e]);
+  }
 }
+
+// One side's n x n inputs of the angle loop: H = -D2 / 2 (as hi + lo when split) and the inverse
+// side lengths.
+template <typename acc_t>
+struct AngleSide {
+  std::unique_ptr<acc_t[]> hi, lo, inv;  // every entry written: no zero fill
+  AngleSide(const double* D2, int64_t n, double eps, double mx, bool split)
+      : hi(new acc_t[n * n]), lo(split ? new acc_t[n * n] : nullptr), inv(new acc_t[n * n]) {
+    const double q = rkd::h_quantum(0.5 * mx);
+    at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
+      for (int64_t e = i0 * n; e < i1 * n; ++e) {
+        if (split) rkd::split_h(D2[e], q, hi[e], lo[e]);
+        else hi[e] = static_cast<acc_t>(-0.5 * D2[e]);
+        inv[e] = static_cast<acc_t>(rkd::inv_side(D2[e], eps));
+      }
+    });
+  }
+};
 
 template <typename acc_t>
 void angle_typed(AngleArgs& p) {
   using V = Vectorized<acc_t>;
-  const acc_t* Gs = static_cast<const acc_t*>(p.gram_s);
-  const acc_t* Gt = static_cast<const acc_t*>(p.gram_t);
   const int64_t n = p.n;
-  const acc_t eps = static_cast<acc_t>(p.eps), delta = static_cast<acc_t>(p.delta);
+  const acc_t delta = static_cast<acc_t>(p.delta);
   const acc_t coef = static_cast<acc_t>(p.coef);
-  const bool want = p.grad_gram_s || p.grad_gram_t;
+  const bool want = p.grad_d2_s || p.grad_d2_t;
 
-  std::vector<acc_t> inv_s(n * n), inv_t(n * n);
-  at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t j = 0; j < n; ++j) {
-        inv_s[i * n + j] = rkd::inv_side(side_sq(Gs, n, i, j), eps);
-        inv_t[i * n + j] = rkd::inv_side(side_sq(Gt, n, i, j), eps);
-      }
-  });
+  double mx_s, mn_s, mx_t, mn_t;
+  d2_range(p.d2_s, n, mx_s, mn_s);
+  d2_range(p.d2_t, n, mx_t, mn_t);
+  // NaN in D2 (never from finite points) takes the split path too
+  const bool split = !(mx_s <= kSplitSpan * mn_s && mx_t <= kSplitSpan * mn_t) && (mx_s > 0 || mx_t > 0);
+  const AngleSide<acc_t> ss(p.d2_s, n, p.eps_s, mx_s, split), st(p.d2_t, n, p.eps_t, mx_t, split);
+  const acc_t *Hs = ss.hi.get(), *Ls = ss.lo.get(), *Ht = st.hi.get(), *Lt = st.lo.get();
   std::vector<acc_t> As, At, Rs, Rt, Ss, St;
   if (want) {
     for (auto* m : {&As, &At, &Rs, &Rt, &Ss, &St}) m->assign(n * n, acc_t(0));
@@ -193,39 +258,53 @@ void angle_typed(AngleArgs& p) {
   const V vdelta(delta), vndelta(-delta), vhalf(acc_t(0.5)), vzero(acc_t(0));
   constexpr int64_t W = V::size();
 
-  // A block of jb values of j shares each row i of G and 1/n while it is in L1; the block's own
-  // rows (G_j and the A_j sums, both sides) stay in L2. Every block streams the i rows once, so
+  // A block of jb values of j shares each row i of H and 1/n while it is in L1; the block's own
+  // rows (H_j and the A_j sums, both sides) stay in L2. Every block streams the i rows once, so
   // larger blocks mean less memory traffic: size them to about 512 KB of j rows.
   constexpr int64_t kMaxJB = 32;
-  const int64_t jb = std::max<int64_t>(4, std::min<int64_t>(kMaxJB, (int64_t(512) << 10) / (4 * n * int64_t(sizeof(acc_t)))));
+  const int64_t jb = std::max<int64_t>(4, std::min<int64_t>(kMaxJB, (int64_t(512) << 10) / (6 * n * int64_t(sizeof(acc_t)))));
+  auto run = [&](auto split_tag) {
+  constexpr bool kLo = decltype(split_tag)::value;
   at::parallel_for(0, (n + jb - 1) / jb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t jb0 = blk * jb, jb1 = std::min(n, jb0 + jb);
       double lsum[kMaxJB] = {};
       for (int64_t i = 0; i < n; ++i) {
-        const acc_t* gsi = Gs + i * n;
-        const acc_t* gti = Gt + i * n;
-        const acc_t* isi = inv_s.data() + i * n;
-        const acc_t* iti = inv_t.data() + i * n;
+        const acc_t* hsi = Hs + i * n;
+        const acc_t* lsi = kLo ? Ls + i * n : nullptr;
+        const acc_t* hti = Ht + i * n;
+        const acc_t* lti = kLo ? Lt + i * n : nullptr;
+        const acc_t* isi = ss.inv.get() + i * n;
+        const acc_t* iti = st.inv.get() + i * n;
         for (int64_t j = jb0; j < jb1; ++j) {
           const acc_t as = isi[j], at_ = iti[j];
           if (as == 0 && at_ == 0) continue;  // every cosine of this (i, j) is 0 on both sides
-          const acc_t* gsj = Gs + j * n;
-          const acc_t* gtj = Gt + j * n;
-          const V vbs(gsi[i] - gsi[j]), vbt(gti[i] - gti[j]), vas(as), vat(at_);
+          const acc_t* hsj = Hs + j * n;
+          const acc_t* lsj = kLo ? Ls + j * n : nullptr;
+          const acc_t* htj = Ht + j * n;
+          const acc_t* ltj = kLo ? Lt + j * n : nullptr;
+          // numerator H_jk - H_ik - H_ij: the hi parts sum exactly, then the lo parts are added
+          const V vbs(-hsi[j]), vbt(-hti[j]), vas(as), vat(at_);
+          const V vls(kLo ? -lsi[j] : acc_t(0)), vlt(kLo ? -lti[j] : acc_t(0));
           V vloss(0), vr_s(0), vr_t(0), vs_s(0), vs_t(0);
-          auto body = [&](const V& gj_s, const V& gi_s, const V& in_s, const V& gj_t, const V& gi_t,
-                          const V& in_t, V& ga_s, V& ga_t) {
+          auto body = [&](const V& hj_s, const V& lj_s, const V& hi_s, const V& li_s, const V& in_s, const V& hj_t,
+                          const V& lj_t, const V& hi_t, const V& li_t, const V& in_t, V& ga_s, V& ga_t) {
             V ws = vas * in_s, wt = vat * in_t;
-            V cs = (gj_s - gi_s + vbs) * ws;
-            V ct = (gj_t - gi_t + vbt) * wt;
+            V cs, ct;
+            if constexpr (kLo) {
+              cs = ((hj_s - hi_s + vbs) + (lj_s - li_s + vls)) * ws;
+              ct = ((hj_t - hi_t + vbt) + (lj_t - li_t + vlt)) * wt;
+            } else {
+              cs = (hj_s - hi_s + vbs) * ws;
+              ct = (hj_t - hi_t + vbt) * wt;
+            }
             V x = cs - ct;
             V ax = x.abs();
             // Huber_delta(x) = m (|x| - m / 2) with m = min(|x|, delta): no select, and a NaN
             // propagates through |x| (clamp_max and clamp return their NaN operand: 2 instructions
-            // where the NaN-checking minimum / maximum take 6). N^3 loop, N = 256: ~10% less time.
-            V m = at::vec::clamp_max(ax, vdelta);
-            vloss = at::vec::fmadd(m, at::vec::fnmadd(vhalf, m, ax), vloss);
+            // where the NaN-checking minimum / maximum take 6).
+            V mm = at::vec::clamp_max(ax, vdelta);
+            vloss = at::vec::fmadd(mm, at::vec::fnmadd(vhalf, mm, ax), vloss);
             if (want) {
               V h = at::vec::clamp(x, vndelta, vdelta) * V(coef);
               V gns = h * ws, gnt = vzero - h * wt;
@@ -239,8 +318,9 @@ void angle_typed(AngleArgs& p) {
           int64_t k = 0;
           for (; k + W <= n; k += W) {
             V ga_s, ga_t;
-            body(V::loadu(gsj + k), V::loadu(gsi + k), V::loadu(isi + k), V::loadu(gtj + k),
-                 V::loadu(gti + k), V::loadu(iti + k), ga_s, ga_t);
+            auto lo = [&](const acc_t* ptr) { return kLo ? V::loadu(ptr + k) : V(acc_t(0)); };
+            body(V::loadu(hsj + k), lo(lsj), V::loadu(hsi + k), lo(lsi), V::loadu(isi + k), V::loadu(htj + k), lo(ltj),
+                 V::loadu(hti + k), lo(lti), V::loadu(iti + k), ga_s, ga_t);
             if (want) {
               (V::loadu(asj + k) + ga_s).store(asj + k);
               (V::loadu(atj + k) + ga_t).store(atj + k);
@@ -249,8 +329,9 @@ void angle_typed(AngleArgs& p) {
           if (k < n) {  // partial vector: padded lanes have weight 0 and contribute nothing
             const int64_t m = n - k;
             V ga_s, ga_t;
-            body(V::loadu(gsj + k, m), V::loadu(gsi + k, m), V::loadu(isi + k, m), V::loadu(gtj + k, m),
-                 V::loadu(gti + k, m), V::loadu(iti + k, m), ga_s, ga_t);
+            auto lo = [&](const acc_t* ptr) { return kLo ? V::loadu(ptr + k, m) : V(acc_t(0)); };
+            body(V::loadu(hsj + k, m), lo(lsj), V::loadu(hsi + k, m), lo(lsi), V::loadu(isi + k, m),
+                 V::loadu(htj + k, m), lo(ltj), V::loadu(hti + k, m), lo(lti), V::loadu(iti + k, m), ga_s, ga_t);
             if (want) {
               (V::loadu(asj + k, m) + ga_s).store(asj + k, m);
               (V::loadu(atj + k, m) + ga_t).store(atj + k, m);
@@ -269,29 +350,21 @@ void angle_typed(AngleArgs& p) {
       for (int64_t j = jb0; j < jb1; ++j) part[j] = lsum[j - jb0];
     }
   });
+  };
+  if (split) run(std::true_type{});
+  else run(std::false_type{});
   p.loss = 0;
   for (int64_t j = 0; j < n; ++j) p.loss += part[j];
-  if (p.grad_gram_s) {
-    compose_angle_grad(Gs, inv_s.data(), As.data(), Rs.data(), Ss.data(), n, eps);
-    add_to(As, static_cast<acc_t*>(p.grad_gram_s));
-  }
-  if (p.grad_gram_t) {
-    compose_angle_grad(Gt, inv_t.data(), At.data(), Rt.data(), St.data(), n, eps);
-    add_to(At, static_cast<acc_t*>(p.grad_gram_t));
-  }
+  if (p.grad_d2_s) add_angle_grad(p.d2_s, As.data(), Rs.data(), Ss.data(), n, p.eps_s, p.grad_d2_s);
+  if (p.grad_d2_t) add_angle_grad(p.d2_t, At.data(), Rt.data(), St.data(), n, p.eps_t, p.grad_d2_t);
 }
 
 }  // namespace
 
-void pdist(PdistArgs& p) {
-  p.dtype == DType::Double ? pdist_typed<double>(p) : pdist_typed<float>(p);
-}
-void pdist_backward(const PdistBackwardArgs& p) {
-  p.dtype == DType::Double ? pdist_backward_typed<double>(p) : pdist_backward_typed<float>(p);
-}
-void distance_huber(DistanceHuberArgs& p) {
-  p.dtype == DType::Double ? distance_huber_typed<double>(p) : distance_huber_typed<float>(p);
-}
+void sq_dists(const SqDistArgs& p) { sq_dists_impl(p); }
+void pdist(PdistArgs& p) { pdist_impl(p); }
+void pdist_backward(const PdistBackwardArgs& p) { pdist_backward_impl(p); }
+void distance_huber(DistanceHuberArgs& p) { distance_huber_impl(p); }
 void angle(AngleArgs& p) {
   p.dtype == DType::Double ? angle_typed<double>(p) : angle_typed<float>(p);
 }

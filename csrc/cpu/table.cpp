@@ -8,6 +8,7 @@ namespace kdfast {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 void softmax_kl(const SoftmaxKLArgs&);
+void sq_dists(const SqDistArgs&);
 void pdist(PdistArgs&);
 void pdist_backward(const PdistBackwardArgs&);
 void distance_huber(DistanceHuberArgs&);
@@ -15,7 +16,7 @@ void angle(AngleArgs&);
 void feature_match(const FeatureArgs&);
 
 const Kernels* table() {
-  static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl, &pdist, &pdist_backward, &distance_huber,
+  static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl, &sq_dists, &pdist, &pdist_backward, &distance_huber,
                          &angle, &feature_match};
   return &k;
 }

@@ -11,9 +11,6 @@
 namespace kdfast {
 namespace cuda {
 
-// Reads the KDFAST_CUDA_KL* tuning knobs again (they are read once; tests that switch paths call it).
-void softmax_kl_reload_knobs();
-
 // Scratch bytes that softmax_kl needs for these arguments on the current device (0 on most paths).
 size_t softmax_kl_workspace(const kernel::SoftmaxKLArgs& a);
 
@@ -36,32 +33,35 @@ int64_t feature_match_chunks(const kernel::FeatureArgs& a);
 size_t feature_match_workspace(const kernel::FeatureArgs& a);
 cudaError_t feature_match(const kernel::FeatureArgs& a, void* partial, void* workspace, cudaStream_t stream);
 
-// ---- relational KD (acc = Float or Double; B groups of n points; matrices (B, n, n) contiguous;
-// per-group scalars are double device arrays of length B)
+// ---- relational KD (B groups of n points; matrices (B, n, n) contiguous; D2 and the gradients
+// d loss / d D2 in double, the angle loop's matrices in acc = Float or Double; per-group scalars
+// are double device arrays of length B; eps per group in the units of the scaled points)
 
-// inv = 1 / max(side length, eps) from the Gram matrices, 0 for zero-length sides and the diagonal.
-cudaError_t rkd_inv_sides(kernel::DType acc, const void* gram, int64_t B, int64_t n, double eps, void* inv,
-                          cudaStream_t stream);
-// Distances clamped at eps before the square root (squared: not rooted), 0 on the diagonal.
-cudaError_t rkd_pdist(kernel::DType acc, const void* gram, int64_t B, int64_t n, bool squared, double eps, void* dist,
+// D2 = |x_i - x_j|^2 from the differences of points (B, n, dim) in double.
+cudaError_t rkd_sq_dists(const double* points, int64_t B, int64_t n, int64_t dim, double* d2, cudaStream_t stream);
+// The angle loop's inputs of one side from D2: H = -D2 / 2 as hi + lo (see common/rkd.h; max_d2:
+// each group's largest D2) and inv = 1 / max(side length, eps), 0 for zero-length sides.
+cudaError_t rkd_angle_prep(kernel::DType acc, const double* d2, const double* max_d2, const double* eps, int64_t B,
+                           int64_t n, void* hi, void* lo, void* inv, cudaStream_t stream);
+// Distances with D2 clamped at eps before the square root (squared: not rooted), 0 on the diagonal.
+cudaError_t rkd_pdist(const double* d2, int64_t B, int64_t n, bool squared, const double* eps, double* dist,
                       cudaStream_t stream);
 // d loss / d D2 of the distances from d loss / d (dist * inv_mean) minus k on the positive entries
 // (k = sum(grad_out * dist) / (mean^2 count) when normalising, else 0 with inv_mean 1).
-cudaError_t rkd_pdist_backward(kernel::DType acc, const void* gram, const void* dist, const void* grad_out,
-                               const double* inv_mean, const double* k, int64_t B, int64_t n, bool squared,
-                               double eps, void* m, cudaStream_t stream);
-// Per group: partial Huber sums (B x rkd_distance_blocks(n), double) between psi_s and psi_t, and
+cudaError_t rkd_pdist_backward(const double* d2, const double* dist, const double* grad_out, const double* inv_mean,
+                               const double* k, int64_t B, int64_t n, bool squared, const double* eps, double* m,
+                               cudaStream_t stream);
+// Per group: partial Huber sums (B x rkd_distance_blocks(n)) between psi_s and psi_t, and
 // coef * Huber' into gps (and its negative into gpt), each optional.
 int rkd_distance_blocks(int64_t n);
-cudaError_t rkd_distance_huber(kernel::DType acc, const void* ds, const void* dt, const double* inv_mean_s,
-                               const double* inv_mean_t, const double* coef, int64_t B, int64_t n, double delta,
-                               double* partial, void* gps, void* gpt, cudaStream_t stream);
+cudaError_t rkd_distance_huber(const double* ds, const double* dt, const double* inv_mean_s, const double* inv_mean_t,
+                               const double* coef, int64_t B, int64_t n, double delta, double* partial, double* gps,
+                               double* gpt, cudaStream_t stream);
 
 struct RkdAngleArgs {
   kernel::DType acc;
-  const void* gram_s;
-  const void* gram_t;
-  const void* inv_s;  // from rkd_inv_sides
+  const void *hi_s, *lo_s, *hi_t, *lo_t;  // from rkd_angle_prep
+  const void* inv_s;
   const void* inv_t;
   int64_t B, n;
   double delta;
@@ -72,9 +72,9 @@ struct RkdAngleArgs {
 };
 int rkd_angle_tiles(int64_t n);
 cudaError_t rkd_angle(const RkdAngleArgs& a, cudaStream_t stream);
-// S -> -S / side^2 in place where the side length is above eps, else 0.
-cudaError_t rkd_angle_side_grad(kernel::DType acc, const void* gram, const void* inv, int64_t B, int64_t n, double eps,
-                                void* s, cudaStream_t stream);
+// m = d loss / d D2 of the angle term of one side from its A, R, S (0 on the diagonal).
+cudaError_t rkd_angle_grad(kernel::DType acc, const double* d2, const void* a, const void* r, const void* s,
+                           const double* eps, int64_t B, int64_t n, double* m, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kdfast

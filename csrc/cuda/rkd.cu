@@ -1,13 +1,13 @@
-// Relational KD kernels on CUDA: the n x n elementwise parts of the distance term and the tiled
-// n^3 angle loop, in O(n^2) memory, from Gram matrices (see csrc/common/rkd.h and csrc/cpu/rkd.cpp
-// for the math). The glue (csrc/cuda/rkd_ops.cpp) centres the points, forms the Gram matrices and
-// the final products with ATen's matmul, and does the per-group reductions with ATen sums.
+// Relational KD kernels on CUDA: the squared distances, the n x n elementwise parts of the distance
+// term and the tiled n^3 angle loop, in O(n^2) memory (see csrc/common/rkd.h and csrc/cpu/rkd.cpp
+// for the math). The glue (csrc/cuda/rkd_ops.cpp) scales and centres the points, takes d loss / d D2
+// back to them with ATen's matmul, and does the per-group reductions with ATen sums.
 //
 // Angle, with c_ijk the cosine at vertex i of (j, k), x = c_s - c_t, h = coef * Huber'(x) and
 // gN_ijk = h / (n_ij n_ik):  A_jk = sum_i gN_ijk,  R_ij = sum_k gN_ijk,  S_ij = sum_k h c_ijk.
 // Two kernels, each owning its output tile, so that every sum has one fixed order (deterministic,
 // no atomics): angle_jk walks i for a (j, k) tile (loss and A), angle_ij walks k for an (i, j) tile
-// (R and S). Both use that G and the inverse side lengths are symmetric.
+// (R and S). Both use that H and the inverse side lengths are symmetric.
 #include <cstdint>
 
 #include "common/rkd.h"
@@ -21,12 +21,6 @@ namespace {
 using kernel::DType;
 
 constexpr int kThreads = 256;
-
-template <typename A>
-__device__ __forceinline__ A side_sq(const A* G, int64_t n, int64_t i, int64_t j) {
-  if (i == j) return A(0);
-  return rkd::sq_dist(G[i * n + i], G[j * n + j], G[i * n + j], rkd::gram_noise<A>());
-}
 
 // Block sum of a double, result in thread 0.
 __device__ __forceinline__ double block_sum(double v) {
@@ -45,72 +39,97 @@ __device__ __forceinline__ double block_sum(double v) {
 
 // ------------------------------------------------------------------ n x n elementwise kernels
 
-// inv[b, i, j] = 1 / max(|x_j - x_i|, eps), 0 for a zero-length side (and on the diagonal).
+constexpr int kSqTile = 16;  // (i, j) tile of sq_dists: one pair per thread
+constexpr int kSqChunk = 32; // coordinates staged per step
+
+// D2 = |x_i - x_j|^2 from the differences in double; both halves (the same bits: (a - b)^2 =
+// (b - a)^2, summed in the same order), exact 0 on the diagonal.
+__global__ void __launch_bounds__(kThreads) sq_dists_kernel(const double* x, int64_t n, int64_t dim, double* d2) {
+  KD_SHARED(double, xi, [kSqTile][kSqChunk + 1]);
+  KD_SHARED(double, xj, [kSqTile][kSqChunk + 1]);
+  const int64_t b = blockIdx.z;
+  const double* X = x + b * n * dim;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kSqTile, j0 = static_cast<int64_t>(blockIdx.x) * kSqTile;
+  const int tx = threadIdx.x % kSqTile, ty = threadIdx.x / kSqTile;
+  double acc = 0;
+  for (int64_t c0 = 0; c0 < dim; c0 += kSqChunk) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < kSqTile * kSqChunk; e += kThreads) {
+      const int r = e / kSqChunk, c = e % kSqChunk;
+      const bool okc = c0 + c < dim;
+      xi[r][c] = (okc && i0 + r < n) ? X[(i0 + r) * dim + c0 + c] : 0.0;
+      xj[r][c] = (okc && j0 + r < n) ? X[(j0 + r) * dim + c0 + c] : 0.0;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < kSqChunk; ++c) {
+      const double d = xi[ty][c] - xj[tx][c];
+      acc = fma(d, d, acc);
+    }
+  }
+  const int64_t i = i0 + ty, j = j0 + tx;
+  if (i < n && j < n) d2[b * n * n + i * n + j] = i == j ? 0.0 : acc;
+}
+
+// The angle loop's inputs of one side: H = -D2 / 2 as hi + lo (with the group's quantum from its
+// largest D2) and 1 / max(side length, eps), 0 for a zero-length side and on the diagonal.
 template <typename A>
-__global__ void inv_sides_kernel(const A* gram, int64_t n, A eps, A* inv) {
-  const int64_t nn = n * n;
-  const A* G = gram + blockIdx.y * nn;
-  A* out = inv + blockIdx.y * nn;
+__global__ void angle_prep_kernel(const double* d2, const double* max_d2, const double* eps, int64_t n, A* hi,
+                                  A* lo, A* inv) {
+  const int64_t nn = n * n, b = blockIdx.y;
+  const double q = rkd::h_quantum(0.5 * max_d2[b]), e_b = eps[b];
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < nn;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = e / n, j = e - i * n;
-    out[e] = rkd::inv_side(side_sq(G, n, i, j), eps);
+    const int64_t o = b * nn + e;
+    rkd::split_h(d2[o], q, hi[o], lo[o]);
+    inv[o] = static_cast<A>(rkd::inv_side(d2[o], e_b));
   }
 }
 
-// Distances clamped at eps (before the square root), 0 on the diagonal.
-template <typename A>
-__global__ void pdist_kernel(const A* gram, int64_t n, bool squared, A eps, A* dist) {
-  const int64_t nn = n * n;
-  const A* G = gram + blockIdx.y * nn;
-  A* D = dist + blockIdx.y * nn;
+// Distances clamped at eps (per group, before the square root), 0 on the diagonal.
+__global__ void pdist_kernel(const double* d2, int64_t n, bool squared, const double* eps, double* dist) {
+  const int64_t nn = n * n, b = blockIdx.y;
+  const double e_b = eps[b];
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < nn;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / n, j = e - i * n;
-    A d = 0;
+    double d = 0;
     if (i != j) {
-      A v = side_sq(G, n, i, j);
-      v = v < eps ? eps : v;  // clamp(min=eps); NaN stays NaN
+      double v = d2[b * nn + e];
+      v = v < e_b ? e_b : v;  // clamp(min=eps); NaN stays NaN
       d = squared ? v : sqrt(v);
     }
-    D[e] = d;
+    dist[b * nn + e] = d;
   }
 }
 
-// M = d loss / d D2 of the distance backward (add_sqdist_grad turns it into d loss / d G).
-template <typename A>
-__global__ void pdist_backward_kernel(const A* gram, const A* dist, const A* gout, const double* inv_mean,
-                                      const double* k, int64_t n, bool squared, A eps, A* M) {
+// M = d loss / d D2 of the distance backward.
+__global__ void pdist_backward_kernel(const double* d2, const double* dist, const double* gout, const double* inv_mean,
+                                      const double* k, int64_t n, bool squared, const double* eps, double* M) {
   const int64_t nn = n * n, b = blockIdx.y;
-  const A* G = gram + b * nn;
-  const A* D = dist + b * nn;
-  const A* go = gout + b * nn;
-  A* out = M + b * nn;
-  const A im = static_cast<A>(inv_mean[b]);
-  const A kk = static_cast<A>(k[b]);
+  const double im = inv_mean[b], kk = k[b], e_b = eps[b];
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < nn;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = e / n, j = e - i * n;
-    const A gd = go[e] * im - (D[e] > A(0) ? kk : A(0));
-    const A v = side_sq(G, n, i, j);
-    out[e] = (j != i && v > eps) ? (squared ? gd : gd / (A(2) * D[e])) : A(0);
+    const int64_t i = e / n, j = e - i * n, o = b * nn + e;
+    const double gd = gout[o] * im - (dist[o] > 0 ? kk : 0.0);
+    M[o] = (j != i && d2[o] > e_b) ? (squared ? gd : gd / (2 * dist[o])) : 0.0;
   }
 }
 
 // Huber between psi_s = D_s / mean_s and psi_t = D_t / mean_t: partial loss sums per block and
 // coef * Huber' as the gradient with respect to psi_s (and its negative for psi_t).
-template <typename A>
-__global__ void distance_huber_kernel(const A* ds, const A* dt, const double* inv_ms, const double* inv_mt,
-                                      const double* coef, int64_t nn, A delta, double* partial, A* gps, A* gpt) {
+__global__ void distance_huber_kernel(const double* ds, const double* dt, const double* inv_ms, const double* inv_mt,
+                                      const double* coef, int64_t nn, double delta, double* partial, double* gps,
+                                      double* gpt) {
   const int64_t b = blockIdx.y;
-  const A ims = static_cast<A>(inv_ms[b]), imt = static_cast<A>(inv_mt[b]), c = static_cast<A>(coef[b]);
+  const double ims = inv_ms[b], imt = inv_mt[b], c = coef[b];
   double acc = 0;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < nn;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t o = b * nn + e;
-    const A x = ds[o] * ims - dt[o] * imt;
-    acc += static_cast<double>(rkd::huber(x, delta));
-    const A g = c * rkd::huber_grad(x, delta);
+    const double x = ds[o] * ims - dt[o] * imt;
+    acc += rkd::huber(x, delta);
+    const double g = c * rkd::huber_grad(x, delta);
     if (gps) gps[o] = g;
     if (gpt) gpt[o] = -g;
   }
@@ -118,19 +137,19 @@ __global__ void distance_huber_kernel(const A* ds, const A* dt, const double* in
   if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = s;
 }
 
-// S -> M in place: M_ab = -S_ab / n_ab^2 where the side length is above eps (else it is clamped
-// and carries no gradient).
+// d loss / d D2 of the angle term from A, R, S: R - A / 2 through the numerator, -S / D2 through
+// the side lengths where they are above eps (else clamped: no gradient); 0 on the diagonal.
 template <typename A>
-__global__ void angle_side_kernel(const A* gram, const A* inv, int64_t n, A eps, A* S) {
+__global__ void angle_grad_kernel(const double* d2, const A* a, const A* r, const A* s, const double* eps, int64_t n,
+                                  double* M) {
   const int64_t nn = n * n, b = blockIdx.y;
-  const A* G = gram + b * nn;
-  const A* I = inv + b * nn;
-  A* out = S + b * nn;
+  const double e_b = eps[b];
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < nn;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t a = e / n, c = e - a * n;
-    const A d2 = side_sq(G, n, a, c);
-    out[e] = (d2 > A(0) && sqrt(d2) > eps) ? -out[e] * I[e] * I[e] : A(0);
+    const int64_t i = e / n, j = e - i * n, o = b * nn + e;
+    double g = static_cast<double>(r[o]) - 0.5 * static_cast<double>(a[o]);
+    if (rkd::side_unclamped(d2[o], e_b)) g -= static_cast<double>(s[o]) / d2[o];
+    M[o] = i == j ? 0.0 : g;
   }
 }
 
@@ -138,13 +157,17 @@ __global__ void angle_side_kernel(const A* gram, const A* inv, int64_t n, A eps,
 
 constexpr int kTile = 64;  // (j, k) tile of angle_jk; j tile of angle_ij
 constexpr int kTileI = 32; // i tile of angle_ij
-constexpr int kChunk = 8;  // vertices (or k) staged in shared memory per step
+
+// Vertices (or k) staged in shared memory per step: 24 KB of rows for either type.
+template <typename A>
+struct Chunk {
+  static constexpr int v = sizeof(A) == 8 ? 4 : 8;
+};
 
 template <typename A>
 struct AngleParams {
-  const A* gs;
-  const A* gt;
-  const A* is;  // inverse side lengths
+  const A *hs, *ls, *ht, *lt;  // H = hi + lo, student and teacher
+  const A* is;                 // inverse side lengths
   const A* it;
   const double* coef;  // per group: weight / n^3 (0: no gradient for the group)
   int64_t n;
@@ -153,76 +176,81 @@ struct AngleParams {
   A *as, *at, *rs, *rt, *ss, *st;  // outputs, or null
 };
 
-// Group b's n x n matrices (Gram and inverse side lengths, student and teacher) and scalars.
+// Group b's n x n matrices (H as hi + lo and inverse side lengths, student and teacher) and scalars.
 template <typename A>
 struct AngleGroup {
-  const A *Gs, *Gt, *Is, *It;
+  const A *Hs, *Ls, *Ht, *Lt, *Is, *It;
   A coef, delta;
   __device__ __forceinline__ AngleGroup(const AngleParams<A>& p, int64_t b, int64_t nn)
-      : Gs(p.gs + b * nn), Gt(p.gt + b * nn), Is(p.is + b * nn), It(p.it + b * nn),
-        coef(static_cast<A>(p.coef[b])), delta(p.delta) {}
+      : Hs(p.hs + b * nn), Ls(p.ls + b * nn), Ht(p.ht + b * nn), Lt(p.lt + b * nn), Is(p.is + b * nn),
+        It(p.it + b * nn), coef(static_cast<A>(p.coef[b])), delta(p.delta) {}
+  // row q of the six staged per index: H hi, H lo, inv (student), then the teacher's
+  __device__ __forceinline__ const A* mat(int q) const {
+    return q == 0 ? Hs : q == 1 ? Ls : q == 2 ? Is : q == 3 ? Ht : q == 4 ? Lt : It;
+  }
 };
+
+// The numerator H_jk - H_ik - H_ij of the cosine at vertex i: the hi parts sum exactly (see
+// common/rkd.h), then the lo parts are added. bh, bl: -H_ij's parts.
+template <typename A>
+__device__ __forceinline__ A numerator(A hjk, A ljk, A hik, A lik, A bh, A bl) {
+  return ((hjk - hik) + bh) + ((ljk - lik) + bl);
+}
 
 // One (j, k) tile of 64 x 64 per block, 4 x 4 per thread; walks every vertex i.
 template <typename A, bool kGrad>
 __global__ void __launch_bounds__(kThreads) angle_jk_kernel(AngleParams<A> p) {
-  KD_SHARED(A, sh, [kChunk][8][kTile]);  // per i: G_ij, inv_ij (s, t) on the j tile; G_ik, inv_ik on the k tile
-  KD_SHARED(A, shd, [kChunk][2]);        // G_ii (s, t)
+  constexpr int kC = Chunk<A>::v;
+  KD_SHARED(A, sh, [kC][12][kTile]);  // per i: H hi, lo, inv (s, t) of (i, j) on the j tile, then of (i, k) on the k tile
   const int64_t n = p.n, nn = n * n, b = blockIdx.z;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile, k0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const AngleGroup<A> g(p, b, nn);
-  const A *Gs = g.Gs, *Gt = g.Gt, *Is = g.Is, *It = g.It;
   const A coef = g.coef, delta = g.delta;
   const bool grad = kGrad && coef != A(0);
 
-  A gjk_s[4][4], gjk_t[4][4], acc_s[4][4], acc_t[4][4];
+  A hjk_s[4][4], ljk_s[4][4], hjk_t[4][4], ljk_t[4][4], acc_s[4][4], acc_t[4][4];
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int64_t j = j0 + 4 * ty + a, k = k0 + 4 * tx + c;
       const bool ok = j < n && k < n;
-      gjk_s[a][c] = ok ? Gs[j * n + k] : A(0);
-      gjk_t[a][c] = ok ? Gt[j * n + k] : A(0);
+      hjk_s[a][c] = ok ? g.Hs[j * n + k] : A(0);
+      ljk_s[a][c] = ok ? g.Ls[j * n + k] : A(0);
+      hjk_t[a][c] = ok ? g.Ht[j * n + k] : A(0);
+      ljk_t[a][c] = ok ? g.Lt[j * n + k] : A(0);
       acc_s[a][c] = acc_t[a][c] = A(0);
     }
   }
   double loss = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+  for (int64_t i0 = 0; i0 < n; i0 += kC) {
     __syncthreads();
-    for (int e = threadIdx.x; e < kChunk * 8 * kTile; e += kThreads) {
-      const int ii = e / (8 * kTile), q = (e / kTile) % 8, l = e % kTile;
-      const int64_t i = i0 + ii, col = (q < 4 ? j0 : k0) + l;
-      const A* src = (q & 3) == 0 ? Gs : (q & 3) == 1 ? Is : (q & 3) == 2 ? Gt : It;
-      sh[ii][q][l] = (i < n && col < n) ? src[i * n + col] : A(0);
-    }
-    if (threadIdx.x < 2 * kChunk) {
-      const int ii = threadIdx.x >> 1;
-      const int64_t i = i0 + ii;
-      shd[ii][threadIdx.x & 1] = i < n ? ((threadIdx.x & 1) ? Gt : Gs)[i * n + i] : A(0);
+    for (int e = threadIdx.x; e < kC * 12 * kTile; e += kThreads) {
+      const int ii = e / (12 * kTile), q = (e / kTile) % 12, l = e % kTile;
+      const int64_t i = i0 + ii, col = (q < 6 ? j0 : k0) + l;
+      sh[ii][q][l] = (i < n && col < n) ? g.mat(q % 6)[i * n + col] : A(0);
     }
     __syncthreads();
     A part = 0;
 #pragma unroll 1
-    for (int ii = 0; ii < kChunk; ++ii) {
-      A gij_s[4], iij_s[4], gij_t[4], iij_t[4], gik_s[4], iik_s[4], gik_t[4], iik_t[4];
+    for (int ii = 0; ii < kC; ++ii) {
+      A hij_s[4], lij_s[4], iij_s[4], hij_t[4], lij_t[4], iij_t[4];
+      A hik_s[4], lik_s[4], iik_s[4], hik_t[4], lik_t[4], iik_t[4];
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
-        gij_s[a] = sh[ii][0][4 * ty + a], iij_s[a] = sh[ii][1][4 * ty + a];
-        gij_t[a] = sh[ii][2][4 * ty + a], iij_t[a] = sh[ii][3][4 * ty + a];
-        gik_s[a] = sh[ii][4][4 * tx + a], iik_s[a] = sh[ii][5][4 * tx + a];
-        gik_t[a] = sh[ii][6][4 * tx + a], iik_t[a] = sh[ii][7][4 * tx + a];
+        hij_s[a] = sh[ii][0][4 * ty + a], lij_s[a] = sh[ii][1][4 * ty + a], iij_s[a] = sh[ii][2][4 * ty + a];
+        hij_t[a] = sh[ii][3][4 * ty + a], lij_t[a] = sh[ii][4][4 * ty + a], iij_t[a] = sh[ii][5][4 * ty + a];
+        hik_s[a] = sh[ii][6][4 * tx + a], lik_s[a] = sh[ii][7][4 * tx + a], iik_s[a] = sh[ii][8][4 * tx + a];
+        hik_t[a] = sh[ii][9][4 * tx + a], lik_t[a] = sh[ii][10][4 * tx + a], iik_t[a] = sh[ii][11][4 * tx + a];
       }
-      const A gii_s = shd[ii][0], gii_t = shd[ii][1];
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
-        const A bs = gii_s - gij_s[a], bt = gii_t - gij_t[a];
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const A ws = iij_s[a] * iik_s[c], wt = iij_t[a] * iik_t[c];
-          const A cs = (gjk_s[a][c] - gik_s[c] + bs) * ws;
-          const A ct = (gjk_t[a][c] - gik_t[c] + bt) * wt;
+          const A cs = numerator(hjk_s[a][c], ljk_s[a][c], hik_s[c], lik_s[c], -hij_s[a], -lij_s[a]) * ws;
+          const A ct = numerator(hjk_t[a][c], ljk_t[a][c], hik_t[c], lik_t[c], -hij_t[a], -lij_t[a]) * wt;
           const A x = cs - ct;
           part += rkd::huber(x, delta);
           if (kGrad) {
@@ -252,67 +280,73 @@ __global__ void __launch_bounds__(kThreads) angle_jk_kernel(AngleParams<A> p) {
   }
 }
 
-// One (i, j) tile of 32 x 64 per block, 2 x 4 per thread; walks every k. Uses G_jk = G_kj and
+// One (i, j) tile of 32 x 64 per block, 2 x 4 per thread; walks every k. Uses H_jk = H_kj and
 // inv_ik = inv_ki to read rows k only.
 template <typename A>
 __global__ void __launch_bounds__(kThreads) angle_ij_kernel(AngleParams<A> p) {
-  KD_SHARED(A, sh, [kChunk][2][kTile]);    // per k: G_kj (s, t) on the j tile
-  KD_SHARED(A, shi, [kChunk][4][kTileI]);  // per k: G_ki, inv_ki (s, t) on the i tile
+  constexpr int kC = Chunk<A>::v;
+  KD_SHARED(A, sh, [kC][4][kTile]);    // per k: H_kj hi, lo (s, t) on the j tile
+  KD_SHARED(A, shi, [kC][6][kTileI]);  // per k: H_ki hi, lo, inv_ki (s, t) on the i tile
   const int64_t n = p.n, nn = n * n, b = blockIdx.z;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileI, j0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const AngleGroup<A> g(p, b, nn);
-  const A *Gs = g.Gs, *Gt = g.Gt, *Is = g.Is, *It = g.It;
   const A coef = g.coef, delta = g.delta;
   const bool grad = coef != A(0);
 
-  A bs[2][4], bt[2][4], ws_ij[2][4], wt_ij[2][4], r_s[2][4], r_t[2][4], s_s[2][4], s_t[2][4];
+  A bh_s[2][4], bl_s[2][4], bh_t[2][4], bl_t[2][4], ws_ij[2][4], wt_ij[2][4];
+  A r_s[2][4], r_t[2][4], s_s[2][4], s_t[2][4];
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int64_t i = i0 + 2 * ty + a, j = j0 + 4 * tx + c;
       const bool ok = i < n && j < n;
-      bs[a][c] = ok ? Gs[i * n + i] - Gs[i * n + j] : A(0);
-      bt[a][c] = ok ? Gt[i * n + i] - Gt[i * n + j] : A(0);
-      ws_ij[a][c] = ok ? Is[i * n + j] : A(0);
-      wt_ij[a][c] = ok ? It[i * n + j] : A(0);
+      bh_s[a][c] = ok ? -g.Hs[i * n + j] : A(0);
+      bl_s[a][c] = ok ? -g.Ls[i * n + j] : A(0);
+      bh_t[a][c] = ok ? -g.Ht[i * n + j] : A(0);
+      bl_t[a][c] = ok ? -g.Lt[i * n + j] : A(0);
+      ws_ij[a][c] = ok ? g.Is[i * n + j] : A(0);
+      wt_ij[a][c] = ok ? g.It[i * n + j] : A(0);
       r_s[a][c] = r_t[a][c] = s_s[a][c] = s_t[a][c] = A(0);
     }
   }
   // A group of weight 0 skips the walk and stores its zero accumulators (grad is block-uniform: no
   // barrier is skipped).
-  for (int64_t k0 = 0; grad && k0 < n; k0 += kChunk) {
+  for (int64_t k0 = 0; grad && k0 < n; k0 += kC) {
     __syncthreads();
-    for (int e = threadIdx.x; e < kChunk * 2 * kTile; e += kThreads) {
-      const int kk = e / (2 * kTile), q = (e / kTile) % 2, l = e % kTile;
+    for (int e = threadIdx.x; e < kC * 4 * kTile; e += kThreads) {
+      const int kk = e / (4 * kTile), q = (e / kTile) % 4, l = e % kTile;
       const int64_t k = k0 + kk, col = j0 + l;
-      sh[kk][q][l] = (k < n && col < n) ? (q ? Gt : Gs)[k * n + col] : A(0);
+      const A* src = q == 0 ? g.Hs : q == 1 ? g.Ls : q == 2 ? g.Ht : g.Lt;
+      sh[kk][q][l] = (k < n && col < n) ? src[k * n + col] : A(0);
     }
-    for (int e = threadIdx.x; e < kChunk * 4 * kTileI; e += kThreads) {
-      const int kk = e / (4 * kTileI), q = (e / kTileI) % 4, l = e % kTileI;
+    for (int e = threadIdx.x; e < kC * 6 * kTileI; e += kThreads) {
+      const int kk = e / (6 * kTileI), q = (e / kTileI) % 6, l = e % kTileI;
       const int64_t k = k0 + kk, col = i0 + l;
-      const A* src = q == 0 ? Gs : q == 1 ? Is : q == 2 ? Gt : It;
-      shi[kk][q][l] = (k < n && col < n) ? src[k * n + col] : A(0);
+      shi[kk][q][l] = (k < n && col < n) ? g.mat(q)[k * n + col] : A(0);
     }
     __syncthreads();
 #pragma unroll 2
-    for (int kk = 0; kk < kChunk; ++kk) {
-      A gjk_s[4], gjk_t[4], gik_s[2], iik_s[2], gik_t[2], iik_t[2];
+    for (int kk = 0; kk < kC; ++kk) {
+      A hjk_s[4], ljk_s[4], hjk_t[4], ljk_t[4], hik_s[2], lik_s[2], iik_s[2], hik_t[2], lik_t[2], iik_t[2];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) gjk_s[c] = sh[kk][0][4 * tx + c], gjk_t[c] = sh[kk][1][4 * tx + c];
+      for (int c = 0; c < 4; ++c) {
+        hjk_s[c] = sh[kk][0][4 * tx + c], ljk_s[c] = sh[kk][1][4 * tx + c];
+        hjk_t[c] = sh[kk][2][4 * tx + c], ljk_t[c] = sh[kk][3][4 * tx + c];
+      }
 #pragma unroll
       for (int a = 0; a < 2; ++a) {
-        gik_s[a] = shi[kk][0][2 * ty + a], iik_s[a] = shi[kk][1][2 * ty + a];
-        gik_t[a] = shi[kk][2][2 * ty + a], iik_t[a] = shi[kk][3][2 * ty + a];
+        hik_s[a] = shi[kk][0][2 * ty + a], lik_s[a] = shi[kk][1][2 * ty + a], iik_s[a] = shi[kk][2][2 * ty + a];
+        hik_t[a] = shi[kk][3][2 * ty + a], lik_t[a] = shi[kk][4][2 * ty + a], iik_t[a] = shi[kk][5][2 * ty + a];
       }
 #pragma unroll
       for (int a = 0; a < 2; ++a) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const A ws = ws_ij[a][c] * iik_s[a], wt = wt_ij[a][c] * iik_t[a];
-          const A cs = (gjk_s[c] - gik_s[a] + bs[a][c]) * ws;
-          const A ct = (gjk_t[c] - gik_t[a] + bt[a][c]) * wt;
+          const A cs = numerator(hjk_s[c], ljk_s[c], hik_s[a], lik_s[a], bh_s[a][c], bl_s[a][c]) * ws;
+          const A ct = numerator(hjk_t[c], ljk_t[c], hik_t[a], lik_t[a], bh_t[a][c], bl_t[a][c]) * wt;
           const A h = coef * rkd::huber_grad(cs - ct, delta);
           r_s[a][c] += h * ws;
           r_t[a][c] -= h * wt;
@@ -350,53 +384,49 @@ cudaError_t by_acc(DType acc, F&& f) {
 
 }  // namespace
 
-cudaError_t rkd_inv_sides(DType acc, const void* gram, int64_t B, int64_t n, double eps, void* inv, cudaStream_t stream) {
+cudaError_t rkd_sq_dists(const double* points, int64_t B, int64_t n, int64_t dim, double* d2, cudaStream_t stream) {
   if (B == 0 || n == 0) return cudaSuccess;  // no groups: no launch (a 0-sized grid is an error)
+  const unsigned t = static_cast<unsigned>((n + kSqTile - 1) / kSqTile);
+  KD_LAUNCH(dim3(t, t, static_cast<unsigned>(B)), kThreads, 0, stream, sq_dists_kernel)(points, n, dim, d2);
+  return cudaGetLastError();
+}
+
+cudaError_t rkd_angle_prep(DType acc, const double* d2, const double* max_d2, const double* eps, int64_t B, int64_t n,
+                           void* hi, void* lo, void* inv, cudaStream_t stream) {
+  if (B == 0 || n == 0) return cudaSuccess;
   return by_acc(acc, [&](auto tag) {
     using A = decltype(tag);
-    KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, inv_sides_kernel<A>)(
-        static_cast<const A*>(gram), n, static_cast<A>(eps), static_cast<A*>(inv));
+    KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, angle_prep_kernel<A>)(
+        d2, max_d2, eps, n, static_cast<A*>(hi), static_cast<A*>(lo), static_cast<A*>(inv));
     return cudaGetLastError();
   });
 }
 
-cudaError_t rkd_pdist(DType acc, const void* gram, int64_t B, int64_t n, bool squared, double eps, void* dist,
+cudaError_t rkd_pdist(const double* d2, int64_t B, int64_t n, bool squared, const double* eps, double* dist,
                       cudaStream_t stream) {
-  if (B == 0 || n == 0) return cudaSuccess;  // no groups: no launch (a 0-sized grid is an error)
-  return by_acc(acc, [&](auto tag) {
-    using A = decltype(tag);
-    KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, pdist_kernel<A>)(
-        static_cast<const A*>(gram), n, squared, static_cast<A>(eps), static_cast<A*>(dist));
-    return cudaGetLastError();
-  });
+  if (B == 0 || n == 0) return cudaSuccess;
+  KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, pdist_kernel)(d2, n, squared, eps, dist);
+  return cudaGetLastError();
 }
 
-cudaError_t rkd_pdist_backward(DType acc, const void* gram, const void* dist, const void* grad_out,
-                               const double* inv_mean, const double* k, int64_t B, int64_t n, bool squared,
-                               double eps, void* m, cudaStream_t stream) {
-  if (B == 0 || n == 0) return cudaSuccess;  // no groups: no launch (a 0-sized grid is an error)
-  return by_acc(acc, [&](auto tag) {
-    using A = decltype(tag);
-    KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, pdist_backward_kernel<A>)(
-        static_cast<const A*>(gram), static_cast<const A*>(dist), static_cast<const A*>(grad_out), inv_mean, k, n,
-        squared, static_cast<A>(eps), static_cast<A*>(m));
-    return cudaGetLastError();
-  });
+cudaError_t rkd_pdist_backward(const double* d2, const double* dist, const double* grad_out, const double* inv_mean,
+                               const double* k, int64_t B, int64_t n, bool squared, const double* eps, double* m,
+                               cudaStream_t stream) {
+  if (B == 0 || n == 0) return cudaSuccess;
+  KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, pdist_backward_kernel)(d2, dist, grad_out, inv_mean, k,
+                                                                                      n, squared, eps, m);
+  return cudaGetLastError();
 }
 
 int rkd_distance_blocks(int64_t n) { return static_cast<int>(elementwise_grid(1, n * n).x); }
 
-cudaError_t rkd_distance_huber(DType acc, const void* ds, const void* dt, const double* inv_mean_s,
-                               const double* inv_mean_t, const double* coef, int64_t B, int64_t n, double delta,
-                               double* partial, void* gps, void* gpt, cudaStream_t stream) {
-  if (B == 0 || n == 0) return cudaSuccess;  // no groups: no launch (a 0-sized grid is an error)
-  return by_acc(acc, [&](auto tag) {
-    using A = decltype(tag);
-    KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, distance_huber_kernel<A>)(
-        static_cast<const A*>(ds), static_cast<const A*>(dt), inv_mean_s, inv_mean_t, coef, n * n,
-        static_cast<A>(delta), partial, static_cast<A*>(gps), static_cast<A*>(gpt));
-    return cudaGetLastError();
-  });
+cudaError_t rkd_distance_huber(const double* ds, const double* dt, const double* inv_mean_s, const double* inv_mean_t,
+                               const double* coef, int64_t B, int64_t n, double delta, double* partial, double* gps,
+                               double* gpt, cudaStream_t stream) {
+  if (B == 0 || n == 0) return cudaSuccess;
+  KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, distance_huber_kernel)(
+      ds, dt, inv_mean_s, inv_mean_t, coef, n * n, delta, partial, gps, gpt);
+  return cudaGetLastError();
 }
 
 int rkd_angle_tiles(int64_t n) {
@@ -409,7 +439,8 @@ cudaError_t rkd_angle(const RkdAngleArgs& a, cudaStream_t stream) {
   return by_acc(a.acc, [&](auto tag) {
     using A = decltype(tag);
     AngleParams<A> p;
-    p.gs = static_cast<const A*>(a.gram_s), p.gt = static_cast<const A*>(a.gram_t);
+    p.hs = static_cast<const A*>(a.hi_s), p.ls = static_cast<const A*>(a.lo_s);
+    p.ht = static_cast<const A*>(a.hi_t), p.lt = static_cast<const A*>(a.lo_t);
     p.is = static_cast<const A*>(a.inv_s), p.it = static_cast<const A*>(a.inv_t);
     p.coef = a.coef;
     p.n = a.n;
@@ -431,13 +462,13 @@ cudaError_t rkd_angle(const RkdAngleArgs& a, cudaStream_t stream) {
   });
 }
 
-cudaError_t rkd_angle_side_grad(DType acc, const void* gram, const void* inv, int64_t B, int64_t n, double eps,
-                                void* s, cudaStream_t stream) {
-  if (B == 0 || n == 0) return cudaSuccess;  // no groups: no launch (a 0-sized grid is an error)
+cudaError_t rkd_angle_grad(DType acc, const double* d2, const void* a, const void* r, const void* s, const double* eps,
+                           int64_t B, int64_t n, double* m, cudaStream_t stream) {
+  if (B == 0 || n == 0) return cudaSuccess;
   return by_acc(acc, [&](auto tag) {
     using A = decltype(tag);
-    KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, angle_side_kernel<A>)(
-        static_cast<const A*>(gram), static_cast<const A*>(inv), n, static_cast<A>(eps), static_cast<A*>(s));
+    KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, angle_grad_kernel<A>)(
+        d2, static_cast<const A*>(a), static_cast<const A*>(r), static_cast<const A*>(s), eps, n, m);
     return cudaGetLastError();
   });
 }

@@ -1,6 +1,7 @@
 #pragma once
-// Device-independent parts of the relation ops (centring, Gram matrices, the products back to
-// points), shared by the CPU and CUDA implementations.
+// Device-independent parts of the relation ops (scaling and centring the points, the product of
+// d loss / d D2 back to the points), shared by the CPU and CUDA implementations. See
+// csrc/common/rkd.h for the math.
 #include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
@@ -25,40 +26,75 @@ auto serial_if_small(int64_t elements, F f) {
 
 inline at::ScalarType relation_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Points (B, N, D) centred per group in the accumulation type, and their symmetric Gram matrices.
-struct PointsGram {
-  at::Tensor centred, gram;
+// The argument checks of one side's points (B, N, D).
+inline void check_points(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": points must be (B, N, D)");
+  TORCH_CHECK(x.size(1) >= 2, op, ": needs at least 2 points");
+  TORCH_CHECK(x.size(2) >= 1, op, ": points need at least one coordinate (D >= 1)");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": points must be floating point, got ", x.scalar_type());
+}
+
+// 2^-e per group (B, 1, 1) with e the exponent of the group's largest |x| (so that it scales into
+// [0.5, 1)); 1 for a group of zeros, or one holding inf or NaN (which then reach the loss).
+inline at::Tensor pow2_scale(const at::Tensor& x) {
+  const at::Tensor flat = x.flatten(1);  // two vectorised reductions, no |x| temporary
+  const at::Tensor m = at::maximum(flat.amax(1), -flat.amin(1)).view({-1, 1, 1});
+  const at::Tensor e = std::get<1>(at::frexp(m));
+  const at::Tensor ok = at::isfinite(m) & (m > 0);
+  return at::where(ok, at::ldexp(at::ones_like(m), -e), at::ones_like(m));
+}
+
+// One side's points for the relation kernels, in double: each group scaled by a power of 2 (exact)
+// and centred, so that any finite input has finite squared distances, and those squared distances
+// (exact, from the differences: the caller's sq_dists(centred, d2) fills the (B, N, N) d2).
+struct RelationPoints {
+  at::Tensor centred, scale, d2;  // (B, N, D) double; (B,) double; (B, N, N) double
   int64_t B, N;
-  PointsGram(const at::Tensor& x, const char* op) {
-    TORCH_CHECK(x.dim() == 3, op, ": points must be (B, N, D)");
-    TORCH_CHECK(x.size(1) >= 2, op, ": needs at least 2 points");
+  template <typename SqDists>
+  RelationPoints(const at::Tensor& x, const char* op, SqDists sq_dists) {
+    check_points(x, op);
     B = x.size(0), N = x.size(1);
-    // Autocast must not lower these products: the kernels read G in the accumulation type.
+    // Autocast must not lower these products.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    std::tie(centred, gram) = serial_if_small(x.numel() + B * N * N, [&] {
-      at::Tensor xa = x.to(relation_acc(x.scalar_type()));
-      at::Tensor xc = xa - xa.mean({1}, true);
-      at::Tensor g = at::bmm(xc, xc.transpose(1, 2));
-      // exactly symmetric: the kernels rely on it
-      const auto acc = relation_acc(x.scalar_type());
-      return std::make_tuple(xc.to(acc), ((g + g.transpose(1, 2)) * 0.5).to(acc).contiguous());
+    std::tie(centred, scale) = serial_if_small(x.numel(), [&] {
+      // in place on one double copy: fewer passes and allocations
+      at::Tensor xd = x.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+      const at::Tensor s1 = pow2_scale(xd);  // first into range, so that the mean cannot overflow
+      xd.mul_(s1);
+      xd.sub_(xd.mean({1}, true));
+      const at::Tensor s2 = pow2_scale(xd);  // then the centred points' range, for D2's
+      xd.mul_(s2);
+      return std::make_tuple(xd, (s1 * s2).view({-1}));
     });
+    d2 = at::empty({B, N, N}, centred.options());
+    sq_dists(centred, d2);
   }
+  // The per-group eps of the kernels: the side-length clamp scales with the points, the clamp of
+  // the squared distance with their square.
+  at::Tensor eps_side(double eps) const { return scale * eps; }
+  at::Tensor eps_sq(double eps) const { return scale * scale * eps; }
 };
 
-// dL/dX from dL/dG (B, N, N) for G = Xc Xc^T with Xc = X - mean(X).
-inline at::Tensor grad_points(const at::Tensor& gG, const at::Tensor& centred, at::ScalarType dtype) {
+// dL/dX (dtype) from M = dL/dD2 (B, N, N, double, not symmetrised) of the points that
+// RelationPoints made, times factor (B,) per group:
+//   dL/dx_m = 2 sum_n (M_mn + M_nm) (x_m - x_n),
+// in double, where the matrix product's cancellation (eps |x| against a sum of differences) is
+// far below float rounding.
+inline at::Tensor grad_points(const at::Tensor& M, const RelationPoints& p, const at::Tensor& factor,
+                              at::ScalarType dtype) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  return serial_if_small(gG.numel() + centred.numel(), [&] {
-    at::Tensor g = at::bmm(gG + gG.transpose(1, 2), centred);
-    return (g - g.mean({1}, true)).to(dtype);
+  return serial_if_small(M.numel() + p.centred.numel(), [&] {
+    at::Tensor W = M + M.transpose(1, 2);
+    W.diagonal(0, 1, 2).zero_();
+    W.mul_((factor * 2).view({-1, 1, 1}));
+    return at::baddbmm(W.sum(-1, true) * p.centred, W, p.centred, 1, -1).to(dtype);
   });
 }
 
 // The argument checks of the relation ops (student, teacher: (B, N, D); group_weight: (B,)).
 inline void check_relation_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(s.dim() == 3 && t.dim() == 3, op, ": points must be (B, N, D)");
-  TORCH_CHECK(s.size(1) >= 2, op, ": needs at least 2 points");
+  check_points(s, op);
+  check_points(t, op);
   TORCH_CHECK(s.size(0) == t.size(0) && s.size(1) == t.size(1), op,
               ": student and teacher must have the same B and N");
   TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher dtypes differ");
@@ -68,38 +104,57 @@ inline void check_relation_inputs(const at::Tensor& s, const at::Tensor& t, cons
 }
 
 // The result when every term has weight 0: zero losses and gradients, nothing computed (so no
-// inf or NaN in the points can reach them, as the reference leaves such terms out).
+// inf or NaN in the points can reach them, as the reference leaves such terms out). The gradients
+// are contiguous whatever the inputs' strides, as every gradient the op returns.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_relation_result(const at::Tensor& s, const at::Tensor& t,
                                                                            bool want_s, bool want_t) {
   return {at::zeros({s.size(0)}, s.options().dtype(relation_acc(s.scalar_type()))),
-          want_s ? at::zeros_like(s) : at::empty({0}, s.options()),
-          want_t ? at::zeros_like(t) : at::empty({0}, t.options())};
+          want_s ? at::zeros(s.sizes(), s.options()) : at::empty({0}, s.options()),
+          want_t ? at::zeros(t.sizes(), t.options()) : at::empty({0}, t.options())};
 }
 
+// Both sides of a relation op, checked before anything is computed.
 struct RelationInputs {
-  PointsGram ps, pt;
-  at::Tensor gram_s, gram_t, w;
+  RelationPoints ps, pt;
+  at::Tensor w;
   at::ScalarType acc, dtype_s, dtype_t;
   int64_t B, N;
-  RelationInputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op)
-      : ps(s, op), pt(t, op) {
-    check_relation_inputs(s, t, weight, op);
+  template <typename SqDists>
+  RelationInputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op,
+                 SqDists sq_dists)
+      : ps((check_relation_inputs(s, t, weight, op), s), op, sq_dists), pt(t, op, sq_dists) {
     acc = relation_acc(s.scalar_type());
-    gram_s = ps.gram, gram_t = pt.gram, w = weight;
+    w = weight;
     dtype_s = s.scalar_type(), dtype_t = t.scalar_type();
     B = s.size(0), N = s.size(1);
   }
-  at::TensorOptions opts() const { return gram_s.options(); }
   std::vector<double> weights() const {
     at::Tensor c = w.to(at::kDouble).cpu().contiguous();
     return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
   }
-  at::Tensor grad_points_s(const at::Tensor& gG) const {
-    return gG.defined() ? grad_points(gG, ps.centred, dtype_s) : at::empty({0}, ps.centred.options().dtype(dtype_s));
+  // The loss does not change with the scale: dL/dx = scale dL/d(scaled x).
+  at::Tensor grad_points_s(const at::Tensor& M) const {
+    return M.defined() ? grad_points(M, ps, ps.scale, dtype_s) : at::empty({0}, ps.centred.options().dtype(dtype_s));
   }
-  at::Tensor grad_points_t(const at::Tensor& gG) const {
-    return gG.defined() ? grad_points(gG, pt.centred, dtype_t) : at::empty({0}, pt.centred.options().dtype(dtype_t));
+  at::Tensor grad_points_t(const at::Tensor& M) const {
+    return M.defined() ? grad_points(M, pt, pt.scale, dtype_t) : at::empty({0}, pt.centred.options().dtype(dtype_t));
   }
 };
+
+// pairwise_distances' output from the distances of the scaled points (B, N, N, double) and the
+// mean of their positive entries (B): psi when normalize (scale-free), else the distances in the
+// points' own units.
+inline at::Tensor pairwise_output(const at::Tensor& dist, const at::Tensor& mean, const RelationPoints& p,
+                                  bool squared, bool normalize) {
+  const at::Tensor div = normalize ? mean : (squared ? p.scale * p.scale : p.scale);
+  return dist / div.view({-1, 1, 1});
+}
+
+// The factor that takes pairwise_distances' gradient with respect to the scaled points (computed
+// from the upstream gradient as it is) to the points: see pairwise_output.
+inline at::Tensor pairwise_grad_factor(const RelationPoints& p, bool squared, bool normalize) {
+  if (normalize) return p.scale;
+  return squared ? 1.0 / p.scale : at::ones_like(p.scale);
+}
 
 }  // namespace kdfast
