@@ -14,7 +14,8 @@ import torch
 import kdfast
 from kdfast import _ops
 
-from conftest import DTYPE_IDS, REPO, check_kl, decisive_mass_rows, needs_native, relerr, same_bits
+from conftest import (DTYPE_IDS, REPO, check_kl, decisive_mass_rows, extreme_logit_rows, needs_native, relerr,
+                      same_bits)
 
 pytestmark = needs_native
 
@@ -75,6 +76,17 @@ def test_isa_wide_logits(cpu_isa, dtype, scale, temperature):
         s = (torch.randn(rows, V, dtype=torch.float64) * scale).to(dtype)
         t = (torch.randn(rows, V, dtype=torch.float64) * scale).to(dtype)
         check_kl(s, t, temperature=temperature, reduction="sum", grad_teacher=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("V", [300, 5000, 70001])  # one block; online-softmax blocks; the split path
+def test_isa_logits_near_float_max(cpu_isa, V, temperature):
+    """Finite fp32 logits up to ~FLT_MAX, 6e38 apart: finite where float64 is (no overflowing sums,
+    no inf * 0 when a running maximum jumps), inf exactly where float64 exceeds FLT_MAX."""
+    s, t = extreme_logit_rows(V)
+    # (value_tol: see test_softmax_kl.py test_logits_near_float_max)
+    out, gs, _ = check_kl(s, t, temperature=temperature, reduction="none", grad_teacher=True, value_tol=1e-4)
+    assert torch.isfinite(out[[1, 2, 5]]).all() and torch.isfinite(gs).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
