@@ -1,8 +1,7 @@
 // CPU output buffers of 64 KB and more (the gradients of the logits).
 //
-// The first touch of freshly mapped memory costs more than the kernel that fills it (page faults
-// and the kernel zeroing each page: about 75 ms for 262 MB on two cores, against 12 ms to fill
-// resident memory; a 1 MB gradient of 256 x 1000 logits faulted ~60 pages a step). So large blocks
+// The first touch of freshly mapped memory costs more than the kernel that fills it (a page fault
+// and the OS zeroing the page, for every page; commits 18ef60e and 6414b18 measured it). So large blocks
 // (8 MB and more) are 2 MB-aligned and advised for transparent huge pages, others page-aligned, and
 // a freed block goes back to a small size-keyed cache instead of to the OS: the next step's
 // gradient of the same shape lands in memory that is already mapped. KDFAST_CPU_CACHE_MB caps the
