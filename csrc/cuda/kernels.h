@@ -11,6 +11,9 @@
 namespace kdfast {
 namespace cuda {
 
+// Reads the KDFAST_CUDA_KL* tuning knobs again (they are read once; tests that switch paths call it).
+void softmax_kl_reload_knobs();
+
 // Scratch bytes that softmax_kl needs for these arguments on the current device (0 on most paths).
 size_t softmax_kl_workspace(const kernel::SoftmaxKLArgs& a);
 
