@@ -85,20 +85,6 @@ const cpu::Kernels& cpu::selected_kernels() {
 
 TORCH_LIBRARY(kdfast, m) {
   // The library's own ops; the losses' ops are in csrc/ops/.
-  // The RKD loss of each group of points (B, N, D); student and teacher may differ in D. loss_b =
-  // distance_weight * (mean Huber_delta over the N^2 psi-normalised distances) + angle_weight *
-  // (mean Huber_delta over the N^3 triplet-angle cosines), one eps (the distance clamp and the
-  // side-length floor of the cosines) for both; a term of weight 0 is not computed. In
-  // the forward-and-gradient form of softmax_kl: (loss per group, grad_student, grad_teacher), each
-  // gradient group_weight[b] * d loss_b / d input, or an empty tensor. One op for both terms, so
-  // that RKD-DA centres the points, forms their Gram matrices and multiplies back to points once.
-  m.def("rkd(Tensor student, Tensor teacher, float distance_weight, float angle_weight, float delta, "
-        "bool squared, float eps, Tensor group_weight, bool grad_student, bool grad_teacher) "
-        "-> (Tensor, Tensor, Tensor)");
-  // (B, N, D) -> (B, N, N) distances clamped at eps with a zero diagonal, each group divided by the
-  // mean of its positive entries when normalize. In the accumulation dtype (float32 or float64).
-  m.def("pairwise_distances(Tensor x, bool squared, bool normalize, float eps) -> Tensor");
-  m.def("pairwise_distances_backward(Tensor grad, Tensor x, bool squared, bool normalize, float eps) -> Tensor");
   m.def("_select_cpu_isa(str name, str path) -> str", &kdfast::select_cpu_isa);
   m.def("_cpu_supports(str isa) -> bool", &kdfast::cpu_supports);
   m.def("_empty_cpu_cache() -> ()", &kdfast::empty_cpu_cache);

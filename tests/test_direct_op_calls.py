@@ -76,9 +76,9 @@ def test_rkd_term_weights(device, weights):
 def test_relation_empty_features(device):
     x = torch.randn(1, 5, 0, device=device)
     y = torch.randn(1, 5, 3, device=device)
-    raises("student.*feature", _rkd, x, y)
-    raises("teacher.*feature", _rkd, y, x)
-    raises("feature", ops.pairwise_distances, x, False, True, 1e-12)
+    raises("student points need at least one coordinate", _rkd, x, y)
+    raises("teacher points need at least one coordinate", _rkd, y, x)
+    raises("x points need at least one coordinate", ops.pairwise_distances, x, False, True, 1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,4 +1,5 @@
-// CUDA implementation of the relation ops, with the semantics of csrc/ops/rkd.cpp (the CPU ones):
+// CUDA implementation of the relation ops rkd and pairwise_distances (schemas and shared checks:
+// csrc/ops/rkd.cpp, csrc/ops/pairwise_distances.cpp, csrc/ops/rkd.h), as csrc/cpu/rkd_ops.cpp:
 // scaling and centring, the products back to points and the per-group sums with ATen (all on
 // the current stream, no host synchronisation), the n x n and n^3 work in csrc/cuda/rkd.cu. Groups
 // are processed together, B x n x n at a time; memory is O(B n^2) beyond the inputs and gradients.
@@ -11,7 +12,7 @@
 
 #include "cuda/kernels.h"
 #include "ops/kernel_dtype.h"
-#include "ops/rkd_common.h"
+#include "ops/rkd.h"
 
 namespace kdfast {
 namespace {
@@ -167,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
                                                         double delta, bool squared, double eps, const at::Tensor& w,
                                                         bool want_s, bool want_t) {
   check_same_cuda("rkd", {s, t, w});
-  TORCH_CHECK(std::isfinite(dw) && std::isfinite(aw), "rkd: the term weights must be finite");
+  check_rkd_scalars(dw, aw, delta, eps);
   const c10::cuda::CUDAGuard guard(s.device());
   if (dw == 0 && aw == 0) {
     check_relation_inputs(s, t, w, "rkd");
@@ -192,7 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
 at::Tensor pairwise_distances_cuda(const at::Tensor& x, bool squared, bool normalize, double eps) {
   check_same_cuda("pairwise_distances", {x});
   const c10::cuda::CUDAGuard guard(x.device());
-  RelationPoints p(x, "pairwise_distances", sq_dists_cuda);
+  check_pairwise_eps("pairwise_distances", eps);
+  RelationPoints p(x, "pairwise_distances", "x", sq_dists_cuda);
   Dist d = pdist(p.d2, squared, p.eps_sq(eps).contiguous());
   return pairwise_output(d.dist, d.mean, p, squared, normalize).to(relation_acc(x.scalar_type()));
 }
@@ -201,7 +203,8 @@ at::Tensor pairwise_distances_backward_cuda(const at::Tensor& grad, const at::Te
                                             double eps) {
   check_same_cuda("pairwise_distances_backward", {grad, x});
   const c10::cuda::CUDAGuard guard(x.device());
-  RelationPoints p(x, "pairwise_distances_backward", sq_dists_cuda);
+  check_pairwise_eps("pairwise_distances_backward", eps);
+  RelationPoints p(x, "pairwise_distances_backward", "x", sq_dists_cuda);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.B && grad.size(1) == p.N && grad.size(2) == p.N,
               "pairwise_distances_backward: grad must be (B, N, N)");
   const at::Tensor g = grad.to(at::kDouble).contiguous();

@@ -1,149 +1,34 @@
-// CPU implementation of the relation ops: scaling and centring (ops/rkd_common.h), the squared
-// distances, n x n and n^3 work in the kernels of cpu/rkd.cpp, the product back to points with
-// ATen's matrix multiply. Memory is O(B n^2) beyond the inputs and their gradients. User-facing validation is in kdfast/functional.py.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/bmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/tensor.h>
-#include <ATen/ops/zeros.h>
+// The rkd op: schema and the scalar-argument checks both devices share (tensor checks and the
+// shared glue: csrc/ops/rkd.h). Kernels: csrc/cpu/rkd.cpp and csrc/cuda/rkd.cu; glue:
+// csrc/{cpu,cuda}/rkd_ops.cpp; math: csrc/common/rkd.h.
 #include <torch/library.h>
 
 #include <cmath>
-#include <vector>
 
-#include "cpu/alloc.h"
-#include "cpu/kernels.h"
-#include "ops/kernel_dtype.h"
-#include "ops/rkd_common.h"
+#include "ops/rkd.h"
 
 namespace kdfast {
-namespace {
 
-// D2 of every group from its (scaled, centred) points, with the CPU kernel.
-void sq_dists_cpu(const at::Tensor& centred, at::Tensor& d2) {
-  const int64_t B = centred.size(0), n = centred.size(1), dim = centred.size(2);
-  for (int64_t b = 0; b < B; ++b)
-    cpu::selected_kernels().sq_dists({centred.data_ptr<double>() + b * n * dim, n, dim, d2.data_ptr<double>() + b * n * n});
+void check_rkd_scalars(double distance_weight, double angle_weight, double delta, double eps) {
+  TORCH_CHECK(std::isfinite(distance_weight) && distance_weight >= 0,
+              "rkd: distance_weight must be finite and >= 0, got ", distance_weight);
+  TORCH_CHECK(std::isfinite(angle_weight) && angle_weight >= 0,
+              "rkd: angle_weight must be finite and >= 0, got ", angle_weight);
+  TORCH_CHECK(std::isfinite(delta) && delta > 0, "rkd: delta must be finite and > 0, got ", delta);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "rkd: eps must be finite and >= 0, got ", eps);
 }
 
-// Distances of one group (n x n, double): returns (dist, mean of the positive entries, count).
-struct GroupDist {
-  at::Tensor dist;
-  double mean;
-  int64_t count;
-};
-
-GroupDist group_dist(const at::Tensor& d2, bool squared, double eps) {
-  const int64_t n = d2.size(0);
-  GroupDist r{at::empty({n, n}, d2.options()), 0, 0};
-  cpu::PdistArgs a{d2.data_ptr<double>(), n, squared, eps, r.dist.data_ptr<double>(), 0, 0};
-  cpu::selected_kernels().pdist(a);
-  r.count = a.pos_count;
-  r.mean = a.pos_sum / static_cast<double>(a.pos_count);  // 0/0 = NaN, as torch's mean of nothing
-  return r;
-}
-
-// Adds d loss / d D2 to grad_d2, from grad_out = d loss / d dist (or d psi when normalize).
-void group_dist_backward(const at::Tensor& d2, const GroupDist& d, bool squared, bool normalize, double eps,
-                         const at::Tensor& grad_out, const at::Tensor& grad_d2) {
-  cpu::PdistBackwardArgs a{d2.data_ptr<double>(), d.dist.data_ptr<double>(), d2.size(0), squared, normalize, eps,
-                           d.mean, d.count, grad_out.data_ptr<double>(), grad_d2.data_ptr<double>()};
-  cpu::selected_kernels().pdist_backward(a);
-}
-
-double at_b(const at::Tensor& v, int64_t b) { return v.data_ptr<double>()[b]; }
-
-// Adds group b's distance term (weighted by dw) to loss and to the D2 gradients Ms / Mt.
-void distance_term(const RelationInputs& in, int64_t b, double wb, double dw, double delta, bool squared,
-                   double eps, double& loss, const at::Tensor& Ms, const at::Tensor& Mt) {
-  const int64_t n = in.N;
-  const double nn = double(n) * double(n);
-  const bool want_s = Ms.defined() && wb != 0, want_t = Mt.defined() && wb != 0;  // weight 0: no gradient
-  const double eps_s = eps * at_b(in.ps.scale, b) * at_b(in.ps.scale, b);
-  const double eps_t = eps * at_b(in.pt.scale, b) * at_b(in.pt.scale, b);
-  GroupDist ds = group_dist(in.ps.d2[b], squared, eps_s), dt = group_dist(in.pt.d2[b], squared, eps_t);
-  const auto opts = in.ps.d2.options();
-  at::Tensor gps = want_s ? at::empty({n, n}, opts) : at::Tensor();
-  at::Tensor gpt = want_t ? at::empty({n, n}, opts) : at::Tensor();
-  cpu::DistanceHuberArgs a{ds.dist.data_ptr<double>(), dt.dist.data_ptr<double>(), n, 1.0 / ds.mean, 1.0 / dt.mean,
-                           delta, wb * dw / nn, 0, want_s ? gps.data_ptr<double>() : nullptr,
-                           want_t ? gpt.data_ptr<double>() : nullptr};
-  cpu::selected_kernels().distance_huber(a);
-  loss += dw * (a.loss / nn);
-  if (want_s) group_dist_backward(in.ps.d2[b], ds, squared, true, eps_s, gps, Ms[b]);
-  if (want_t) group_dist_backward(in.pt.d2[b], dt, squared, true, eps_t, gpt, Mt[b]);
-}
-
-// Adds group b's angle term (weighted by aw) to loss and to the D2 gradients Ms / Mt.
-void angle_term(const RelationInputs& in, int64_t b, double wb, double aw, double delta, double eps, double& loss,
-                const at::Tensor& Ms, const at::Tensor& Mt) {
-  const int64_t n = in.N;
-  const double n3 = double(n) * double(n) * double(n);
-  const bool grads = wb != 0;
-  cpu::AngleArgs a{to_kernel_dtype(in.acc), in.ps.d2[b].data_ptr<double>(), in.pt.d2[b].data_ptr<double>(), n,
-                   eps * at_b(in.ps.scale, b), eps * at_b(in.pt.scale, b), delta, wb * aw / n3, 0,
-                   (Ms.defined() && grads) ? Ms[b].data_ptr<double>() : nullptr,
-                   (Mt.defined() && grads) ? Mt[b].data_ptr<double>() : nullptr};
-  cpu::selected_kernels().angle(a);
-  loss += aw * (a.loss / n3);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cpu(const at::Tensor& s, const at::Tensor& t, double dw, double aw,
-                                                       double delta, bool squared, double eps, const at::Tensor& w,
-                                                       bool want_s, bool want_t) {
-  TORCH_CHECK(std::isfinite(dw) && std::isfinite(aw), "rkd: the term weights must be finite");
-  if (dw == 0 && aw == 0) {
-    check_relation_inputs(s, t, w, "rkd");
-    return zero_relation_result(s, t, want_s, want_t);
-  }
-  RelationInputs in(s, t, w, "rkd", sq_dists_cpu);
-  const int64_t B = in.B, n = in.N;
-  // Both terms add to one D2 gradient per side: one product back to points for the two.
-  const auto opts = in.ps.d2.options();
-  at::Tensor Ms = want_s ? at::zeros({B, n, n}, opts) : at::Tensor();
-  at::Tensor Mt = want_t ? at::zeros({B, n, n}, opts) : at::Tensor();
-  const std::vector<double> wa = in.weights();
-  std::vector<double> loss(B, 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    if (dw != 0) distance_term(in, b, wa[b], dw, delta, squared, eps, loss[b], Ms, Mt);
-    if (aw != 0) angle_term(in, b, wa[b], aw, delta, eps, loss[b], Ms, Mt);
-  }
-  at::Tensor out = at::tensor(loss, at::TensorOptions().dtype(at::kDouble)).to(in.acc);
-  return {out, in.grad_points_s(Ms), in.grad_points_t(Mt)};
-}
-
-at::Tensor pairwise_distances_cpu(const at::Tensor& x, bool squared, bool normalize, double eps) {
-  RelationPoints p(x, "pairwise_distances", sq_dists_cpu);
-  at::Tensor dist = at::empty_like(p.d2), mean = at::empty({p.B}, p.d2.options());
-  for (int64_t b = 0; b < p.B; ++b) {
-    const double sc = at_b(p.scale, b);
-    GroupDist d = group_dist(p.d2[b], squared, eps * sc * sc);
-    dist[b].copy_(d.dist);
-    mean.data_ptr<double>()[b] = d.mean;
-  }
-  return pairwise_output(dist, mean, p, squared, normalize).to(relation_acc(x.scalar_type()));
-}
-
-at::Tensor pairwise_distances_backward_cpu(const at::Tensor& grad, const at::Tensor& x, bool squared,
-                                           bool normalize, double eps) {
-  RelationPoints p(x, "pairwise_distances_backward", sq_dists_cpu);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.B && grad.size(1) == p.N && grad.size(2) == p.N,
-              "pairwise_distances_backward: grad must be (B, N, N)");
-  at::Tensor g = grad.to(at::kDouble).contiguous();
-  at::Tensor M = at::zeros_like(p.d2);
-  for (int64_t b = 0; b < p.B; ++b) {
-    const double sc = at_b(p.scale, b);
-    GroupDist d = group_dist(p.d2[b], squared, eps * sc * sc);
-    group_dist_backward(p.d2[b], d, squared, normalize, eps * sc * sc, g[b], M[b]);
-  }
-  return grad_points(M, p, pairwise_grad_factor(p, squared, normalize), x.scalar_type());
-}
-
-}  // namespace
 }  // namespace kdfast
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  m.impl("rkd", &kdfast::rkd_cpu);
-  m.impl("pairwise_distances", &kdfast::pairwise_distances_cpu);
-  m.impl("pairwise_distances_backward", &kdfast::pairwise_distances_backward_cpu);
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // The RKD loss of each group of points (B, N, D); student and teacher may differ in D. loss_b =
+  // distance_weight * (mean Huber_delta over the N^2 psi-normalised distances) + angle_weight *
+  // (mean Huber_delta over the N^3 triplet-angle cosines), one eps (the distance clamp and the
+  // side-length floor of the cosines) for both; a term of weight 0 is not computed. In
+  // the forward-and-gradient form of softmax_kl: (loss per group, grad_student, grad_teacher), each
+  // gradient group_weight[b] * d loss_b / d input, or an empty tensor. One op for both terms, so
+  // that RKD-DA centres the points, forms their Gram matrices and multiplies back to points once.
+  m.def("rkd(Tensor student, Tensor teacher, float distance_weight, float angle_weight, float delta, "
+        "bool squared, float eps, Tensor group_weight, bool grad_student, bool grad_teacher) "
+        "-> (Tensor, Tensor, Tensor)");
 }

@@ -1,10 +1,14 @@
 #pragma once
-// Device-independent parts of the relation ops (scaling and centring the points, the product of
-// d loss / d D2 back to the points), shared by the CPU and CUDA implementations. See
-// csrc/common/rkd.h for the math.
+// The relation ops, rkd and pairwise_distances (schemas and scalar-argument checks in
+// csrc/ops/rkd.cpp and csrc/ops/pairwise_distances.cpp): the checks and the device-independent
+// parts (scaling and centring the points, the product of d loss / d D2 back to the points) that
+// their CPU and CUDA implementations (csrc/{cpu,cuda}/rkd_ops.cpp) share. The math:
+// csrc/common/rkd.h.
 #include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
+
+#include "ops/kernel_dtype.h"
 
 #include <string>
 #include <tuple>
@@ -26,12 +30,17 @@ auto serial_if_small(int64_t elements, F f) {
 
 inline at::ScalarType relation_acc(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The argument checks of one side's points (B, N, D).
-inline void check_points(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, ": points must be (B, N, D)");
-  TORCH_CHECK(x.size(1) >= 2, op, ": needs at least 2 points");
-  TORCH_CHECK(x.size(2) >= 1, op, ": points need at least one coordinate (D >= 1)");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": points must be floating point, got ", x.scalar_type());
+// The scalar arguments: rkd's term weights (finite, >= 0), delta (finite, > 0) and eps (finite,
+// >= 0); pairwise_distances' eps. Defined with the schemas.
+void check_rkd_scalars(double distance_weight, double angle_weight, double delta, double eps);
+void check_pairwise_eps(const char* op, double eps);
+
+// The argument checks of one side's points (B, N, D), `arg` naming them.
+inline void check_points(const at::Tensor& x, const char* op, const char* arg) {
+  TORCH_CHECK(x.dim() == 3, op, ": ", arg, " must be (B, N, D) points, got ", x.dim(), " dims");
+  TORCH_CHECK(x.size(1) >= 2, op, ": ", arg, " needs at least 2 points");
+  TORCH_CHECK(x.size(2) >= 1, op, ": ", arg, " points need at least one coordinate (D >= 1)");
+  check_kernel_dtype(op, arg, x.scalar_type());
 }
 
 // 2^-e per group (B, 1, 1) with e the exponent of the group's largest |x| (so that it scales into
@@ -51,8 +60,8 @@ struct RelationPoints {
   at::Tensor centred, scale, d2;  // (B, N, D) double; (B,) double; (B, N, N) double
   int64_t B, N;
   template <typename SqDists>
-  RelationPoints(const at::Tensor& x, const char* op, SqDists sq_dists) {
-    check_points(x, op);
+  RelationPoints(const at::Tensor& x, const char* op, const char* arg, SqDists sq_dists) {
+    check_points(x, op, arg);
     B = x.size(0), N = x.size(1);
     // Autocast must not lower these products.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -93,8 +102,8 @@ inline at::Tensor grad_points(const at::Tensor& M, const RelationPoints& p, cons
 
 // The argument checks of the relation ops (student, teacher: (B, N, D); group_weight: (B,)).
 inline void check_relation_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op) {
-  check_points(s, op);
-  check_points(t, op);
+  check_points(s, op, "student");
+  check_points(t, op, "teacher");
   TORCH_CHECK(s.size(0) == t.size(0) && s.size(1) == t.size(1), op,
               ": student and teacher must have the same B and N");
   TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher dtypes differ");
@@ -122,7 +131,7 @@ struct RelationInputs {
   template <typename SqDists>
   RelationInputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op,
                  SqDists sq_dists)
-      : ps((check_relation_inputs(s, t, weight, op), s), op, sq_dists), pt(t, op, sq_dists) {
+      : ps((check_relation_inputs(s, t, weight, op), s), op, "student", sq_dists), pt(t, op, "teacher", sq_dists) {
     acc = relation_acc(s.scalar_type());
     w = weight;
     dtype_s = s.scalar_type(), dtype_t = t.scalar_type();
