@@ -25,8 +25,9 @@ namespace kl {
 
 // The k of h = 2^-k for rows of V elements at inv_t = 1 / T: with |b - a| <= 2 FLT_MAX h inv_t
 // log2(e) (CUDA works in base 2) and Z_t <= V, 2^k >= 8 V max(inv_t, 1) log2(e) keeps A, and the
-// online rescale's intermediates, below FLT_MAX / 2. Capped so that h stays a normal float (beyond
-// the cap only T below ~1e-12 can overflow, where the natural-unit KL does as well).
+// online rescale's intermediates, below FLT_MAX / 2. Capped so that h and m h stay normal floats
+// for ordinary logits; the cap binds only for 1 / T above ~1e21 at V = 2^20, where A may overflow
+// again.
 constexpr int kMaxScaleExponent = 96;
 inline int scale_exponent(int64_t V, double inv_t) {
   const double need = 8.0 * static_cast<double>(V > 1 ? V : 1) * (inv_t > 1.0 ? inv_t : 1.0) * 1.4426950408889634;
