@@ -187,24 +187,6 @@ def test_rkd_far_from_origin_fp32(B, backend):
         assert relerr(fn(s32, t32), fn(s64, t64)) < 1e-4
 
 
-@pytest.mark.parametrize("squared", [False, True])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_pairwise_distances(squared, normalize, backend):
-    x = torch.randn(7, 5, dtype=torch.float64)
-    want = td_pdist(x, squared=squared)
-    if normalize:
-        want = want / want[want > 0].mean()
-    torch.testing.assert_close(kdfast.pairwise_distances(x, squared=squared, normalize=normalize), want,
-                               rtol=1e-10, atol=1e-12)
-    xb = torch.randn(3, 7, 5, dtype=torch.float64)
-    got = kdfast.pairwise_distances(xb, squared=squared, normalize=normalize)
-    assert got.shape == (3, 7, 7)
-    for b in range(3):
-        torch.testing.assert_close(got[b], kdfast.pairwise_distances(xb[b], squared=squared, normalize=normalize),
-                                   rtol=1e-12, atol=1e-14)
-    assert (got.diagonal(dim1=-2, dim2=-1) == 0).all()
-
-
 def test_rkd_gradcheck(backend):
     s = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     t = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -328,17 +310,6 @@ def test_rkd_op_sums_its_terms(dtype):
     loss, gs, gt = torch.ops.kdfast.rkd(bad, t, 0.0, 0.0, 1.0, False, 1e-12, w, True, True)
     assert loss.shape == (3,) and (loss == 0).all() and (gs == 0).all() and (gt == 0).all()
     assert gs.dtype == s.dtype and gt.shape == t.shape
-
-
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_opcheck_pairwise_distances_ops(dtype):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = torch.randn(2, 5, 3, dtype=dtype)
-    for squared, normalize in ((False, True), (True, False)):
-        torch.library.opcheck(torch.ops.kdfast.pairwise_distances.default, (x, squared, normalize, 1e-12))
-        torch.library.opcheck(torch.ops.kdfast.pairwise_distances_backward.default,
-                              (torch.randn(2, 5, 5, dtype=acc), x, squared, normalize, 1e-12))
 
 
 # ----------------------------------------------------------------------------- logit MSE, feature L2, cosine
