@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 
+#include "common/tuning.h"
 #include "cpu/alloc.h"
 
 namespace kdfast {
@@ -22,7 +23,7 @@ namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
 constexpr size_t kPage = 4096;
-constexpr size_t kCached = size_t(64) << 10;  // smaller blocks come from malloc's heap, already mapped
+constexpr size_t kCached = tuning::kCachedBytes;  // smaller blocks come from malloc's heap, already mapped
 
 struct BlockCache {
   std::mutex mu;
@@ -80,7 +81,7 @@ at::Tensor empty_cpu_fast(at::IntArrayRef sizes, at::ScalarType dtype) {
   auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
   if (bytes < kCached) return at::empty(sizes, options);
   // Mid-size blocks would fault too: malloc maps them fresh, or trims the heap when they are freed.
-  const bool huge = bytes >= 4 * kHuge;
+  const bool huge = bytes >= tuning::kHugeBytes;
   const size_t unit = huge ? kHuge : kPage;
   const size_t rounded = (bytes + unit - 1) / unit * unit;
   void* p = cache().take(rounded);

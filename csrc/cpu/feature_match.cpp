@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/feature_match.h"
+#include "common/tuning.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_io.h"
 
@@ -30,10 +31,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kChunk = 1 << 15;  // elements per task when rows are split
+constexpr int64_t kChunk = tuning::kFeatureSplitChunk;  // elements per task when rows are split
 constexpr int64_t kBlock = 1024;     // elements summed in vector lanes before a double carry
 // Large squared-error gradients are written with non-temporal stores (vec_io.h streams_output).
-// (Cosine gradients lost ~10% with them: a fence per short row drains the write-combining buffers.)
+// (Not cosine gradients, which measured slower with them: a fence per short row drains the
+// write-combining buffers.)
 
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -203,7 +205,7 @@ void feature_typed(const FeatureArgs& p) {
   };
 
   if (nchunk == 1) {  // whole rows per task; a cosine row is still in cache for its gradient pass
-    at::parallel_for(0, R, rows_per_task(D, 16384), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, rows_per_task(D, tuning::kFeatureRowGrain), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const Slice x = slice(r, 0);
         if (W[r] == A(0)) {

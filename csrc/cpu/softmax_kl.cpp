@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/softmax_kl.h"
+#include "common/tuning.h"
 #include "cpu/kernels.h"
 #include "cpu/fast_exp.h"
 #include "cpu/vec_io.h"
@@ -31,7 +32,7 @@ namespace {
 using at::vec::Vectorized;
 using FVec = Vectorized<float>;
 
-constexpr int64_t kSplitChunk = 1 << 15;  // elements per task on the split path
+constexpr int64_t kSplitChunk = tuning::kKLSplitChunk;  // elements per task on the split path
 
 struct RowStats {
   double zs = 0, zt = 0, a = 0;
@@ -71,8 +72,7 @@ inline void copy_out(const float* from, int64_t n, T* to) {
 
 // Lane-wise maximum of logits. On AVX-512 and the baseline build one max instruction (clamp_min),
 // which may skip a NaN: the NaN still makes its row NaN, because their exponentials keep NaN lanes
-// (softmax-KL op alone, 2 threads: 2048 x 32000 fp32 36.4 -> 29.9 ms, fp16 25.3 -> 23.0 ms,
-// 4096 x 1000 fp32 2.13 -> 1.79 ms). ATen's AVX2 exp_u20 clamps its argument, a NaN included, so
+// (commit 318c7a2 measured it). ATen's AVX2 exp_u20 clamps its argument, a NaN included, so
 // there the maximum itself carries the NaN (at::vec::maximum: three instructions more).
 inline FVec logit_max(const FVec& a, const FVec& b) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -204,14 +204,13 @@ RowStats row_stats(const T* s, const T* t, int64_t n, float ms, float mt, const 
 // once; its maxima are taken while it sits in L1, the running maxima move up if needed (rescaling
 // the sums, as online softmax does) and the exponentials relative to the running maxima go to the
 // scratch rows. block_ms/block_mt record, per block, the maxima its exponentials are relative to.
-constexpr int64_t kBlock = 2048;
+constexpr int64_t kBlock = tuning::kKLBlock;
 
 // Software prefetch of the cache lines of K elements at p (for writing when kWrite). The row pass
 // asks for the next block while it computes this one, so that memory and arithmetic overlap
-// instead of taking turns (the hardware prefetcher alone runs too little ahead; measured: forward
-// 46 -> 26 ms at 2048 x 32000); the gradient pass asks for its destination 2 KB ahead of its
-// stores, which otherwise stall on reading each line first (49 -> 45 ms; streamed gradients need
-// no such read).
+// instead of taking turns (the hardware prefetcher alone runs too little ahead); the gradient pass
+// asks for its destination kKLWriteAheadBytes ahead of its stores, which otherwise stall on reading
+// each line first (streamed gradients need no such read).
 template <int kWrite = 0, typename T>
 inline void prefetch_k(const T* p) {
   for (int64_t off = 0; off < int64_t(2 * FVec::size() * sizeof(T)); off += 64) {
@@ -279,7 +278,7 @@ void row_grads_cached(const T* s, const T* t, int64_t n, float ms, float mt, con
                       bool stream) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int64_t K = kStep;
-  constexpr int64_t kWriteAhead = 2048 / sizeof(T);
+  constexpr int64_t kWriteAhead = tuning::kKLWriteAheadBytes / sizeof(T);
   const FVec nms = u.neg_mh(ms), nmt = u.neg_mh(mt), vcoef(coef), vcoef_t(coef * u.inv_h), vshift(shift),
              vpost(post);
   const bool scaled_out = post != 1.f;
@@ -433,11 +432,11 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   };
 
   // The row path keeps per-block maxima on the stack: rows beyond 2^20 elements take the split path.
-  const bool split = (R < 16 && V >= 2 * kSplitChunk) || V > (int64_t(1) << 20);
+  const bool split = (R < tuning::kKLSplitFewRows && V >= 2 * kSplitChunk) || V > tuning::kKLSplitRowsAbove;
   const int64_t nchunk = split ? (V + kSplitChunk - 1) / kSplitChunk : 1;
   const bool stream = streams_output(R * V, sizeof(T));  // the gradients (vec_io.h)
   if (nchunk == 1) {
-    at::parallel_for(0, R, rows_per_task(V, 8192), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, rows_per_task(V, tuning::kKLRowGrain), [&](int64_t r0, int64_t r1) {
       const FlushDenormals ftz;
       std::vector<float> scratch;
       if (!std::is_same<T, double>::value && want_grad) scratch.resize(2 * V);

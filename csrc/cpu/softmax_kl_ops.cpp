@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "common/tuning.h"
 #include "cpu/alloc.h"
 #include "cpu/kernels.h"
 #include "ops/kernel_dtype.h"
@@ -41,7 +42,7 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& ratio) {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     scalar_t* g = grad.data_ptr<scalar_t>();
     const acc_t* rp = r.const_data_ptr<acc_t>();
-    at::parallel_for(0, grad.size(0), cpu::rows_per_task(V, 32768),
+    at::parallel_for(0, grad.size(0), cpu::rows_per_task(V, tuning::kScaleRowsGrain),
                      [&](int64_t r0, int64_t r1) {
       for (int64_t row = r0; row < r1; ++row) {
         const acc_t f = rp[row * rs];

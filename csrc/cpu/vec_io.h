@@ -11,6 +11,8 @@
 #include <xmmintrin.h>
 #endif
 
+#include "common/tuning.h"
+
 namespace kdfast {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
@@ -70,9 +72,8 @@ inline void store2(double* p, const DVec2& a, const DVec2& b) {
 // Flushes subnormal floats to zero while in scope (x86: MXCSR FTZ and DAZ; restored on exit).
 // Making or reading a subnormal costs a microcode assist of ~100 cycles a vector: a softmax over
 // logits that span more than ~87 (large logits at T = 1, masked vocabularies) would otherwise make
-// them on most elements (256 x 32000 at T = 1, logits ~N(0, 40^2), one thread: 22 ms with the
-// exponential's own cut alone, 7.2 ms with the flush; 141 ms with neither). Values below 1.2e-38
-// change no loss or gradient.
+// them on most elements (commit 18ef60e measured it). Values below 1.2e-38 change no loss or
+// gradient.
 struct FlushDenormals {
 #if defined(__x86_64__) || defined(__i386__)
   unsigned int saved = _mm_getcsr();
@@ -84,11 +85,9 @@ struct FlushDenormals {
 // Non-temporal stores, for large outputs that nothing reads soon: they skip the read-for-ownership
 // of each cache line (a third of the traffic of a kernel that reads two inputs and writes one).
 // float, half and bfloat16 vectors at an address aligned to the vector (can_stream); double stores
-// normally. Gradients of at least kStreamBytes take them (streams_output): measured on the 2-core
-// Xeon, 2 threads, op alone: squared error 2048 x 4096 fp32 4.7 -> 4.3 ms, 8192 x 8192 bf16 16.6 ->
-// 13.8 ms, fp16 16.0 -> 13.1 ms; softmax-KL 2048 x 32000 fp32 39.4 -> 36.3 ms, bf16 27.0 -> 25.7 ms,
-// 256 x 131072 fp32 22.5 -> 20.2 ms. Smaller ones stay in cache for whatever reads them next.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// normally. Gradients of at least kStreamBytes (common/tuning.h) take them (streams_output; commit
+// 846c0fb measured it). Smaller ones stay in cache for whatever reads them next.
+using tuning::kStreamBytes;
 inline bool streams_output(int64_t elems, size_t elem_size) {
   return elems * static_cast<int64_t>(elem_size) >= kStreamBytes;
 }

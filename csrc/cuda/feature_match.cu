@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "common/feature_match.h"
+#include "common/tuning.h"
 #include "cuda/compat.cuh"
 #include "cuda/elem.cuh"
 #include "cuda/kernels.h"
@@ -28,8 +29,8 @@ using kernel::FeatureArgs;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kSqChunk = 4096;      // squared error: elements per warp
-constexpr int64_t kCosChunk = 8192;     // cosine rows longer than this are split across warps
+using tuning::kCosChunk;  // cosine rows longer than this are split across warps
+using tuning::kSqChunk;   // squared error: elements per warp
 constexpr int64_t kMaxBlocks = 1 << 16;  // warps stride over the work beyond this
 
 template <typename A>

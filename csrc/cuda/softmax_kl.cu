@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common/softmax_kl.h"
+#include "common/tuning.h"
 #include "cuda/compat.cuh"
 #include "cuda/elem.cuh"
 #include "cuda/kernels.h"
@@ -737,28 +738,10 @@ Knobs knobs() {
   return knobs_slot();
 }
 
-// Plan sizes and thresholds. Each names the gpu_check case (bench/gpu_check.py KL_CASES, the H100/H200
-// runs in bench/results) whose plan it decides.
-// Shared memory held back from a CTA's budget for static shared memory and the per-block reservation.
-constexpr int64_t kSmemReserve = 4096;
-// Few rows are spread over clusters of up to this many CTAs (256 x 128256: 256 rows on 132 SMs).
-constexpr int kMaxSpreadCluster = 8;
-// ... while the rows times the cluster size stay below this many CTAs per SM (256 x 128256) ...
-constexpr int kSpreadCtasPerSm = 2;
-// ... and each slice keeps at least this many elements (256 x 1000 stays one CTA a row).
-constexpr int64_t kMinSpreadSlice = 8192;
-// Fallback paths: rows longer than this are chunked (8192 x 131072 without clusters) ...
-constexpr int64_t kChunkRowsAbove = 32768;
-// ... as are rows longer than this when there are fewer rows than SMs (256 x 128256 on pre-sm_90).
-constexpr int64_t kChunkFewRowsAbove = 8192;
-// Chunk lengths of the chunks path for long rows (8192 x 131072) and for the rest (256 x 128256).
-constexpr int64_t kLongRowChunk = 16384;
-constexpr int64_t kShortRowChunk = 4096;
+// The plan's sizes and thresholds are in common/tuning.h.
+using namespace tuning;
 // grid.y holds at most this many chunks per row.
 constexpr int64_t kMaxGridY = 65535;
-// scale_rows_: chunk length, and the blocks per SM that few rows are cut into (256 x 128256 backward).
-constexpr int64_t kScaleChunk = 16384;
-constexpr int64_t kScaleBlocksPerSm = 4;
 
 enum class Path { Cluster, Rows, Chunks };
 

@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "common/tuning.h"
 #include "ops/kernel_dtype.h"
 
 #include <string>
@@ -22,7 +23,7 @@ namespace kdfast {
 template <typename F>
 auto serial_if_small(int64_t elements, F f) {
   using R = decltype(f());
-  if (elements > (int64_t(1) << 20)) return f();
+  if (elements > tuning::kRelationSerialBelow) return f();
   R out;
   at::parallel_for(0, 1, 2, [&](int64_t, int64_t) { out = f(); });
   return out;
@@ -46,8 +47,8 @@ inline void check_points(const at::Tensor& x, const char* op, const char* arg) {
 // 2^-e per group (B, 1, 1) with e the exponent of the group's largest |x| (so that it scales into
 // [0.5, 1)); 1 for a group of zeros, or one holding inf or NaN (which then reach the loss).
 inline at::Tensor pow2_scale(const at::Tensor& x) {
-  const at::Tensor flat = x.flatten(1);  // two vectorised reductions, no |x| temporary
-  const at::Tensor m = at::maximum(flat.amax(1), -flat.amin(1)).view({-1, 1, 1});
+  const auto [lo, hi] = at::aminmax(x.flatten(1), 1);  // one pass, no |x| temporary
+  const at::Tensor m = at::maximum(hi, -lo).view({-1, 1, 1});
   const at::Tensor e = std::get<1>(at::frexp(m));
   const at::Tensor ok = at::isfinite(m) & (m > 0);
   return at::where(ok, at::ldexp(at::ones_like(m), -e), at::ones_like(m));
@@ -68,12 +69,18 @@ struct RelationPoints {
     std::tie(centred, scale) = serial_if_small(x.numel(), [&] {
       // in place on one double copy: fewer passes and allocations
       at::Tensor xd = x.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
-      const at::Tensor s1 = pow2_scale(xd);  // first into range, so that the mean cannot overflow
-      xd.mul_(s1);
+      // Double inputs are first scaled into range, so that the mean cannot overflow; a narrower
+      // type's values cannot make a double sum overflow. Powers of 2 commute with the rounding of
+      // the mean, so the scaled points are the same either way.
+      at::Tensor s1;
+      if (x.scalar_type() == at::kDouble) {
+        s1 = pow2_scale(xd);
+        xd.mul_(s1);
+      }
       xd.sub_(xd.mean({1}, true));
       const at::Tensor s2 = pow2_scale(xd);  // then the centred points' range, for D2's
       xd.mul_(s2);
-      return std::make_tuple(xd, (s1 * s2).view({-1}));
+      return std::make_tuple(xd, (s1.defined() ? s1 * s2 : s2).view({-1}));
     });
     d2 = at::empty({B, N, N}, centred.options());
     sq_dists(centred, d2);

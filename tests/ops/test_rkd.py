@@ -291,7 +291,7 @@ def test_op_checks_before_computing():
         torch.ops.kdfast.rkd(s, s, 1.0, 1.0, 1.0, False, 1e-12, torch.ones(2), True, True)
     with pytest.raises(RuntimeError, match="D >= 1"):
         torch.ops.kdfast.rkd(torch.randn(1, 4, 0), torch.randn(1, 4, 0), 1.0, 1.0, 1.0, False, 1e-12, w, True, True)
-    with pytest.raises(RuntimeError, match="floating point"):
+    with pytest.raises(RuntimeError, match="x must be float32, float64, float16 or bfloat16"):
         torch.ops.kdfast.pairwise_distances(torch.ones(1, 4, 3, dtype=torch.int64), False, True, 1e-12)
 
 
