@@ -37,8 +37,9 @@ MODULE_CASES = [
     ("RKDDistanceLoss", lambda: knn.RKDDistanceLoss(delta=0.5, squared=True),
      lambda s, t: kdfast.rkd_distance_loss(s, t, delta=0.5, squared=True), "feats"),
     ("RKDAngleLoss", lambda: knn.RKDAngleLoss(delta=2.0), lambda s, t: kdfast.rkd_angle_loss(s, t, delta=2.0), "feats"),
-    ("RKDLoss", lambda: knn.RKDLoss(distance_weight=1.0, angle_weight=2.0, delta=0.7),
-     lambda s, t: kdfast.rkd_loss(s, t, distance_weight=1.0, angle_weight=2.0, delta=0.7), "feats"),
+    ("RKDLoss", lambda: knn.RKDLoss(distance_weight=1.0, angle_weight=2.0, delta=0.7, squared=True, eps=0.25),
+     lambda s, t: kdfast.rkd_loss(s, t, distance_weight=1.0, angle_weight=2.0, delta=0.7, squared=True, eps=0.25),
+     "feats"),
     ("RKDLoss-default", lambda: knn.RKDLoss(), lambda s, t: kdfast.rkd_loss(s, t), "feats"),
 ]
 
@@ -50,8 +51,8 @@ MODULE_REPRS = {
     "LogitMSELoss": "reduction='sum'", "FeatureL2Loss": "reduction='mean', channel_dim=-1",
     "FeatureL2Loss-same-width": "reduction='sum', channel_dim=-1", "CosineLoss": "dim=0, reduction='sum', eps=1e-08",
     "RKDDistanceLoss": "delta=0.5, squared=True, eps=1e-12", "RKDAngleLoss": "delta=2.0, eps=1e-12",
-    "RKDLoss": "distance_weight=1.0, angle_weight=2.0, delta=0.7",
-    "RKDLoss-default": "distance_weight=25.0, angle_weight=50.0, delta=1.0",
+    "RKDLoss": "distance_weight=1.0, angle_weight=2.0, delta=0.7, squared=True, eps=0.25",
+    "RKDLoss-default": "distance_weight=25.0, angle_weight=50.0, delta=1.0, squared=False, eps=1e-12",
 }
 
 

@@ -37,9 +37,6 @@ constexpr int64_t kBlock = 1024;     // elements summed in vector lanes before a
 // (Not cosine gradients, which measured slower with them: a fence per short row drains the
 // write-combining buffers.)
 
-template <typename T>
-using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 template <typename A>
 double lane_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);

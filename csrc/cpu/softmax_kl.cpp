@@ -403,13 +403,8 @@ void row_grads(const double* s, const double* t, int64_t n, double ms, double mt
 // ---- driver ----
 
 template <typename T>
-struct Acc { using type = float; };
-template <>
-struct Acc<double> { using type = double; };
-
-template <typename T>
 void softmax_kl_typed(const SoftmaxKLArgs& p) {
-  using acc_t = typename Acc<T>::type;
+  using acc_t = acc_of<T>;
   const T* S = static_cast<const T*>(p.student);
   const T* Tt = static_cast<const T*>(p.teacher);
   const acc_t* W = static_cast<const acc_t*>(p.row_weight);

@@ -17,6 +17,10 @@ namespace kdfast {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
+// The accumulation type of an element type: double for double, float for float, half and bfloat16.
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 using FVec2 = at::vec::Vectorized<float>;
 
 inline void load2(const float* p, FVec2& a, FVec2& b) {
