@@ -138,6 +138,37 @@ def test_reference_relation_ops_eps_zero_match_native(case, duplicates):
         assert relerr(a, b) <= 1e-12
 
 
+def _pdist_off_diagonal(x, normalize):
+    """(N, D) -> (N, N) distances whose norms are taken of the off-diagonal differences only (no
+    norm of a zero vector anywhere), so that every derivative is the textbook one for distinct points."""
+    n = x.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    d = torch.zeros(n, n, dtype=x.dtype).masked_scatter(off, (x.unsqueeze(1) - x.unsqueeze(0))[off].norm(dim=-1))
+    return d / d[off].mean() if normalize else d
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-12])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_reference_pairwise_distances_second_order(eps, normalize):
+    """create_graph=True through the reference distances (the native op's double backward recomputes
+    through it): the diagonal's zero differences must not turn the second-order gradient into NaN (the
+    norm of a zero vector has 0/0 second derivatives, hence the stand-in in _pdist). Distinct points,
+    against norms taken of the off-diagonal differences alone."""
+    x0 = torch.randn(6, 4, dtype=torch.float64)
+    U, R = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+
+    def second_order(f):
+        x = x0.clone().requires_grad_()
+        (g,) = torch.autograd.grad((f(x) * U).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * R).sum(), x)
+        return h
+
+    got = second_order(lambda x: ref.pairwise_distances(x, normalize=normalize, eps=eps))
+    want = second_order(lambda x: _pdist_off_diagonal(x, normalize))
+    assert torch.isfinite(got).all(), "non-finite second-order gradient"
+    assert relerr(got, want) <= 1e-12
+
+
 # ----------------------------------------------------------------------------- cosine rows that overflow
 
 def _huge_rows(dtype):

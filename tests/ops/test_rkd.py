@@ -176,6 +176,37 @@ def test_float64_extreme_scale():
         assert relerr(got, want) < 1e-12
 
 
+def test_float64_sum_beyond_range():
+    """float64 points whose coordinate sums overflow (each below DBL_MAX, six of one sign near 1e308):
+    the mean that centres them must not be taken before they are scaled into range. Equal to the
+    loss of the same points scaled down by a power of 2 (exact, and RKD is scale-invariant)."""
+    g = torch.Generator().manual_seed(5)
+    s0 = torch.randn(6, 5, generator=g, dtype=torch.float64) + 4.0  # all positive: the sums add up
+    t0 = torch.randn(6, 3, generator=g, dtype=torch.float64) - 4.0
+    big = 2.0 ** 1021  # |x| up to ~7 * 2^1021 < DBL_MAX; a column's sum of 6 is beyond it
+    assert torch.isinf((s0 * big).sum(0)).any() and torch.isinf((t0 * big).sum(0)).any()
+    for fn in LOSSES:
+        want = getattr(kdfast, fn)(s0, t0, eps=0.0)
+        got = getattr(kdfast, fn)(s0 * big, t0 * big, eps=0.0)
+        assert torch.isfinite(got) and relerr(got, want) < 1e-12, fn
+
+
+def test_float64_cluster_far_from_origin_gradients():
+    """float64 points at 1e12 from the origin with spread ~1: RKD is translation-invariant, so value
+    and gradients equal those of the same points moved back (exactly) to the origin. The gradient
+    sum_n W_mn (x_m - x_n), taken as (sum_n W_mn) x_m - (W x)_m, cancels ~1e12 against ~1: only
+    centred points keep it to float64 rounding."""
+    g = torch.Generator().manual_seed(6)
+    off = 1e12
+    s = torch.randn(8, 4, generator=g, dtype=torch.float64) + off
+    t = torch.randn(8, 3, generator=g, dtype=torch.float64) - off
+    for fn in LOSSES:
+        want, ws, wt = value_and_grads(lambda a, b: oracle(fn, a, b), s - off, t + off)  # exact moves
+        got, gs, gt = value_and_grads(getattr(kdfast, fn), s, t)
+        assert relerr(got, want) < 1e-10, fn
+        assert relerr(gs, ws) < 1e-8 and relerr(gt, wt) < 1e-8, (fn, relerr(gs, ws), relerr(gt, wt))
+
+
 # ----------------------------------------------------------------------------- non-default eps
 
 def eps_points(seed, n=8, D=3):
