@@ -8,7 +8,7 @@ from kdfast._validation import compute_dtype
 
 
 @torch.library.register_fake("kdfast::softmax_kl")
-def _softmax_kl_fake(student, teacher, inv_temperature, row_weight, grad_student, grad_teacher, grad_scale=1.0):
+def _softmax_kl_fake(student, teacher, inv_temperature, divergence, mix, row_weight, grad_student, grad_teacher, grad_scale=1.0):
     return _row_op_fake(student, teacher, row_weight, grad_student, grad_teacher)
 
 

@@ -146,8 +146,8 @@ def _scaled(g, ratio):
     return g * ratio.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
 
 
-def _kl_rows(student, teacher, inv_temperature):
-    return reference.kl_rows(student, teacher, 1.0 / inv_temperature)
+def _divergence_rows(student, teacher, inv_temperature, divergence, mix):
+    return reference.divergence_rows(student, teacher, 1.0 / inv_temperature, reference.DIVERGENCES[divergence], mix)
 
 
 def _feature_rows(student, teacher, cosine, eps):
@@ -160,7 +160,7 @@ def _feature_rows(student, teacher, cosine, eps):
 
 # Per-row losses in plain PyTorch, for create_graph=True ([B5]): the fused ops' gradients carry no
 # graph, so a higher-order gradient is recomputed through these, which autograd can differentiate.
-ROW_REFERENCE = {_ops.softmax_kl: _kl_rows, _ops.feature_match: _feature_rows}
+ROW_REFERENCE = {_ops.softmax_kl: _divergence_rows, _ops.feature_match: _feature_rows}
 
 
 def differentiable_grads(op, student, teacher, weight, params, ratio, want):

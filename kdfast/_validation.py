@@ -55,6 +55,16 @@ def check_nonnegative(value, name):
     return value
 
 
+def check_unit_interval(value, name):
+    """A float in [0, 1] (beta, alpha): endpoints included, never clamped."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
 def check_reduction(reduction, allowed):
     if not isinstance(reduction, str) or reduction not in allowed:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")

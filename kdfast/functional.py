@@ -6,7 +6,7 @@ from kdfast import _backend, _ops, _tuning as tuning, _validation as v, referenc
 if _ops.LOADED:
     from kdfast._fused_autograd import fused_loss
 
-__all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss",
+__all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "logit_mse", "feature_l2", "cosine_loss",
            "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
 
 
@@ -23,7 +23,7 @@ def _common_dtype(student, teacher):
     return student, teacher
 
 
-def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
+def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale, divergence=0, mix=0.0):
     student, teacher = _common_dtype(student, teacher)
     lead, V = student.shape[:-1], student.shape[-1]
     s2, t2 = _rows2d(student, V), _rows2d(teacher, V)
@@ -42,7 +42,7 @@ def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale):
             w = w / mask.sum().clamp(min=1).to(acc)
     elif reduction == "mean" and rows > 0:
         w = w / rows
-    kl = fused_loss(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature)  # w * KL per row
+    kl = fused_loss(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature, divergence, mix)  # w * D per row
     out = kl.reshape(lead) if reduction == "none" else kl.sum()
     out_dtype = v.result_dtype(student, teacher)
     return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -64,15 +64,50 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="batch
 
 
 def _kl(student, teacher, temperature, reduction, mask, squared_t):
+    return _divergence(student, teacher, temperature, reduction, mask, "kl", 0.0,
+                       temperature * temperature if squared_t else 1.0)
+
+
+def _divergence(student, teacher, temperature, reduction, mask, divergence, mix, scale=1.0):
+    """scale * the divergence (a name of reference.DIVERGENCES) between the temperature softmaxes."""
     v.check_logits(student, teacher)
     temperature = v.check_positive(temperature, "temperature")
     v.check_reduction(reduction, v.KL_REDUCTIONS)
     mask = v.check_mask(mask, student)
-    scale = temperature * temperature if squared_t else 1.0
     if _backend.use_native(student.device):
-        return _native_softmax_kl(student, teacher, temperature, reduction, mask, scale)
-    out = reference.softmax_kl_div(student, teacher, temperature=temperature, reduction=reduction, mask=mask)
-    return out * scale if squared_t else out
+        return _native_softmax_kl(student, teacher, temperature, reduction, mask, scale,
+                                  reference.DIVERGENCES.index(divergence), mix)
+    out = reference.reduce_rows(reference.divergence_rows(student, teacher, temperature, divergence, mix, mask),
+                                mask, reduction, student.shape[0]).to(v.result_dtype(student, teacher))
+    return out * scale if scale != 1.0 else out
+
+
+def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, reduction="batchmean", mask=None):
+    """Generalized Jensen-Shannon divergence with TRL's beta: beta KL(P||M) + (1 - beta) KL(Q||M),
+    M = beta P + (1 - beta) Q, P = softmax(teacher / T), Q = softmax(student / T); beta = 0 is
+    KL(P||Q) and beta = 1 is KL(Q||P), exactly. Reductions and mask as softmax_kl_div; no T^2."""
+    beta = v.check_unit_interval(beta, "beta")
+    return _divergence(student_logits, teacher_logits, temperature, reduction, mask, "jsd", beta)
+
+
+def reverse_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
+    """Reverse KL, KL(Q||P): mode-seeking (TRL DistillationConfig's default). As softmax_kl_div otherwise."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, mask, "reverse_kl", 0.0)
+
+
+def skew_kl_div(student_logits, teacher_logits, *, alpha=0.1, reverse=False, temperature=1.0,
+                reduction="batchmean", mask=None):
+    """DistiLLM's skew KL, KL(P || alpha P + (1 - alpha) Q); with reverse=True the skew reverse KL,
+    KL(Q || alpha Q + (1 - alpha) P). alpha = 0 is the plain (reverse) KL."""
+    alpha = v.check_unit_interval(alpha, "alpha")
+    return _divergence(student_logits, teacher_logits, temperature, reduction, mask,
+                       "skew_reverse_kl" if reverse else "skew_kl", alpha)
+
+
+def tv_distance(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
+    """Total variation distance between the temperature softmaxes, sum over the vocabulary of
+    |P - Q| / 2 (in [0, 1] per row)."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, mask, "tvd", 0.0)
 
 
 # ---------------------------------------------------------------- feature-based

@@ -7,7 +7,7 @@ from torch import nn
 
 from kdfast import functional as F
 
-__all__ = ["KDLoss", "SoftmaxKLDivLoss", "LogitMSELoss", "FeatureL2Loss", "CosineLoss",
+__all__ = ["KDLoss", "SoftmaxKLDivLoss", "GeneralizedJSDLoss", "ReverseKLDivLoss", "SkewKLDivLoss", "TVDistanceLoss", "LogitMSELoss", "FeatureL2Loss", "CosineLoss",
            "RKDDistanceLoss", "RKDAngleLoss", "RKDLoss"]
 
 
@@ -35,6 +35,53 @@ class KDLoss(SoftmaxKLDivLoss):
     def forward(self, student_logits, teacher_logits, mask=None):
         return F.kd_loss(student_logits, teacher_logits, temperature=self.temperature,
                          reduction=self.reduction, mask=mask)
+
+
+class GeneralizedJSDLoss(SoftmaxKLDivLoss):
+    """Generalized JSD with TRL's beta (0: KL(P||Q), 1: KL(Q||P)); see kdfast.generalized_jsd."""
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean"):
+        super().__init__(temperature, reduction)
+        self.beta = beta
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return F.generalized_jsd(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature,
+                                 reduction=self.reduction, mask=mask)
+
+    def extra_repr(self):
+        return f"beta={self.beta}, " + super().extra_repr()
+
+
+class ReverseKLDivLoss(SoftmaxKLDivLoss):
+    """KL(softmax(student/T) || softmax(teacher/T)); see kdfast.reverse_kl_div."""
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return F.reverse_kl_div(student_logits, teacher_logits, temperature=self.temperature,
+                                reduction=self.reduction, mask=mask)
+
+
+class SkewKLDivLoss(SoftmaxKLDivLoss):
+    """DistiLLM's skew KL (reverse=True: skew reverse KL); see kdfast.skew_kl_div."""
+
+    def __init__(self, alpha: float = 0.1, reverse: bool = False, temperature: float = 1.0,
+                 reduction: str = "batchmean"):
+        super().__init__(temperature, reduction)
+        self.alpha, self.reverse = alpha, reverse
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return F.skew_kl_div(student_logits, teacher_logits, alpha=self.alpha, reverse=self.reverse,
+                             temperature=self.temperature, reduction=self.reduction, mask=mask)
+
+    def extra_repr(self):
+        return f"alpha={self.alpha}, reverse={self.reverse}, " + super().extra_repr()
+
+
+class TVDistanceLoss(SoftmaxKLDivLoss):
+    """Total variation distance of the temperature softmaxes; see kdfast.tv_distance."""
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return F.tv_distance(student_logits, teacher_logits, temperature=self.temperature,
+                             reduction=self.reduction, mask=mask)
 
 
 class LogitMSELoss(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kdfast import _validation as v
 
-__all__ = ["softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss",
+__all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "logit_mse", "feature_l2", "cosine_loss",
            "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
 
 
@@ -64,6 +64,94 @@ def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction
     rows = kl_rows(student_logits, teacher_logits, temperature, mask)
     batch = student_logits.shape[0]
     return reduce_rows(rows, mask, reduction, batch).to(v.result_dtype(student_logits, teacher_logits))
+
+
+# The divergences of the softmax-KL family by the op's numbering (csrc/ops/softmax_kl.cpp).
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+def _masked_inputs(student_logits, teacher_logits, mask):
+    """Masked-out rows as zeros (a divergence of 0 and zero gradients whatever they held; see kl_rows)."""
+    if mask is None:
+        return student_logits, teacher_logits
+    keep = mask.unsqueeze(-1)
+    zero = torch.zeros((), dtype=student_logits.dtype, device=student_logits.device)
+    return torch.where(keep, student_logits, zero), torch.where(keep, teacher_logits, zero.to(teacher_logits.dtype))
+
+
+def _xlogy_ratio(p, log_p, log_m):
+    """p * (log p - log m), 0 where p = 0 (its log may be -inf), NaN kept."""
+    return torch.where(p != 0, p * (log_p - log_m), torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl", mix=0.0, mask=None):
+    """Per-row divergence between P = softmax(teacher / T) and Q = softmax(student / T), computed
+    from log-probabilities in at least float32; a mixture is formed from probabilities (logsumexp
+    of the log-probabilities plus log weights). divergence: one of DIVERGENCES; mix: beta for jsd,
+    alpha for the skew forms. The endpoints jsd(0) = KL(P||Q), jsd(1) = KL(Q||P) and skew(0) = KL
+    are TRL's definitions."""
+    if divergence in ("reverse_kl", "skew_reverse_kl"):
+        forward = "kl" if divergence == "reverse_kl" else "skew_kl"
+        return divergence_rows(teacher_logits, student_logits, temperature, forward, mix, mask)
+    if divergence == "kl" or (divergence in ("jsd", "skew_kl") and mix == 0):
+        return kl_rows(student_logits, teacher_logits, temperature, mask)
+    if divergence == "jsd" and mix == 1:
+        return kl_rows(teacher_logits, student_logits, temperature, mask)
+    acc = v.compute_dtype(student_logits, teacher_logits)
+    s, t = _masked_inputs(student_logits, teacher_logits, mask)
+    log_q = F.log_softmax(s.to(acc) / temperature, dim=-1)
+    log_p = F.log_softmax(t.to(acc) / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+
+    # log M, M = mix P + (1 - mix) Q, from probabilities (logaddexp of the log-probabilities plus
+    # log weights). Where P = Q = 0 (-inf logits in both) M is 0 and no term reads it: the inputs
+    # are set to 0 there, so that logaddexp's backward sees no -inf - (-inf).
+    zero = torch.zeros((), dtype=acc, device=p.device)
+    both_zero = (p == 0) & (q == 0)
+    lp, lq = torch.where(both_zero, zero, log_p), torch.where(both_zero, zero, log_q)
+    log_m = lp if mix == 1 else torch.logaddexp(lp + math.log(mix), lq + math.log1p(-mix))
+    if divergence == "jsd":
+        return mix * _xlogy_ratio(p, log_p, log_m).sum(-1) + (1 - mix) * _xlogy_ratio(q, log_q, log_m).sum(-1)
+    if divergence == "skew_kl":
+        return _xlogy_ratio(p, log_p, log_m).sum(-1)
+    raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+
+
+def _divergence_loss(student_logits, teacher_logits, temperature, reduction, mask, divergence, mix):
+    v.check_logits(student_logits, teacher_logits)
+    temperature = v.check_positive(temperature, "temperature")
+    v.check_reduction(reduction, v.KL_REDUCTIONS)
+    mask = v.check_mask(mask, student_logits)
+    rows = divergence_rows(student_logits, teacher_logits, temperature, divergence, mix, mask)
+    out = reduce_rows(rows, mask, reduction, student_logits.shape[0])
+    return out.to(v.result_dtype(student_logits, teacher_logits))
+
+
+def generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, reduction="batchmean", mask=None):
+    """beta KL(P||M) + (1 - beta) KL(Q||M), M = beta P + (1 - beta) Q; beta = 0 is KL(P||Q) and beta = 1
+    KL(Q||P) (TRL's GKD convention), P = softmax(teacher / T), Q = softmax(student / T)."""
+    beta = v.check_unit_interval(beta, "beta")
+    return _divergence_loss(student_logits, teacher_logits, temperature, reduction, mask, "jsd", beta)
+
+
+def reverse_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
+    """KL(Q||P): the student's softmax against the teacher's."""
+    return _divergence_loss(student_logits, teacher_logits, temperature, reduction, mask, "reverse_kl", 0.0)
+
+
+def skew_kl_div(student_logits, teacher_logits, *, alpha=0.1, reverse=False, temperature=1.0, reduction="batchmean",
+                mask=None):
+    """DistiLLM's skew KL: KL(P || alpha P + (1 - alpha) Q); reverse: KL(Q || alpha Q + (1 - alpha) P)."""
+    alpha = v.check_unit_interval(alpha, "alpha")
+    return _divergence_loss(student_logits, teacher_logits, temperature, reduction, mask,
+                            "skew_reverse_kl" if reverse else "skew_kl", alpha)
+
+
+def tv_distance(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
+    """Total variation distance, sum over the vocabulary of |P - Q| / 2."""
+    return _divergence_loss(student_logits, teacher_logits, temperature, reduction, mask, "tvd", 0.0)
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean", mask=None):

@@ -289,7 +289,7 @@ def test_row_weight_zero_skips_rows(path):
     s, t = torch.randn(4, 5000, device=DEV), torch.randn(4, 5000, device=DEV)
     s[1, 7] = math.nan
     w = torch.tensor([1.0, 0.0, 2.5, -0.5], device=DEV)
-    kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.5, w, True, True)
+    kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.5, 0, 0.0, w, True, True)
     assert kl[1] == 0 and (gs[1] == 0).all() and (gt[1] == 0).all()
     sd, td = s.double().cpu().requires_grad_(), t.double().cpu().requires_grad_()
     rows = ref.softmax_kl_div(sd, td, temperature=2.0, reduction="none")
@@ -389,7 +389,7 @@ def _op_args(rows, V, dtype, gs, gt, device=DEV):
     if rows > 1:
         w[1] = 0
     return (torch.randn(rows, V, dtype=dtype, device=device), torch.randn(rows, V, dtype=dtype, device=device),
-            0.5, w, gs, gt)
+            0.5, 0, 0.0, w, gs, gt)
 
 
 @pytest.mark.parametrize("case", [((3, 17), torch.float32, (False, False)), ((3, 17), torch.float32, (True, True)),
@@ -682,7 +682,7 @@ def test_devices_must_match():
 def test_raw_op_rejects_mixed_devices():
     s, t = torch.randn(3, 10, device=DEV), torch.randn(3, 10, device=DEV)
     with pytest.raises(RuntimeError, match="device"):
-        torch.ops.kdfast.softmax_kl(s, t, 1.0, torch.ones(3), True, False)
+        torch.ops.kdfast.softmax_kl(s, t, 1.0, 0, 0.0, torch.ones(3), True, False)
 
 
 def test_native_available_cuda():

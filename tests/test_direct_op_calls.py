@@ -26,14 +26,14 @@ def raises(match, fn, *args):
 def test_softmax_kl_inv_temperature(device, inv_t):
     s = torch.randn(3, 7, device=device)
     w = torch.ones(3, device=device)
-    raises("inv_temperature", ops.softmax_kl, s, s.clone(), inv_t, w, True, False)
+    raises("inv_temperature", ops.softmax_kl, s, s.clone(), inv_t, 0, 0.0, w, True, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_row_ops_element_type(device):
     s = torch.randint(0, 5, (3, 7), device=device)
     w = torch.ones(3, device=device)
-    raises("student must be float32, float64, float16 or bfloat16", ops.softmax_kl, s, s, 1.0, w, True, False)
+    raises("student must be float32, float64, float16 or bfloat16", ops.softmax_kl, s, s, 1.0, 0, 0.0, w, True, False)
     raises("student must be float32, float64, float16 or bfloat16", ops.feature_match, s, s, False, 0.0, w,
            True, False)
     raises("grad must be float32", ops.scale_rows_, s, torch.ones(3, device=device))

@@ -73,7 +73,7 @@ def _row_weight():
 
 
 FORWARD_AND_GRADIENT_OPS = {
-    "softmax_kl": lambda s, t, flags=(False, False): torch.ops.kdfast.softmax_kl(s, t, 0.5, _row_weight(), *flags),
+    "softmax_kl": lambda s, t, flags=(False, False): torch.ops.kdfast.softmax_kl(s, t, 0.5, 0, 0.0, _row_weight(), *flags),
     "feature_match_sq": lambda s, t, flags=(False, False): torch.ops.kdfast.feature_match(
         s, t, False, 1e-8, _row_weight(), *flags),
     "feature_match_cos": lambda s, t, flags=(False, False): torch.ops.kdfast.feature_match(
@@ -112,7 +112,7 @@ def test_opcheck_forward_and_gradient_ops_requiring_grad(dtype):
     s, t = torch.randn(3, 9, dtype=dtype, requires_grad=True), torch.randn(3, 9, dtype=dtype, requires_grad=True)
     w = torch.tensor([1.0, 0.0, 0.5], dtype=acc)
     for flags in ((False, False), (True, True)):
-        torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, (s, t, 0.5, w, *flags))
+        torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, (s, t, 0.5, 0, 0.0, w, *flags))
         for cosine in (False, True):
             torch.library.opcheck(torch.ops.kdfast.feature_match.default, (s, t, cosine, 1e-8, w, *flags))
         a, b = torch.randn(2, 5, 3, dtype=dtype, requires_grad=True), torch.randn(2, 5, 4, dtype=dtype)

@@ -24,9 +24,16 @@ struct RowPairArgs {
   double grad_scale = 1;   // gradients times this, with the bits of a scale_rows_ pass after them
 };
 
-// Temperature softmax-KL per row: cols is the vocabulary.
+// The divergences of the softmax-KL op (csrc/common/divergence.h). The op's glue
+// (csrc/ops/softmax_kl.cpp) hands the kernels only KL, JSD with 0 < mix < 1, SkewKL with 0 < mix
+// and TVD: the reverse forms swap student and teacher, and the endpoints that equal a KL become it.
+enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, SkewKL = 3, SkewReverseKL = 4, TVD = 5 };
+
+// A divergence between the temperature softmaxes of each row: cols is the vocabulary.
 struct SoftmaxKLArgs : RowPairArgs {
   double inv_temperature;
+  Divergence divergence = Divergence::KL;
+  double mix = 0;  // JSD: beta; skew KL: alpha (the weight of the first argument in the mixture)
 };
 
 // Feature matching per row (see csrc/common/feature_match.h): squared error or cosine distance

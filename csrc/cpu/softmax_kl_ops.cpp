@@ -16,17 +16,18 @@ namespace kdfast {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at::Tensor& t,
-                                                              double inv_temperature,
-                                                              const at::Tensor& row_weight,
+                                                              double inv_temperature, int64_t divergence,
+                                                              double mix, const at::Tensor& row_weight,
                                                               bool grad_student, bool grad_teacher,
                                                               double grad_scale) {
-  check_softmax_kl(s, t, inv_temperature, row_weight, grad_scale);
+  check_softmax_kl(s, t, inv_temperature, divergence, mix, row_weight, grad_scale);
   const int64_t R = s.size(0), V = s.size(1);
   at::Tensor kl = at::empty({R}, row_weight.options());
   at::Tensor gs = grad_student ? empty_cpu_fast({R, V}, s.scalar_type()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? empty_cpu_fast({R, V}, t.scalar_type()) : at::empty({0}, t.options());
   if (R == 0) return {kl, gs, gt};
-  kernel::SoftmaxKLArgs a = softmax_kl_args(s, t, inv_temperature, row_weight, kl, gs, gt, grad_student, grad_teacher, grad_scale);
+  kernel::SoftmaxKLArgs a = softmax_kl_args(s, t, inv_temperature, divergence, mix, row_weight, kl, gs, gt, grad_student, grad_teacher, grad_scale);
+  TORCH_CHECK(a.divergence == kernel::Divergence::KL, "softmax_kl: this divergence has no kernel on this device yet");
   cpu::selected_kernels().softmax_kl(a);
   return {kl, gs, gt};
 }

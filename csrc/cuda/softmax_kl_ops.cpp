@@ -17,11 +17,11 @@ namespace kdfast {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor& s, const at::Tensor& t,
-                                                               double inv_temperature,
-                                                               const at::Tensor& row_weight,
+                                                               double inv_temperature, int64_t divergence,
+                                                               double mix, const at::Tensor& row_weight,
                                                                bool grad_student, bool grad_teacher,
                                                                double grad_scale) {
-  check_softmax_kl(s, t, inv_temperature, row_weight, grad_scale);
+  check_softmax_kl(s, t, inv_temperature, divergence, mix, row_weight, grad_scale);
   TORCH_CHECK(s.is_cuda(), "softmax_kl: expected CUDA tensors, got ", s.device());
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t R = s.size(0), V = s.size(1);
@@ -29,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor&
   at::Tensor gs = grad_student ? at::empty({R, V}, s.options()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? at::empty({R, V}, t.options()) : at::empty({0}, t.options());
   if (R == 0) return {kl, gs, gt};
-  kernel::SoftmaxKLArgs a = softmax_kl_args(s, t, inv_temperature, row_weight, kl, gs, gt, grad_student, grad_teacher, 1.0);
+  kernel::SoftmaxKLArgs a = softmax_kl_args(s, t, inv_temperature, divergence, mix, row_weight, kl, gs, gt, grad_student, grad_teacher, 1.0);
+  TORCH_CHECK(a.divergence == kernel::Divergence::KL, "softmax_kl: this divergence has no kernel on this device yet");
   const size_t ws_bytes = cuda::softmax_kl_workspace(a);
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, s.options().dtype(at::kByte));

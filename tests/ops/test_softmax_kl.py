@@ -454,8 +454,8 @@ def test_grad_scale_has_the_bits_of_scale_rows(cpu_isa, shape, dtype):
     w = torch.rand(shape[0], dtype=acc)
     w[0] = 0  # a skipped row: zeros, signed as the rescale leaves them
     for f in (0.3, -2.5, 1e-3):
-        kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.7, w, True, True, f)
-        kl0, gs0, gt0 = torch.ops.kdfast.softmax_kl(s, t, 0.7, w, True, True)
+        kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.7, 0, 0.0, w, True, True, f)
+        kl0, gs0, gt0 = torch.ops.kdfast.softmax_kl(s, t, 0.7, 0, 0.0, w, True, True)
         for g in (gs0, gt0):
             torch.ops.kdfast.scale_rows_(g, torch.full((shape[0],), f, dtype=acc))
         assert same_bits(kl, kl0) and same_bits(gs, gs0) and same_bits(gt, gt0), f
@@ -724,7 +724,7 @@ def _op_args(rows, V, dtype, gs, gt):
     w = torch.rand(rows, dtype=acc) + 0.1
     if rows > 1:
         w[1] = 0  # a skipped row
-    return (torch.randn(rows, V, dtype=dtype), torch.randn(rows, V, dtype=dtype), 0.5, w, gs, gt)
+    return (torch.randn(rows, V, dtype=dtype), torch.randn(rows, V, dtype=dtype), 0.5, 0, 0.0, w, gs, gt)
 
 
 @pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True), (True, True)],
@@ -745,14 +745,14 @@ def test_softmax_kl_op_semantics():
     """The raw op: unweighted KL per row (0 where row_weight is 0), row_weight * dKL/dinput."""
     s, t = torch.randn(4, 50, dtype=torch.float64), torch.randn(4, 50, dtype=torch.float64)
     w = torch.tensor([1.0, 0.0, 2.5, -0.5], dtype=torch.float64)
-    kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.5, w, True, True)
+    kl, gs, gt = torch.ops.kdfast.softmax_kl(s, t, 0.5, 0, 0.0, w, True, True)
     rows = ref.softmax_kl_div(s, t, temperature=2.0, reduction="none")
     torch.testing.assert_close(kl, torch.where(w != 0, rows, 0.0))
     sd, td = s.clone().requires_grad_(), t.clone().requires_grad_()
     (ref.softmax_kl_div(sd, td, temperature=2.0, reduction="none") * w).sum().backward()
     torch.testing.assert_close(gs, sd.grad)
     torch.testing.assert_close(gt, td.grad)
-    _, gs0, gt0 = torch.ops.kdfast.softmax_kl(s, t, 0.5, w, False, False)
+    _, gs0, gt0 = torch.ops.kdfast.softmax_kl(s, t, 0.5, 0, 0.0, w, False, False)
     assert gs0.numel() == 0 and gt0.numel() == 0
 
 
