@@ -64,6 +64,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="batch
 
 
 def _kl(student, teacher, temperature, reduction, mask, squared_t):
+    temperature = v.check_positive(temperature, "temperature")
     return _divergence(student, teacher, temperature, reduction, mask, "kl", 0.0,
                        temperature * temperature if squared_t else 1.0)
 
