@@ -58,6 +58,7 @@ def _register_forward_and_gradient_op(name, n_params, weight_selects_rows):
 
 _register_forward_and_gradient_op("softmax_kl", 3, weight_selects_rows=True)  # (inv_temperature, divergence, mix)
 _register_forward_and_gradient_op("feature_match", 2, weight_selects_rows=True)  # (cosine, eps)
+_register_forward_and_gradient_op("sparse_kl", 3, weight_selects_rows=True)  # (indices, inv_temperature, tail)
 _register_forward_and_gradient_op("rkd", 5, weight_selects_rows=False)  # (dw, aw, delta, squared, eps)
 
 
