@@ -422,3 +422,22 @@ def test_direct_op_errors():
         op(s, lp, idx, 1.0, 0, torch.ones(2), True, True)
     with pytest.raises(RuntimeError, match="inv_temperature"):
         op(s, lp, idx, float("nan"), 0, w, True, True)
+
+
+def test_thread_count_does_not_change_bits():
+    """Each row is one thread's work: 1 and 2 threads give the same bits (values and gradients)."""
+    lp, idx = topk_teacher((40,), 3000, 32)
+    s = student((40,), 3000, torch.float32)
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for tail in TAILS:
+                out.append(torch.ops.kdfast.sparse_kl(s, lp.float(), idx, 0.5, TAILS.index(tail), torch.ones(40),
+                                                      True, True))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(out[:2], out[2:]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
