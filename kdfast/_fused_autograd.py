@@ -1,6 +1,6 @@
 """Autograd of the fused forward-and-gradient losses: FusedLossFunction and fused_loss.
 
-The ops torch.ops.kdfast.softmax_kl, feature_match and rkd compute, in one pass over their inputs,
+The ops torch.ops.kdfast.softmax_kl, feature_match, sparse_kl and rkd compute, in one pass over their inputs,
 each row's (or group's) loss and, when asked, the gradient of sum_r weight[r] * loss_r with respect
 to each input (the way Liger-Kernel's fused losses do). FusedLossFunction returns weight * losses,
 whose gradient is exactly the op's gradient buffer times the upstream gradient `ratio` of each
