@@ -17,6 +17,8 @@
 //    (max, sums, gradient), the re-reads served by L1/L2.
 //  * chunks (fallback for very long rows): (row, chunk) blocks write partial maxima and sums, a
 //    second kernel combines them per row in chunk order, a third writes the gradients.
+// The other divergences (JSD, skew KL, TVD; see "the other divergences" below) take the same three
+// paths with kernels of their own, templated on the divergence.
 // Every path is deterministic (fixed reduction orders), uses 64-bit offsets, 16-byte vector accesses
 // where the row slices of all operands share their offset within 16 bytes, and scalar ones where not.
 #include <cuda_bf16.h>
@@ -303,6 +305,7 @@ struct KLParams {
   void* gs;       // rows x V contiguous, or null
   void* gt;
   int64_t row0;  // first row of this launch
+  div::Params<double> dk;  // the other divergences' constants (div::params), cast to acc on the device
 };
 
 template <typename A>
@@ -478,12 +481,6 @@ __device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice
   }
 }
 
-#define KD_CLUSTER_SHARED(A, sh)               \
-  KD_SHARED(A, red_, [32 * 3]);                \
-  KD_SHARED(A, slots_max_, [kMaxCluster * 2]); \
-  KD_SHARED(A, slots_sum_, [kMaxCluster * 3]); \
-  const ClusterSlots<A> sh { red_, slots_max_, slots_sum_ }
-
 __device__ __forceinline__ int cluster_rank_of(int C) {
 #if KD_CLUSTERS
   if (C > 1) return static_cast<int>(cg::this_cluster().block_rank());
@@ -491,6 +488,50 @@ __device__ __forceinline__ int cluster_rank_of(int C) {
   (void)C;
   return 0;
 }
+
+// A cluster kernel's CTA: its row (blockIdx.x / C from p.row0), the row's weight, its slice (the
+// cluster rank picks it) and where the slice goes in shared memory: [student | teacher], raw_bytes
+// each, laid out by GlobalSlice::load.
+template <typename T>
+struct ClusterCta {
+  using A = typename Elem<T>::acc;
+  int rank;
+  int64_t row;
+  A w;
+  GlobalSlice<T> sl;
+  T* bs;
+  T* bt;
+  __device__ __forceinline__ ClusterCta(const KLParams& p, int C, int64_t slice, int64_t raw_bytes, unsigned char* smem)
+      : rank(cluster_rank_of(C)),
+        row(p.row0 + blockIdx.x / C),
+        w(static_cast<const A*>(p.w)[row]),
+        sl(p, row, rank * slice, slice),
+        bs(reinterpret_cast<T*>(smem)),
+        bt(reinterpret_cast<T*>(smem + raw_bytes)) {}
+  // A row of weight 0 gets zero gradients and loss, and the whole cluster leaves (no cluster
+  // barrier is pending: false); else the slice is copied into shared memory and the CTA has arrived
+  // at the cluster barrier that the first cluster_reduce waits on (true).
+  __device__ __forceinline__ bool start(const KLParams& p, int C) const {
+    if (w == A(0)) {
+      zero_row<T, A>(p, sl, row, rank);
+      return false;
+    }
+    // Distributed shared memory may be touched only once every CTA of the cluster runs: arrive now,
+    // wait just before the first remote write (the load below hides the wait).
+    if (C > 1) kd_cluster_arrive();
+    sl.load(bs, bt);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    return true;
+  }
+};
+
+#define KD_CLUSTER_SHARED(A, sh)               \
+  KD_SHARED(A, red_, [32 * 3]);                \
+  KD_SHARED(A, slots_max_, [kMaxCluster * 2]); \
+  KD_SHARED(A, slots_sum_, [kMaxCluster * 3]); \
+  const ClusterSlots<A> sh { red_, slots_max_, slots_sum_ }
 
 // The cluster path: blockIdx.x / C is the row (from p.row0), the cluster rank picks the slice.
 // Shared memory: [student slice | teacher slice] of raw_bytes each, then (kCacheSeparate) the
@@ -501,25 +542,10 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
   using A = typename Elem<T>::acc;
   KD_DYNAMIC_SHARED(smem);
   KD_CLUSTER_SHARED(A, sh);
-  const int rank = cluster_rank_of(C);
-  const int64_t row = p.row0 + blockIdx.x / C;
-  const A w = static_cast<const A*>(p.w)[row];
-  const GlobalSlice<T> sl(p, row, rank * slice, slice);
-  if (w == A(0)) {  // the whole cluster leaves here: no cluster barrier is pending
-    zero_row<T, A>(p, sl, row, rank);
-    return;
-  }
-  // Distributed shared memory may be touched only once every CTA of the cluster runs: arrive now,
-  // wait just before the first remote write (the load below hides the wait).
-  if (C > 1) kd_cluster_arrive();
-  T* bs = reinterpret_cast<T*>(smem);
-  T* bt = reinterpret_cast<T*>(smem + raw_bytes);
-  sl.load(bs, bt);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
+  const ClusterCta<T> x(p, C, slice, raw_bytes, smem);
+  if (!x.start(p, C)) return;
   bool waited = false;
-  cluster_row(p, sl, row, w, C, rank, bs, bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
+  cluster_row(p, x.sl, x.row, x.w, C, x.rank, x.bs, x.bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
 }
 
 // Fallback, one block per (row, chunk). full: the chunk is the whole row; the block writes the KL
@@ -634,9 +660,10 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLParams p, int64_t c
 // beside KL, see kernel::Divergence). Each needs P and Q themselves before its terms, so a row takes
 // three passes: (1) online maxima and softmax sums of both sides, (2) F = sum f, SU = sum Q u and
 // SW = sum P w, (3) the gradients. Exponentials in base 2: e = 2^((x - r) c), c = log2(e) / T, r the
-// row maximum (0 where a side is all -inf: its exponentials are 0 whatever r is). Paths: one block per
-// row, or (long rows, few rows) (row, chunk) blocks whose partials per-row kernels combine in chunk
-// order. Deterministic like the KL paths.
+// row maximum (0 where a side is all -inf: its exponentials are 0 whatever r is). Paths, chosen by
+// the KL's plan (the cluster kernel caching no exponentials): clusters with the row's slices in
+// shared memory (the passes read HBM once), one block per row, or (row, chunk) blocks whose
+// partials per-row kernels combine in chunk order. Deterministic like the KL paths.
 
 // A row's constants for passes (2) and (3).
 template <typename A>
@@ -801,6 +828,17 @@ struct DivConsts {
   A inv_t;  // 1 / T
 };
 
+// From the launch's parameters: div::params<A> would round the same doubles to the same values.
+template <typename A>
+__device__ __forceinline__ DivConsts<A> div_consts(const KLParams& p) {
+  DivConsts<A> dc;
+  const div::Params<double>& d = p.dk;
+  dc.k = {A(d.m), A(d.one_m), A(d.max_q), A(d.max_p), A(d.cq), A(d.cp)};
+  dc.inv_t = static_cast<A>(p.inv_t);
+  dc.c = dc.inv_t * A(kLog2e);
+  return dc;
+}
+
 // The three passes over a GlobalSlice, each through the 16-byte walk where the slice allows it.
 template <typename T, typename A>
 __device__ __forceinline__ void slice_mz(const GlobalSlice<T>& sl, A c, A (&mz)[4]) {
@@ -828,8 +866,9 @@ __device__ __forceinline__ void slice_div_grad(const GlobalSlice<T>& sl, const D
 
 // One block per row: the three passes over the row in global memory (re-reads served by L1/L2).
 template <Divergence D, typename T>
-__global__ void __launch_bounds__(kThreads) div_rows_kernel(KLParams p, DivConsts<typename Elem<T>::acc> dc) {
+__global__ void __launch_bounds__(kThreads) div_rows_kernel(KLParams p) {
   using A = typename Elem<T>::acc;
+  const DivConsts<A> dc = div_consts<A>(p);
   KD_SHARED(A, red, [32 * 3]);
   const int64_t row = p.row0 + blockIdx.x;
   const A w = static_cast<const A*>(p.w)[row];
@@ -856,10 +895,11 @@ __global__ void __launch_bounds__(kThreads) div_rows_kernel(KLParams p, DivConst
 // Chunks path, steps 1 and 3: each (row, chunk) block's partials to part[(row, chunk)]: its (m, z)
 // pairs (4 values), or with kStats its {F, SU, SW} (3 values; mz holds the rows' combined pairs).
 template <Divergence D, typename T, bool kStats>
-__global__ void __launch_bounds__(kThreads) div_chunk_part_kernel(KLParams p, DivConsts<typename Elem<T>::acc> dc,
-                                                                  int64_t chunk, const typename Elem<T>::acc* mz,
+__global__ void __launch_bounds__(kThreads) div_chunk_part_kernel(KLParams p, int64_t chunk,
+                                                                  const typename Elem<T>::acc* mz,
                                                                   typename Elem<T>::acc* part) {
   using A = typename Elem<T>::acc;
+  const DivConsts<A> dc = div_consts<A>(p);
   KD_SHARED(A, red, [32 * 3]);
   const int64_t row = p.row0 + blockIdx.x;
   if (static_cast<const A*>(p.w)[row] == A(0)) return;
@@ -916,8 +956,8 @@ __global__ void div_combine_stats_kernel(KLParams p, int64_t nrows, int nchunk, 
 
 // Step 5: each (row, chunk) block's gradients.
 template <Divergence D, typename T>
-__global__ void __launch_bounds__(kThreads) div_chunk_grad_kernel(KLParams p, DivConsts<typename Elem<T>::acc> dc,
-                                                                  int64_t chunk, const typename Elem<T>::acc* mz,
+__global__ void __launch_bounds__(kThreads) div_chunk_grad_kernel(KLParams p, int64_t chunk,
+                                                                  const typename Elem<T>::acc* mz,
                                                                   const typename Elem<T>::acc* stats) {
   using A = typename Elem<T>::acc;
   const int64_t row = p.row0 + blockIdx.x;
@@ -930,9 +970,59 @@ __global__ void __launch_bounds__(kThreads) div_chunk_grad_kernel(KLParams p, Di
   }
   const A* m = mz + (row - p.row0) * 4;
   const A* s = stats + (row - p.row0) * 3;
+  const DivConsts<A> dc = div_consts<A>(p);
   DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], m[2], m[3]});
   div_finish(r, dc.k, w, dc.inv_t, {s[0], s[1], s[2]});
   slice_div_grad<D>(sl, r);
+}
+
+// The cluster path: as the KL's (blockIdx.x / C is the row, the cluster rank picks the slice, each
+// CTA copies its slice of both inputs into shared memory once), the three passes then run over the
+// on-chip copy, so HBM sees one read of each input and one write of each gradient. Same signature
+// as kl_cluster_kernel (the cache argument is unused: the exponentials are recomputed).
+template <Divergence D, typename T>
+__global__ void __launch_bounds__(kThreads) div_cluster_kernel(KLParams p, int C, int64_t slice,
+                                                               int64_t raw_bytes, int /*cache*/) {
+  using A = typename Elem<T>::acc;
+  constexpr int P = vec_elems<T>();
+  KD_DYNAMIC_SHARED(smem);
+  KD_CLUSTER_SHARED(A, sh);
+  // one slot array per cluster reduction (max: maxima, sum: softmax sums, this: the stats): a CTA
+  // may push the next reduction's values before another has read the last one's
+  KD_SHARED(A, slots_st, [kMaxCluster * 3]);
+  const ClusterCta<T> x(p, C, slice, raw_bytes, smem);
+  if (!x.start(p, C)) return;
+  const GlobalSlice<T>& sl = x.sl;
+  T* bs = x.bs;
+  T* bt = x.bt;
+  const int rank = x.rank;
+  // The walks over the copy: student element i at bs[o + i], teacher's at bt[ot + i] (o == ot on
+  // the 16-byte walk; the P == 1 walk starts from element 0).
+  const T* s1 = bs + sl.o;
+  const T* t1 = bt + sl.ot;
+  const DivConsts<A> dc = div_consts<A>(p);
+  A mz[4] = {neg_inf<A>(), neg_inf<A>(), A(0), A(0)};
+  if (sl.vec) pass_mz<P>(bs, bt, sl.o, sl.n, dc.c, mz);
+  else pass_mz<1>(s1, t1, 0, sl.n, dc.c, mz);
+  reduce_mz(mz, sh.red, dc.c);
+  A m[2] = {mz[0], mz[1]};
+  cluster_reduce(m, sh.max, C, rank, MaxOp(), true);
+  A z[2] = {rescale(mz[2], mz[0], m[0], dc.c), rescale(mz[3], mz[1], m[1], dc.c)};
+  cluster_reduce(z, sh.sum, C, rank, AddOp(), false);
+  DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], z[0], z[1]});
+  A st[3] = {A(0), A(0), A(0)};
+  if (sl.vec) pass_stats<D, P>(bs, bt, sl.o, sl.n, r, st);
+  else pass_stats<D, 1>(s1, t1, 0, sl.n, r, st);
+  block_reduce(st, sh.red, AddOp());
+  cluster_reduce(st, slots_st, C, rank, AddOp(), false);
+  const A v = div_finish(r, dc.k, x.w, dc.inv_t, st);
+  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[x.row] = v;
+  if (sl.n == 0 || (sl.gs == nullptr && sl.gt == nullptr)) return;
+  if (sl.vec) {
+    pass_div_grad<D, P>(bs, bt, sl.o, sl.n, r, sl.gs ? sl.gs - sl.o : nullptr, sl.gt ? sl.gt - sl.o : nullptr);
+  } else {
+    pass_div_grad<D, 1>(s1, t1, 0, sl.n, r, sl.gs, sl.gt);
+  }
 }
 
 template <typename T>
@@ -1177,12 +1267,13 @@ Plan global_plan(int64_t R, int64_t V, const DeviceInfo& d, const Knobs& kn) {
   return pl;
 }
 
+// kernel: kl_cluster_kernel<T> or div_cluster_kernel<D, T> (which caches no exponentials).
 template <typename T>
-Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d, const Knobs& kn) {
+Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d, const Knobs& kn, ClusterKernel kernel) {
   using A = typename Elem<T>::acc;
   const int64_t R = a.rows, V = a.cols;
-  const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
-  const ClusterKernel kernel = kl_cluster_kernel<T>;
+  // (only KL's gradient pass reads cached exponentials: the other divergences recompute them)
+  const bool want_grad = (a.grad_student != nullptr || a.grad_teacher != nullptr) && a.divergence == Divergence::KL;
 
   if ((kn.force == Force::Auto || kn.force == Force::Cluster) && d.major >= 8 &&
       prepare_cluster_kernel(kernel, dev, d) == cudaSuccess) {
@@ -1268,18 +1359,42 @@ cudaError_t launch_clusters(ClusterKernel kernel, int64_t ctas, const Plan& pl, 
   return cudaLaunchKernelEx(&l.cfg, kernel, p, pl.C, pl.slice, pl.raw_bytes, pl.cache);
 }
 
+void log_plan(const SoftmaxKLArgs& a, const Plan& pl, const Knobs& kn) {
+  if (!kn.log) return;
+  if (pl.path == Path::Cluster) {
+    std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld divergence=%d path=cluster C=%d cache=%d smem=%zu\n",
+                 (long long)a.rows, (long long)a.cols, static_cast<int>(a.divergence), pl.C, pl.cache, pl.smem);
+  } else {
+    std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld divergence=%d path=%s chunk=%lld nchunk=%d\n",
+                 (long long)a.rows, (long long)a.cols, static_cast<int>(a.divergence),
+                 pl.path == Path::Rows ? "rows" : "chunks", (long long)pl.chunk, pl.nchunk);
+  }
+}
+
+// JSD, skew KL and TVD: the cluster path where it runs, else the global-memory ones.
 template <Divergence D, typename T>
-cudaError_t launch_div(const SoftmaxKLArgs& a, const Plan& pl, const DivConsts<typename Elem<T>::acc>& dc,
-                       void* workspace, cudaStream_t stream) {
+cudaError_t run_div(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, size_t* ws_only, int dev,
+                    const DeviceInfo& d, const Knobs& kn) {
   using A = typename Elem<T>::acc;
+  const Plan pl = make_plan<T>(a, dev, d, kn, div_cluster_kernel<D, T>);
+  if (ws_only != nullptr) {
+    *ws_only = workspace_for<T>(pl, a.rows, 7);
+    return cudaSuccess;
+  }
+  log_plan(a, pl, kn);
   KLParams p = to_params(a);
+  p.dk = div::params<double>(a.divergence, a.mix);
   const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
     const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
     p.row0 = r0;
     cudaError_t e;
+    if (pl.path == Path::Cluster) {
+      if ((e = launch_clusters(div_cluster_kernel<D, T>, nr * pl.C, pl, p, stream)) != cudaSuccess) return e;
+      continue;
+    }
     if (pl.path == Path::Rows) {
-      KD_LAUNCH(dim3(static_cast<unsigned>(nr), 1), kThreads, 0, stream, div_rows_kernel<D, T>)(p, dc);
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr), 1), kThreads, 0, stream, div_rows_kernel<D, T>)(p);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       continue;
     }
@@ -1289,47 +1404,21 @@ cudaError_t launch_div(const SoftmaxKLArgs& a, const Plan& pl, const DivConsts<t
     A* stats = part_st + nr * pl.nchunk * 3;
     const dim3 grid(static_cast<unsigned>(nr), static_cast<unsigned>(pl.nchunk));
     const unsigned per_row = static_cast<unsigned>((nr + 255) / 256);
-    KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_part_kernel<D, T, false>)(p, dc, pl.chunk, nullptr, part_mz);
+    const A c = static_cast<A>(p.inv_t) * A(kLog2e);
+    KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_part_kernel<D, T, false>)(p, pl.chunk, nullptr, part_mz);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
-    KD_LAUNCH(per_row, 256, 0, stream, div_combine_mz_kernel<A>)(p, nr, pl.nchunk, dc.c, part_mz, mz);
+    KD_LAUNCH(per_row, 256, 0, stream, div_combine_mz_kernel<A>)(p, nr, pl.nchunk, c, part_mz, mz);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
-    KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_part_kernel<D, T, true>)(p, dc, pl.chunk, mz, part_st);
+    KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_part_kernel<D, T, true>)(p, pl.chunk, mz, part_st);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     KD_LAUNCH(per_row, 256, 0, stream, div_combine_stats_kernel<A>)(p, nr, pl.nchunk, part_st, stats);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     if (want_grad) {
-      KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_grad_kernel<D, T>)(p, dc, pl.chunk, mz, stats);
+      KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_grad_kernel<D, T>)(p, pl.chunk, mz, stats);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
   }
   return cudaSuccess;
-}
-
-// JSD, skew KL and TVD: the global-memory paths.
-template <typename T>
-cudaError_t run_div(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, size_t* ws_only,
-                    const DeviceInfo& d, const Knobs& kn) {
-  using A = typename Elem<T>::acc;
-  const Plan pl = global_plan(a.rows, a.cols, d, kn);
-  if (ws_only != nullptr) {
-    *ws_only = workspace_for<T>(pl, a.rows, 7);
-    return cudaSuccess;
-  }
-  if (kn.log) {
-    std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld divergence=%d path=%s chunk=%lld nchunk=%d\n",
-                 (long long)a.rows, (long long)a.cols, static_cast<int>(a.divergence),
-                 pl.path == Path::Rows ? "rows" : "chunks", (long long)pl.chunk, pl.nchunk);
-  }
-  DivConsts<A> dc;
-  dc.k = div::params<A>(a.divergence, a.mix);
-  dc.inv_t = static_cast<A>(a.inv_temperature);
-  dc.c = dc.inv_t * A(kLog2e);
-  switch (a.divergence) {
-    case Divergence::JSD: return launch_div<Divergence::JSD, T>(a, pl, dc, workspace, stream);
-    case Divergence::SkewKL: return launch_div<Divergence::SkewKL, T>(a, pl, dc, workspace, stream);
-    case Divergence::TVD: return launch_div<Divergence::TVD, T>(a, pl, dc, workspace, stream);
-    default: return cudaErrorInvalidValue;  // the glue reduces the rest to KL (common/args.h)
-  }
 }
 
 template <typename T>
@@ -1341,22 +1430,19 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
   DeviceInfo d;
   if ((e = device_info(dev, d)) != cudaSuccess) return e;
   const Knobs kn = knobs();
-  if (a.divergence != Divergence::KL) return run_div<T>(a, workspace, stream, ws_only, d, kn);
-  const Plan pl = make_plan<T>(a, dev, d, kn);
+  switch (a.divergence) {
+    case Divergence::KL: break;
+    case Divergence::JSD: return run_div<Divergence::JSD, T>(a, workspace, stream, ws_only, dev, d, kn);
+    case Divergence::SkewKL: return run_div<Divergence::SkewKL, T>(a, workspace, stream, ws_only, dev, d, kn);
+    case Divergence::TVD: return run_div<Divergence::TVD, T>(a, workspace, stream, ws_only, dev, d, kn);
+    default: return cudaErrorInvalidValue;  // the glue reduces the rest to these (common/args.h)
+  }
+  const Plan pl = make_plan<T>(a, dev, d, kn, kl_cluster_kernel<T>);
   if (ws_only != nullptr) {
     *ws_only = workspace_for<T>(pl, a.rows, 5);
     return cudaSuccess;
   }
-  if (kn.log) {
-    if (pl.path == Path::Cluster) {
-      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=cluster C=%d cache=%d smem=%zu\n",
-                   (long long)a.rows, (long long)a.cols, pl.C, pl.cache, pl.smem);
-    } else {
-      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s chunk=%lld nchunk=%d\n",
-                   (long long)a.rows, (long long)a.cols, pl.path == Path::Rows ? "rows" : "chunks",
-                   (long long)pl.chunk, pl.nchunk);
-    }
-  }
+  log_plan(a, pl, kn);
   KLParams p = to_params(a);
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
     const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
