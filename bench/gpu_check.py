@@ -1,6 +1,8 @@
 """GPU benchmarks for bench/gpu_check.sh: device copy bandwidth, the fused softmax-KL (forward plus
-backward) against eager PyTorch, torch.compile and Liger-Kernel, a sweep of kdfast's CUDA kernel
-configurations, rkd_loss at N = 8192, the feature losses and the top-k KL (sparse_kl_div). Writes bench/results/gpu-<GPU name>.json (and a copy to
+backward) against eager PyTorch, torch.compile and Liger-Kernel, the divergence family's generalized
+JSD (against TRL's formula, its torch.compile and LigerJSD) and reverse KL, a sweep of kdfast's CUDA
+kernel configurations, rkd_loss at N = 8192, the feature losses and the top-k KL (sparse_kl_div).
+Writes bench/results/gpu-<GPU name>.json (and a copy to
 $OUT when set) and prints a short table last.
 
     python bench/gpu_check.py [--budget SECONDS] [--quick] [--out DIR]
@@ -42,6 +44,11 @@ KL_CASES = [  # (rows, V, dtype): the 8192 x 131072 pair carries the performance
     (256, 1000, torch.float32),  # an image-classification head: launch-bound
 ]
 COMPILE_CASES = {(8192, 131072, torch.bfloat16), (8192, 131072, torch.float32), (2048, 32000, torch.bfloat16)}
+# The divergence family (issue 16): generalized JSD at beta = 0.5 and reverse KL, forward plus student
+# backward; the 8192 x 131072 bf16 JSD carries the GPU bar (>= 2x LigerJSD, >= 60% of copy bandwidth).
+DIV_CASES = [(8192, 131072, torch.bfloat16), (2048, 32000, torch.float32), (256, 128256, torch.bfloat16)]
+DIV_COMPILE_CASES = {(8192, 131072, torch.bfloat16)}  # each shape compiles anew: the bar's case only
+DIV_RESERVE_S = 110  # of the budget (a third at most), kept from the KL cases for these
 CLUSTER_CONFIGS = [  # (path, cluster size, cache)
     ("cluster", 4, "none"), ("cluster", 8, "none"), ("cluster", 8, "inplace"), ("cluster", 16, "none"),
     ("cluster", 16, "separate"), ("cluster", 16, "inplace"),
@@ -67,6 +74,10 @@ class Budget:
 
     def spent(self):
         return time.monotonic() - self.t0
+
+    def less(self, reserve):
+        """A budget of what is left but `reserve` seconds (kept for a later stage)."""
+        return Budget(max(self.left() - reserve, 0.0))
 
 
 def log(msg):
@@ -182,13 +193,56 @@ def make_liger():
     return liger_kd
 
 
-def kd_op(s, t):
-    """The fused op alone, as kd_loss calls it (loss and student gradient in one launch, or three
-    on the chunks path): the kernel's share of a kdfast step, without Python and the small launches
-    around it."""
-    w = torch.full((s.shape[0],), T * T / s.shape[0], dtype=torch.float32, device=s.device)
+def kd_op(s, t, divergence=0, mix=0.0, scale=T * T):
+    """The fused op alone, as kd_loss (or, with divergence and mix, the divergence's function with
+    scale 1) calls it: loss and student gradient in one launch (a few on the chunks path), the
+    kernel's share of a kdfast step without Python and the small launches around it."""
+    w = torch.full((s.shape[0],), scale / s.shape[0], dtype=torch.float32, device=s.device)
     x, y = s.detach(), t.detach()
-    return lambda: torch.ops.kdfast.softmax_kl(x, y, 1.0 / T, 0, 0.0, w, True, False)  # divergence 0: KL
+    return lambda: torch.ops.kdfast.softmax_kl(x, y, 1.0 / T, divergence, mix, w, True, False)
+
+
+# The divergence family. TRL's GKDTrainer.generalized_jsd_loss written out (labels=None, batchmean),
+# not imported: the formula as TRL's users run it, in the inputs' dtype.
+def trl_jsd(s, t, beta=0.5, temperature=T):
+    s_lp = F.log_softmax(s / temperature, dim=-1)
+    t_lp = F.log_softmax(t / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(s_lp, t_lp, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t_lp, s_lp, reduction="none", log_target=True)
+    else:
+        beta_t = torch.tensor(beta, dtype=s_lp.dtype, device=s_lp.device)
+        mixture = torch.logsumexp(torch.stack([s_lp + torch.log1p(-beta_t), t_lp + torch.log(beta_t)]), dim=0)
+        kl_teacher = F.kl_div(mixture, t_lp, reduction="none", log_target=True)
+        kl_student = F.kl_div(mixture, s_lp, reduction="none", log_target=True)
+        jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
+    return jsd.sum() / jsd.size(0)
+
+
+def kdfast_jsd(s, t):
+    return kdfast.generalized_jsd(s, t, beta=0.5, temperature=T, reduction="batchmean")
+
+
+def eager_reverse_kl(s, t):
+    """KL(Q||P) as it is usually written: kl_div(log P, log Q) (the student is the target)."""
+    return F.kl_div(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1), reduction="batchmean", log_target=True)
+
+
+def kdfast_reverse_kl(s, t):
+    return kdfast.reverse_kl_div(s, t, temperature=T, reduction="batchmean")
+
+
+def make_liger_jsd():
+    """Liger-Kernel's JSD fed log_softmax of student and teacher, as its users do (its beta weighs
+    the teacher's side as TRL's does; 0.5 is symmetric anyway)."""
+    from liger_kernel.transformers import LigerJSD
+
+    mod = LigerJSD(beta=0.5)
+
+    def liger_jsd(s, t):
+        return mod(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1))
+    return liger_jsd
 
 
 def fwd_bwd(loss_fn, s, *rest):
@@ -211,9 +265,12 @@ def kl_inputs(rows, V, dtype, device, seed=0):
     return s, t
 
 
-def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters, errors, results, save):
+def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters, errors, results, save,
+             prefix="", op=kd_op):
+    """Each case: kdfast against the other contenders (contenders["kdfast"] checked against
+    contenders["eager"] on the case first); op(s, t) gives kdfast's fused op alone."""
     for rows, V, dtype in cases:
-        case = f"{rows}x{V} {DT[dtype]}"
+        case = f"{prefix}{rows}x{V} {DT[dtype]}"
         nbytes = rows * V * 3 * torch.empty((), dtype=dtype).element_size()
         if budget.left() < 20:
             log(f"   {case}: skipped, out of time")
@@ -229,14 +286,14 @@ def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters,
         try:
             s.grad = None
             with logged_plan(device) as plan:
-                lk = kdfast_kd(s, t)
+                lk = contenders["kdfast"](s, t)
                 lk.backward()
             if plan:
                 check["plan"] = plan[-1]
                 log(f"   {case}: kdfast plan {plan[-1]}")
             gk = s.grad.clone()
             s.grad = None
-            le = eager_kd(s, t)
+            le = contenders["eager"](s, t)
             le.backward()
             check.update({"loss_relerr_vs_eager": relerr(lk, le), "grad_relerr_vs_eager": relerr(gk, s.grad)})
             del gk, lk, le
@@ -261,7 +318,7 @@ def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters,
                     s.grad = None
                     c["synced"] = {"ms": (m := time_ms(fwd_bwd(fn, s, t), device, iters=iters, synced=True)),
                                    **rates(nbytes, m, copy_gbps)}
-                    c["op_alone"] = {"ms": (m := time_ms(kd_op(s, t), device, iters=iters)),
+                    c["op_alone"] = {"ms": (m := time_ms(op(s, t), device, iters=iters)),
                                      **rates(nbytes, m, copy_gbps)}
             except torch.OutOfMemoryError:
                 row["contenders"][name] = {"skipped": "out of memory"}
@@ -513,7 +570,7 @@ def fmt_table(report):
     head = f"{'case':22s} {'contender':14s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'kdfast x':>8s}"
     lines.append(head)
     lines.append("-" * len(head))
-    for row in report.get("softmax_kl", []):
+    for row in report.get("softmax_kl", []) + report.get("divergences", []):
         k = row["contenders"].get("kdfast", {})
         entries = []
         for name, c in row["contenders"].items():
@@ -569,6 +626,15 @@ def bar_lines(report):
                            f"({'meets' if k['pct_copy'] >= 80 else 'misses'} 80%)"
                            + (f"; {lg['ms'] / k['ms']:.2f}x Liger ({'meets' if lg['ms'] / k['ms'] >= 2 else 'misses'} 2x)"
                               if "ms" in lg else ""))
+    for row in report.get("divergences", []):
+        if row["case"].startswith("jsd") and row["rows"] == 8192 and row["V"] == 131072:
+            k = row["contenders"].get("kdfast", {})
+            lg = row["contenders"].get("liger", {})
+            if k.get("pct_copy") is not None:
+                out.append(f"bar {row['case']}: kdfast at {k['pct_copy']:.1f}% of copy bandwidth "
+                           f"({'meets' if k['pct_copy'] >= 60 else 'misses'} 60%)"
+                           + (f"; {lg['ms'] / k['ms']:.2f}x LigerJSD ({'meets' if lg['ms'] / k['ms'] >= 2 else 'misses'} 2x)"
+                              if "ms" in lg else ""))
     return out
 
 
@@ -587,6 +653,7 @@ def main():
     if args.selftest_cpu:
         device = torch.device("cpu")
         cases = [(64, 1000, torch.bfloat16), (32, 3001, torch.float32)]
+        div_cases = cases
         compile_cases = set()
         rkd_nd = (64, 16)
         feature_cases = [("logit_mse", (64, 1000), torch.bfloat16), ("cosine_loss", (300, 64), torch.float32)]
@@ -599,6 +666,7 @@ def main():
             return 0
         device = torch.device("cuda")
         cases = KL_CASES[:2] if args.quick else KL_CASES
+        div_cases = DIV_CASES[:1] if args.quick else DIV_CASES
         compile_cases = COMPILE_CASES
         rkd_nd = (8192, 256)
         feature_cases = FEATURE_CASES[:1] if args.quick else FEATURE_CASES
@@ -676,7 +744,26 @@ def main():
 
     log("== softmax-KL forward + backward")
     report["softmax_kl"] = []
-    bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters, errors, report["softmax_kl"], save)
+    kl_budget = budget.less(min(DIV_RESERVE_S, budget.left() / 3))
+    bench_kl(device, copy_gbps, kl_budget, contenders, cases, compile_cases, iters, errors, report["softmax_kl"], save)
+    log("== divergences (generalized JSD beta = 0.5, reverse KL) forward + backward")
+    report["divergences"] = []
+    jsd = {"kdfast": kdfast_jsd, "eager": trl_jsd}
+    rkl = {"kdfast": kdfast_reverse_kl, "eager": eager_reverse_kl}
+    if device.type == "cuda":
+        jsd["torch.compile"] = torch.compile(trl_jsd)
+        rkl["torch.compile"] = torch.compile(eager_reverse_kl)
+        try:
+            jsd["liger"] = make_liger_jsd()
+        except Exception as e:  # noqa: BLE001
+            report["liger_jsd"] = f"skipped: {type(e).__name__}: {e}"[:300]
+            log(f"   LigerJSD skipped: {type(e).__name__}: {e}"[:200])
+    div_budget = budget.less(40)  # rkd and the feature losses after it
+    for prefix, contenders_d, op in (("jsd0.5 ", jsd, lambda s, t: kd_op(s, t, 2, 0.5, 1.0)),
+                                     ("rkl ", rkl, lambda s, t: kd_op(s, t, 1, 0.0, 1.0))):
+        bench_kl(device, copy_gbps, div_budget, contenders_d, div_cases,
+                 DIV_COMPILE_CASES if device.type == "cuda" else set(), iters, errors, report["divergences"], save,
+                 prefix=prefix, op=op)
     log("== rkd_loss")
     report["rkd"] = bench_rkd(device, budget, *rkd_nd, errors)
     log(f"   {report['rkd']}")

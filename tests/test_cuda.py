@@ -341,9 +341,10 @@ def test_default_plan_is_cluster_on_hopper(capfd, monkeypatch):
     for dtype in (torch.bfloat16, torch.float32):
         s = torch.randn(16, 131072, device=DEV, dtype=dtype, requires_grad=True)
         kdfast.kd_loss(s, torch.randn(16, 131072, device=DEV, dtype=dtype)).backward()
+        kdfast.generalized_jsd(s, torch.randn(16, 131072, device=DEV, dtype=dtype)).backward()
     torch.cuda.synchronize()
     err = capfd.readouterr().err
-    assert err.count("path=cluster") >= 2, err
+    assert err.count("path=cluster") >= 4 and err.count("divergence=2 path=cluster") >= 2, err
 
 
 # ----------------------------------------------------------------------------- rows x V >= 2^31
@@ -383,13 +384,13 @@ def test_rows_times_vocab_at_least_2_pow_31(path_name, monkeypatch):
 
 # ----------------------------------------------------------------------------- ops: opcheck, compile
 
-def _op_args(rows, V, dtype, gs, gt, device=DEV):
+def _op_args(rows, V, dtype, gs, gt, device=DEV, divergence=0, mix=0.0):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     w = torch.rand(rows, dtype=acc, device=device) + 0.1
     if rows > 1:
         w[1] = 0
     return (torch.randn(rows, V, dtype=dtype, device=device), torch.randn(rows, V, dtype=dtype, device=device),
-            0.5, 0, 0.0, w, gs, gt)
+            0.5, divergence, mix, w, gs, gt)
 
 
 @pytest.mark.parametrize("case", [((3, 17), torch.float32, (False, False)), ((3, 17), torch.float32, (True, True)),
@@ -407,9 +408,11 @@ def test_opcheck_scale_rows(dtype):
     check_scale_rows(dtype, DEV, 3003)
 
 
-def test_op_matches_cpu_op():
-    """The CUDA op and the CPU op agree on the raw outputs."""
-    args = _op_args(6, 5000, torch.float32, True, True, device="cpu")
+@pytest.mark.parametrize("divergence,mix", [(0, 0.0), (1, 0.0), (2, 0.3), (3, 0.1), (4, 0.2), (5, 0.0)])
+def test_op_matches_cpu_op(divergence, mix):
+    """The CUDA op and the CPU op agree on the raw outputs (a row of weight 0 included), for every
+    divergence."""
+    args = _op_args(6, 5000, torch.float32, True, True, device="cpu", divergence=divergence, mix=mix)
     cpu = torch.ops.kdfast.softmax_kl(*args)
     dev = torch.ops.kdfast.softmax_kl(*[a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args])
     for a, b in zip(dev, cpu):
@@ -431,6 +434,159 @@ def test_compile_mask_teacher_grad_bf16():
     s = logits(2, 4, 500, dtype=torch.bfloat16).to(DEV).requires_grad_()
     t = logits(2, 4, 500, dtype=torch.bfloat16).to(DEV).requires_grad_()
     compare_compiled(f, [s, t, mask], grads_of=[0, 1], rtol=1e-5, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- the divergence family
+
+# kdfast's functions of the family (DESIGN.md section 5) with their arguments: id -> (name, kwargs)
+DIV_FUNCS = {
+    "jsd0.5": ("generalized_jsd", {"beta": 0.5}), "jsd0.1": ("generalized_jsd", {"beta": 0.1}),
+    "jsd0.9": ("generalized_jsd", {"beta": 0.9}), "jsd0": ("generalized_jsd", {"beta": 0.0}),
+    "jsd1": ("generalized_jsd", {"beta": 1.0}), "reverse_kl": ("reverse_kl_div", {}),
+    "skew0.1": ("skew_kl_div", {"alpha": 0.1}), "skew1.0": ("skew_kl_div", {"alpha": 1.0}),
+    "skew_rev0.1": ("skew_kl_div", {"alpha": 0.1, "reverse": True}), "tvd": ("tv_distance", {}),
+}
+DIV_PATHS = {"auto": {}, "rows": {"KDFAST_CUDA_KL": "rows"},
+             "chunks": {"KDFAST_CUDA_KL": "chunks", "KDFAST_CUDA_KL_CHUNK": "4096"},
+             "cluster16": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16"}}
+
+
+@pytest.fixture(params=list(DIV_PATHS))
+def div_path(request, monkeypatch):
+    for k, v in DIV_PATHS[request.param].items():
+        monkeypatch.setenv(k, v)
+    reload_knobs()
+    return request.param
+
+
+def check_divergence_cuda(fn, s, t, *, temperature=2.0, reduction="none", mask=None, upstream_seed=0):
+    """kdfast's function `fn` (a DIV_FUNCS id) on CUDA against kdfast.reference's in float64 on the
+    CPU, on the same values: the loss, and both gradients of sum(out * u) for a random u. -inf logits
+    are -1e4 in the reference's backward (autograd through -inf gives NaN where the derivative is a
+    number; the probability of -1e4 is exactly 0 in float64 here, and the values are compared with
+    the -inf inputs themselves)."""
+    name, kw = DIV_FUNCS[fn]
+    kw = dict(kw, temperature=temperature, reduction=reduction, mask=mask)
+    sd, td = (x.detach().clone().to(DEV).requires_grad_() for x in (s, t))
+    out = getattr(kdfast, name)(sd, td, **dict(kw, mask=None if mask is None else mask.to(DEV)))
+    g = torch.Generator().manual_seed(upstream_seed)
+    u = torch.rand(out.shape, generator=g, dtype=torch.float64) + 0.5
+    (out * u.to(DEV, out.dtype)).sum().backward()
+    rf = getattr(ref, name)
+    want = rf(s.double(), t.double(), **kw)
+    s64, t64 = (x.double().masked_fill(x.double() == NINF, -1e4).requires_grad_() for x in (s, t))
+    want_g = rf(s64, t64, **kw)
+    torch.testing.assert_close(want_g.detach(), want, rtol=0, atol=0, equal_nan=True)
+    (want_g * u).sum().backward()
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    vtol = 1e-10 if acc == torch.float64 else 2e-5
+    # the gradients' size, ||u (P + Q) / T||: the floor of their errors (one that is 0 exactly, as at
+    # ties, comes out as rounding of that size)
+    p, q = (torch.softmax(x.detach().nan_to_num(0.0) / temperature, -1) for x in (t64, s64))
+    floor = ((p + q) * (u / temperature).reshape(*u.shape, *[1] * (p.dim() - u.dim()))).norm().item()
+    got = out.detach().cpu().double()
+    assert torch.equal(got.isnan(), want.isnan())
+    fin = ~want.isnan()
+    assert (got[fin] >= 0).all()
+    assert (got[fin] - want[fin]).norm() <= vtol * max(want[fin].norm().item(), 1e-3), (got, want)
+    for leaf, ref_leaf in ((sd, s64), (td, t64)):
+        gw = ref_leaf.grad if ref_leaf.grad is not None else torch.zeros_like(ref_leaf)
+        if s.dtype in HALF:
+            gw = gw.to(s.dtype).double()
+        gtol = GRAD_TOL[s.dtype] if s.dtype != torch.float32 else 2e-5
+        gg = leaf.grad.cpu().double()
+        ok = ~gw.isnan()
+        assert torch.equal(gg.isnan(), ~ok)
+        scale = max(gw[ok].norm().item(), floor)
+        assert (gg[ok] - gw[ok]).norm() <= gtol * scale, (leaf.grad, gw)
+    return out, sd.grad, td.grad
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (5, 33), (6, 1000), (2, 3, 37)], ids=lambda s: "x".join(map(str, s)))
+@dtype_params((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("fn", list(DIV_FUNCS))
+def test_divergences_match_reference(fn, dtype, shape):
+    check_divergence_cuda(fn, logits(*shape, dtype=dtype), logits(*shape, dtype=dtype))
+
+
+@dtype_params((torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("fn", ["jsd0.5", "jsd0.1", "reverse_kl", "skew0.1", "skew_rev0.1", "tvd"])
+def test_divergences_long_rows(fn, dtype, div_path):
+    """Few long rows: the default plan (clusters on sm_90), clusters of 16, one block per row,
+    chunks."""
+    check_divergence_cuda(fn, logits(3, 70001, dtype=dtype), logits(3, 70001, dtype=dtype))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("fn", ["jsd0.5", "reverse_kl", "skew_rev0.1", "tvd"])
+def test_divergences_reductions_and_masks(fn, reduction):
+    mask = torch.rand(3, 5) > 0.4
+    mask[0, 0] = True
+    check_divergence_cuda(fn, logits(3, 5, 257, dtype=torch.bfloat16), logits(3, 5, 257, dtype=torch.bfloat16),
+                          reduction=reduction, mask=mask, temperature=1.5)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "same", "student", "first_half_both", "teacher_only_last"])
+@pytest.mark.parametrize("V", [37, 70001])
+@pytest.mark.parametrize("fn", ["jsd0.5", "jsd0.9", "skew0.1", "skew_rev0.1", "tvd"])
+def test_divergences_neg_inf_logits(fn, V, kind):
+    """Masked vocabulary (-inf in the teacher only, in both, in the student only): finite values and
+    gradients that match the reference (JSD, skew KL and TVD stay finite where KL would not)."""
+    s, t = logits(3, V), logits(3, V)
+    if kind == "teacher":
+        t[:, 1::3] = NINF
+    elif kind == "same":
+        s[:, 2::5], t[:, 2::5] = NINF, NINF
+    elif kind == "student":
+        s[:, 1::3] = NINF
+    elif kind == "first_half_both":
+        s[:, :V // 2], t[:, :V // 2] = NINF, NINF
+    else:
+        t[:, :-3] = NINF
+    out, gs, gt = check_divergence_cuda(fn, s, t, temperature=1.5)
+    assert torch.isfinite(out).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+@pytest.mark.parametrize("fn", ["jsd0.5", "skew0.1", "skew_rev0.1", "tvd"])
+@dtype_params((torch.float32, torch.bfloat16))
+def test_divergences_huge_logits(fn, dtype, div_path):
+    s, t = -logits(4, 3000).abs() * 1e30, -logits(4, 3000).abs() * 1e30
+    s[:, ::2], t[:, ::3] = 1e30, 1e30  # ties at the top: P and Q uniform over them
+    s[1], t[1] = s[1] * 1e-27, t[1] * 1e-27
+    check_divergence_cuda(fn, s.to(dtype), t.to(dtype), temperature=0.5)
+
+
+@pytest.mark.parametrize("V", [33, 70001])
+@pytest.mark.parametrize("fn", ["jsd0.5", "skew0.1", "skew_rev0.1", "tvd"])
+def test_divergences_nan_propagates(fn, V, div_path):
+    s, t = logits(3, V), logits(3, V)
+    s[1, V // 2] = math.nan
+    t[2, 0], t[2, 3] = NINF, math.nan
+    name, kw = DIV_FUNCS[fn]
+    s, t = s.to(DEV).requires_grad_(), t.to(DEV).requires_grad_()
+    rows = getattr(kdfast, name)(s, t, reduction="none", **kw)
+    assert rows[1:].isnan().all() and torch.isfinite(rows[0])
+    rows.sum().backward()
+    for g in (s.grad, t.grad):
+        assert g[1:].isnan().all() and torch.isfinite(g[0]).all()
+
+
+@pytest.mark.parametrize("divergence,mix", [(2, 0.5), (2, 0.0), (2, 1.0), (3, 0.1), (4, 0.1), (5, 0.0)],
+                         ids=["jsd", "jsd0", "jsd1", "skew", "skew_rev", "tvd"])
+@pytest.mark.parametrize("case", [((3, 17), torch.float32, (True, True)), ((5, 3000), torch.bfloat16, (False, True)),
+                                  ((2, 70001), torch.float64, (True, False))],
+                         ids=["3x17-fp32-st", "5x3000-bf16-t", "2x70001-fp64-s"])
+def test_opcheck_softmax_kl_divergences(case, divergence, mix):
+    shape, dtype, flags = case
+    torch.library.opcheck(torch.ops.kdfast.softmax_kl.default,
+                          _op_args(*shape, dtype, *flags, divergence=divergence, mix=mix))
+
+
+def test_compile_generalized_jsd_fullgraph():
+    def f(s, t):
+        return kdfast.generalized_jsd(s, t, beta=0.3, temperature=2.0)
+    compare_compiled(f, [logits(8, 1000).to(DEV).requires_grad_(), logits(8, 1000).to(DEV).requires_grad_()],
+                     grads_of=[0, 1], rtol=1e-5, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- relation ops
@@ -720,6 +876,7 @@ class Emu:
     P, I, D, Ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     SIGS = {
         "emu_softmax_kl": [Ci, P, P, I, I, I, I, D, P, P, P, P],
+        "emu_softmax_kl_div": [Ci, P, P, I, I, I, I, D, Ci, D, P, P, P, P],
         "emu_softmax_kl_reload_knobs": [],
         "emu_scale_rows": [Ci, P, I, I, P, I],
         "emu_sparse_kl": [Ci, P, P, P, Ci, I, I, I, I, I, I, D, Ci, P, P, P, P, P],
@@ -923,6 +1080,211 @@ def test_emu_nan_row_gradients(emu, path_name, monkeypatch):
     assert kl[1:].isnan().all() and torch.isfinite(kl[0])
     for g in (gs, gt):
         assert g[1:].isnan().all() and torch.isfinite(g[0]).all()
+
+
+# ----------------------------------------------------------------------------- emulation: divergences
+
+# The divergences of the softmax-KL op other than KL, as the glue (csrc/ops/softmax_kl.cpp) hands them
+# to the kernels: kernel divergence id, and whether student and teacher swap roles.
+_KERNEL_DIV = {"jsd": (2, False), "skew_kl": (3, False), "skew_reverse_kl": (3, True), "tvd": (5, False)}
+EMU_DIVS = {"jsd0.1": ("jsd", 0.1), "jsd0.5": ("jsd", 0.5), "jsd0.9": ("jsd", 0.9), "skew0.1": ("skew_kl", 0.1),
+            "skew1.0": ("skew_kl", 1.0), "skew_rev0.1": ("skew_reverse_kl", 0.1), "tvd": ("tvd", 0.0)}
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Their kernel paths: auto is the cluster path with one CTA a row at these sizes
+EMU_DIV_PATHS = {"auto": {}, "rows": EMU_PATHS["rows"], "chunks": EMU_PATHS["chunks"],
+                 "cluster4": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "4"},
+                 "cluster16": {"KDFAST_CUDA_KL": "cluster", "KDFAST_CUDA_KL_CLUSTER": "16"}}
+
+
+def _emu_div(emu, s, t, inv_t, name, mix, w, gs=True, gt=True):
+    """(loss rows, grad_student, grad_teacher) of the emulated kernels for divergence `name`."""
+    kdiv, swap = _KERNEL_DIV[name]
+    if swap:
+        s, t, gs, gt = t, s, gt, gs
+    R, V = s.shape
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    loss = torch.full((R,), math.nan, dtype=acc)
+    G = torch.full((R, V), math.nan, dtype=s.dtype) if gs else None
+    H = torch.full((R, V), math.nan, dtype=s.dtype) if gt else None
+    emu.emu_softmax_kl_reload_knobs()
+    emu.emu_softmax_kl_div(_KDT[s.dtype], s, t, R, V, s.stride(0), t.stride(0), inv_t, kdiv, mix, w, loss, G, H)
+    return (loss, H, G) if swap else (loss, G, H)
+
+
+def _div_reference(s, t, inv_t, name, mix, w):
+    """float64 rows (0 where w is 0) and the gradients of sum(w * rows), by autograd through
+    kdfast.reference.divergence_rows on the same values. Autograd through a -inf logit gives NaN
+    (inf - inf) across its row where the derivative is a number, so the gradients are taken with
+    -inf replaced by -1e4, whose probability is exactly 0 in float64 at these scales as well (the
+    values must come out the same: checked)."""
+    keep = w != 0
+    T = 1 / inv_t
+    rows = ref.divergence_rows(s.double(), t.double(), T, name, mix)
+    sd, td = (x.double().contiguous().masked_fill(x.double() == NINF, -1e4).requires_grad_() for x in (s, t))
+    rows_g = ref.divergence_rows(sd, td, T, name, mix)
+    same = rows.isnan() | (rows == rows_g.detach())
+    assert same.all(), (rows, rows_g)
+    (torch.where(keep, rows_g, 0.0) * w.double()).sum().backward()
+    # a row of weight 0 gets zero gradients by contract (autograd gives 0 * NaN over a NaN logit)
+    # (skew KL at alpha = 1 is KL(P||P): nothing depends on the student, whose grad stays None)
+    gs, gt = (torch.where(keep.unsqueeze(-1), g, 0.0) if g is not None else torch.zeros_like(x)
+              for g, x in ((sd.grad, sd), (td.grad, td)))
+    return torch.where(keep, rows.detach(), 0.0), gs, gt
+
+
+def _grad_floor(s, t, inv_t, w):
+    """||w (P + Q) / T||: the size of these gradients, a floor for their errors (a gradient that is 0
+    exactly, as skew KL's at alpha = 1, comes out as rounding of that size)."""
+    p, q = (torch.softmax(x.double().masked_fill(x.double().isnan(), 0.0) * inv_t, -1) for x in (t, s))
+    return ((p + q) * (w.double() * inv_t).unsqueeze(-1)).nan_to_num().norm().item()
+
+
+def _check_div(got, want, dtype, w, vtol=None, gtol=None, gfloor=1e-6):
+    """The emulated kernels against the float64 reference: NaN rows alike (NaN gradients throughout),
+    values and gradients norm-wise on the other rows, zeros on rows of weight 0, never below 0."""
+    (loss, gs, gt), (wl, wgs, wgt) = got, want
+    nan = wl.isnan()
+    assert torch.equal(loss.isnan(), nan), (loss, wl)
+    assert (loss[~nan] >= 0).all()
+    fin = ~nan
+    vtol = vtol or (1e-10 if dtype == torch.float64 else 2e-5)
+    gtol = gtol or (GRAD_TOL[dtype] if dtype != torch.float32 else 2e-5)
+
+    def close(a, b, tol, floor):  # norm-wise, relative to at least `floor` (exact values of 0: V = 1)
+        return (a.double() - b.double()).norm() <= tol * max(b.double().norm().item(), floor)
+    assert close(loss[fin], wl[fin], vtol, 1e-3), (loss, wl)
+    for g, wg in ((gs, wgs), (gt, wgt)):
+        if g is None:
+            continue
+        assert g[nan].isnan().all()
+        g, wg = g[fin], wg[fin]
+        if dtype in HALF:
+            wg = wg.to(dtype)
+        assert torch.isfinite(g).all()
+        assert close(g, wg, gtol, gfloor), (g, wg)
+    assert (loss[w == 0] == 0).all()
+    for g in (gs, gt):
+        if g is not None:
+            assert (g[w == 0] == 0).all()
+
+
+def _div_rows(V, dtype, seed=0):
+    """Rows of width V: plain, weight 0 (with a NaN logit), teacher -inf on a third, -inf in both at
+    the same places, student -inf only (finite for these divergences), huge logits (1e30)."""
+    torch.manual_seed(seed)
+    s, t = logits(6, V), logits(6, V)
+    if V >= 3:
+        t[2, 1::3] = NINF
+        s[3, ::4], t[3, ::4] = NINF, NINF
+        s[4, 1::3] = NINF
+    s[1, 0] = math.nan
+    # huge logits: ties at 1e30 (fp16: its largest) over the rest at about -1e30 (P, Q uniform over
+    # the ties)
+    big = 6e4 if dtype == torch.float16 else 1e30
+    s[5], t[5] = (-s[5].abs() * big).clamp(min=-big), (-t[5].abs() * big).clamp(min=-big)
+    s[5, ::2], t[5, ::3] = big, big
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(6) + 0.5).to(acc)
+    w[1] = 0
+    return s.to(dtype), t.to(dtype), w
+
+
+@pytest.mark.parametrize("V", [1, 7, 33, 1000, 5003])
+@dtype_params(ALL_DTYPES)
+@pytest.mark.parametrize("div", list(EMU_DIVS))
+def test_emu_divergence(emu, div, dtype, V):
+    """JSD, skew KL (both directions) and TVD kernels (one block per row) against float64: values and
+    both gradients, rows of weight 0, -inf patterns, huge logits."""
+    if dtype in (torch.float16, torch.float64) and V in (7, 1000):
+        pytest.skip("slow in emulation: the other widths cover these dtypes")
+    name, mix = EMU_DIVS[div]
+    s, t, w = _div_rows(V, dtype)
+    got = _emu_div(emu, s, t, 0.7, name, mix, w)
+    _check_div(got, _div_reference(s, t, 0.7, name, mix, w), dtype, w, gfloor=_grad_floor(s, t, 0.7, w))
+
+
+@pytest.mark.parametrize("path_name", list(EMU_DIV_PATHS))
+@dtype_params((torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("div", ["jsd0.5", "skew0.1", "skew_rev0.1", "tvd"])
+def test_emu_divergence_paths(emu, div, dtype, path_name, monkeypatch):
+    """Every path: clusters of 1, 4 and 16 CTAs a row (slices in shared memory, reductions across
+    the cluster), one block per row, and chunks (10 of 512 a row, the partials combined in chunk
+    order); with a row whose leading slices or chunks are all -inf on both sides and one whose
+    teacher is -inf but for its last ones."""
+    if path_name == "cluster16" and (dtype != torch.float32 or div in ("skew0.1", "skew_rev0.1")):
+        pytest.skip("slow in emulation: fp32 JSD and TVD cover this path")
+    for k, v in EMU_DIV_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    name, mix = EMU_DIVS[div]
+    s, t, w = _div_rows(5003, dtype, seed=1)
+    s, t = s.clone(), t.clone()
+    s[0, :2600], t[0, :2600] = NINF, NINF
+    t[4, :4700] = NINF
+    got = _emu_div(emu, s, t, 0.5, name, mix, w)
+    _check_div(got, _div_reference(s, t, 0.5, name, mix, w), dtype, w, gfloor=_grad_floor(s, t, 0.5, w))
+
+
+def _layout(kind, R, V, dtype):
+    base_s, base_t = logits(R * V + 3), logits(R * V + 3)
+    if kind == "broadcast_teacher":  # row stride 0
+        s, t = base_s[:R * V].view(R, V), base_t[:V].view(1, V).expand(R, V)
+    elif kind == "offset1_both":     # misaligned, alike: the 16-byte walk
+        s, t = base_s[1:1 + R * V].view(R, V), base_t[1:1 + R * V].view(R, V)
+    else:                            # teacher_offset: different alignments, the scalar walk
+        s, t = base_s[:R * V].view(R, V), base_t[3:].view(R, V)
+    return s.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("path_name", ["auto", "rows", "chunks", "cluster4"])
+@pytest.mark.parametrize("kind", ["broadcast_teacher", "offset1_both", "teacher_offset"])
+@dtype_params((torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("div", ["jsd0.9", "skew_rev0.1", "tvd"])
+def test_emu_divergence_layouts(emu, div, dtype, kind, path_name, monkeypatch):
+    for k, v in EMU_DIV_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    name, mix = EMU_DIVS[div]
+    s, t = _layout(kind, 3, 2003, dtype)
+    w = torch.tensor([1.0, 0.5, 2.0])
+    got = _emu_div(emu, s, t, 1.0, name, mix, w)
+    _check_div(got, _div_reference(s, t, 1.0, name, mix, w), dtype, w, gfloor=_grad_floor(s, t, 1.0, w))
+
+
+@pytest.mark.parametrize("path_name", ["auto", "rows", "chunks", "cluster4"])
+@pytest.mark.parametrize("div", list(EMU_DIVS))
+def test_emu_divergence_nan(emu, div, path_name, monkeypatch):
+    """A NaN logit: NaN loss and NaN gradients throughout its row (also beside -inf logits, where a
+    gradient is otherwise 0), the other rows finite and right; bitwise the same on a second run."""
+    for k, v in EMU_DIV_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    name, mix = EMU_DIVS[div]
+    s, t = logits(4, 3001), logits(4, 3001)
+    s[1, 17] = math.nan
+    t[2, 3], s[2, 3] = NINF, math.nan
+    t[3, :1500] = NINF
+    t[3, 7] = math.nan
+    w = torch.ones(4)
+    got = _emu_div(emu, s, t, 1.0, name, mix, w)
+    loss, gs, gt = got
+    assert loss[1:].isnan().all() and torch.isfinite(loss[0])
+    for g in (gs, gt):
+        assert g[1:].isnan().all() and torch.isfinite(g[0]).all()
+    # row 0 against the reference (which at skew alpha = 1 never reads the student, NaN or not)
+    want = _div_reference(s[:1], t[:1], 1.0, name, mix, w[:1])
+    _check_div([x[:1] for x in got], want, torch.float32, w[:1], gfloor=_grad_floor(s[:1], t[:1], 1.0, w[:1]))
+    for x, y in zip(got, _emu_div(emu, s, t, 1.0, name, mix, w)):
+        assert same_bits(x, y)
+
+
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)], ids=["s", "t", "none"])
+@pytest.mark.parametrize("div", ["jsd0.5", "skew_rev0.1"])
+def test_emu_divergence_one_side(emu, div, flags):
+    """A gradient not asked for is not written; the rest is unchanged."""
+    name, mix = EMU_DIVS[div]
+    s, t, w = _div_rows(1000, torch.float32, seed=2)
+    loss, gs, gt = _emu_div(emu, s, t, 0.7, name, mix, w, *flags)
+    assert (gs is not None) == flags[0] and (gt is not None) == flags[1]
+    _check_div((loss, gs, gt), _div_reference(s, t, 0.7, name, mix, w), torch.float32, w,
+               gfloor=_grad_floor(s, t, 0.7, w))
 
 
 @dtype_params((torch.float32, torch.bfloat16, torch.float16, torch.float64))

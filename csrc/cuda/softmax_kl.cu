@@ -17,6 +17,8 @@
 //    (max, sums, gradient), the re-reads served by L1/L2.
 //  * chunks (fallback for very long rows): (row, chunk) blocks write partial maxima and sums, a
 //    second kernel combines them per row in chunk order, a third writes the gradients.
+// The other divergences (JSD, skew KL, TVD; see "the other divergences" below) take the same three
+// paths with kernels of their own, templated on the divergence.
 // Every path is deterministic (fixed reduction orders), uses 64-bit offsets, 16-byte vector accesses
 // where the row slices of all operands share their offset within 16 bytes, and scalar ones where not.
 #include <cuda_bf16.h>
@@ -34,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/divergence.h"
 #include "common/softmax_kl.h"
 #include "common/tuning.h"
 #include "cuda/compat.cuh"
@@ -45,6 +48,7 @@ namespace cuda {
 namespace {
 
 namespace cg = cooperative_groups;
+using kernel::Divergence;
 using kernel::DType;
 using kernel::SoftmaxKLArgs;
 
@@ -301,6 +305,7 @@ struct KLParams {
   void* gs;       // rows x V contiguous, or null
   void* gt;
   int64_t row0;  // first row of this launch
+  div::Params<double> dk;  // the other divergences' constants (div::params), cast to acc on the device
 };
 
 template <typename A>
@@ -476,12 +481,6 @@ __device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice
   }
 }
 
-#define KD_CLUSTER_SHARED(A, sh)               \
-  KD_SHARED(A, red_, [32 * 3]);                \
-  KD_SHARED(A, slots_max_, [kMaxCluster * 2]); \
-  KD_SHARED(A, slots_sum_, [kMaxCluster * 3]); \
-  const ClusterSlots<A> sh { red_, slots_max_, slots_sum_ }
-
 __device__ __forceinline__ int cluster_rank_of(int C) {
 #if KD_CLUSTERS
   if (C > 1) return static_cast<int>(cg::this_cluster().block_rank());
@@ -489,6 +488,50 @@ __device__ __forceinline__ int cluster_rank_of(int C) {
   (void)C;
   return 0;
 }
+
+// A cluster kernel's CTA: its row (blockIdx.x / C from p.row0), the row's weight, its slice (the
+// cluster rank picks it) and where the slice goes in shared memory: [student | teacher], raw_bytes
+// each, laid out by GlobalSlice::load.
+template <typename T>
+struct ClusterCta {
+  using A = typename Elem<T>::acc;
+  int rank;
+  int64_t row;
+  A w;
+  GlobalSlice<T> sl;
+  T* bs;
+  T* bt;
+  __device__ __forceinline__ ClusterCta(const KLParams& p, int C, int64_t slice, int64_t raw_bytes, unsigned char* smem)
+      : rank(cluster_rank_of(C)),
+        row(p.row0 + blockIdx.x / C),
+        w(static_cast<const A*>(p.w)[row]),
+        sl(p, row, rank * slice, slice),
+        bs(reinterpret_cast<T*>(smem)),
+        bt(reinterpret_cast<T*>(smem + raw_bytes)) {}
+  // A row of weight 0 gets zero gradients and loss, and the whole cluster leaves (no cluster
+  // barrier is pending: false); else the slice is copied into shared memory and the CTA has arrived
+  // at the cluster barrier that the first cluster_reduce waits on (true).
+  __device__ __forceinline__ bool start(const KLParams& p, int C) const {
+    if (w == A(0)) {
+      zero_row<T, A>(p, sl, row, rank);
+      return false;
+    }
+    // Distributed shared memory may be touched only once every CTA of the cluster runs: arrive now,
+    // wait just before the first remote write (the load below hides the wait).
+    if (C > 1) kd_cluster_arrive();
+    sl.load(bs, bt);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    return true;
+  }
+};
+
+#define KD_CLUSTER_SHARED(A, sh)               \
+  KD_SHARED(A, red_, [32 * 3]);                \
+  KD_SHARED(A, slots_max_, [kMaxCluster * 2]); \
+  KD_SHARED(A, slots_sum_, [kMaxCluster * 3]); \
+  const ClusterSlots<A> sh { red_, slots_max_, slots_sum_ }
 
 // The cluster path: blockIdx.x / C is the row (from p.row0), the cluster rank picks the slice.
 // Shared memory: [student slice | teacher slice] of raw_bytes each, then (kCacheSeparate) the
@@ -499,25 +542,10 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
   using A = typename Elem<T>::acc;
   KD_DYNAMIC_SHARED(smem);
   KD_CLUSTER_SHARED(A, sh);
-  const int rank = cluster_rank_of(C);
-  const int64_t row = p.row0 + blockIdx.x / C;
-  const A w = static_cast<const A*>(p.w)[row];
-  const GlobalSlice<T> sl(p, row, rank * slice, slice);
-  if (w == A(0)) {  // the whole cluster leaves here: no cluster barrier is pending
-    zero_row<T, A>(p, sl, row, rank);
-    return;
-  }
-  // Distributed shared memory may be touched only once every CTA of the cluster runs: arrive now,
-  // wait just before the first remote write (the load below hides the wait).
-  if (C > 1) kd_cluster_arrive();
-  T* bs = reinterpret_cast<T*>(smem);
-  T* bt = reinterpret_cast<T*>(smem + raw_bytes);
-  sl.load(bs, bt);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
+  const ClusterCta<T> x(p, C, slice, raw_bytes, smem);
+  if (!x.start(p, C)) return;
   bool waited = false;
-  cluster_row(p, sl, row, w, C, rank, bs, bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
+  cluster_row(p, x.sl, x.row, x.w, C, x.rank, x.bs, x.bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
 }
 
 // Fallback, one block per (row, chunk). full: the chunk is the whole row; the block writes the KL
@@ -624,6 +652,377 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLParams p, int64_t c
   const A inv_t = static_cast<A>(p.inv_t);
   const RowK<A> k = row_constants(w, Frame<A>(st[0], st[1], inv_t, static_cast<A>(p.h)), inv_t, st[2], st[3], st[4]);
   sl.grads_from_global(k);
+}
+
+// ------------------------------------------------------------------ the other divergences
+//
+// JSD, skew KL and TVD (per-element math: common/divergence.h; the glue hands over only these three
+// beside KL, see kernel::Divergence). Each needs P and Q themselves before its terms, so a row takes
+// three passes: (1) online maxima and softmax sums of both sides, (2) F = sum f, SU = sum Q u and
+// SW = sum P w, (3) the gradients. Exponentials in base 2: e = 2^((x - r) c), c = log2(e) / T, r the
+// row maximum (0 where a side is all -inf: its exponentials are 0 whatever r is). Paths, chosen by
+// the KL's plan (the cluster kernel caching no exponentials): clusters with the row's slices in
+// shared memory (the passes read HBM once), one block per row, or (row, chunk) blocks whose
+// partials per-row kernels combine in chunk order. Deterministic like the KL paths.
+
+// A row's constants for passes (2) and (3).
+template <typename A>
+struct DivRow {
+  A rs, rt;      // references
+  A c;           // log2(e) / T
+  A izs, izt;    // 1 / Z
+  A m, one_m, max_q, max_p;  // div::Params
+  A su, sw;      // pass (2)'s sums
+  A gcs, gct;    // row_weight / T * cq, * cp
+  bool nan;      // the row's value is NaN: NaN gradients throughout
+  __device__ __forceinline__ A q(A x) const { return ex2((x - rs) * c) * izs; }
+  __device__ __forceinline__ A p(A x) const { return ex2((x - rt) * c) * izt; }
+};
+
+// The row's maxima and softmax sums: mz = {m_s, m_t, Z_s, Z_t} -> its DivRow (sums still unset).
+template <typename A>
+__device__ __forceinline__ DivRow<A> div_row(const div::Params<A>& k, A c, const A (&mz)[4]) {
+  DivRow<A> r;
+  r.rs = mz[0] == neg_inf<A>() ? A(0) : mz[0];
+  r.rt = mz[1] == neg_inf<A>() ? A(0) : mz[1];
+  r.c = c;
+  r.izs = A(1) / mz[2];
+  r.izt = A(1) / mz[3];
+  r.m = k.m, r.one_m = k.one_m, r.max_q = k.max_q, r.max_p = k.max_p;
+  r.su = r.sw = A(0);
+  r.gcs = r.gct = A(0);
+  r.nan = false;
+  return r;
+}
+
+// Sets the gradient constants from pass (2)'s sums {F, SU, SW}; returns the row's value.
+template <typename A>
+__device__ __forceinline__ A div_finish(DivRow<A>& r, const div::Params<A>& k, A w, A inv_t, const A (&st)[3]) {
+  const A v = div::row_value(st[0]);
+  r.su = st[1], r.sw = st[2];
+  r.gcs = w * inv_t * k.cq;
+  r.gct = w * inv_t * k.cp;
+  r.nan = v != v;
+  return v;
+}
+
+// z 2^((m - M) c): a sum relative to m moved to M >= m (z itself where m is -inf: z is 0 or NaN).
+template <typename A>
+__device__ __forceinline__ A rescale(A z, A m, A M, A c) {
+  return m == neg_inf<A>() ? z : z * ex2((m - M) * c);
+}
+
+// Adds P values (-inf where absent) with maximum gm to the online pair (m, z).
+template <int P, typename A>
+__device__ __forceinline__ void online_add(A& m, A& z, const A (&x)[P], A gm, A c) {
+  if (gm > m) {
+    z = rescale(z, m, gm, c);
+    m = gm;
+  }
+  const A r = m == neg_inf<A>() ? A(0) : m;
+#pragma unroll
+  for (int q = 0; q < P; ++q) z += ex2((x[q] - r) * c);
+}
+
+// Calls f(j0, vs, vt, full) for each group of P positions of the slice this thread walks: the
+// student and teacher vectors at positions [j0, j0 + P), and whether all of them are in the slice.
+template <int P, typename T, typename F>
+__device__ __forceinline__ void for_groups(const T* sb, const T* tb, const Span& sp, F&& f) {
+  for (int64_t g = threadIdx.x; g < sp.groups; g += blockDim.x) {
+    const int64_t j0 = g * P;
+    f(j0, *reinterpret_cast<const Vec<T, P>*>(sb + j0), *reinterpret_cast<const Vec<T, P>*>(tb + j0),
+      sp.full(j0, P));
+  }
+}
+
+// Pass (1) over a slice, per thread: mz = {m_s, m_t, Z_s, Z_t}, Z relative to m (NaN logits are
+// skipped by the maxima and reach Z).
+template <int P, typename T, typename A>
+__device__ __forceinline__ void pass_mz(const T* sb, const T* tb, int64_t o, int64_t n, A c, A (&mz)[4]) {
+  const Span sp(o, n, P);
+  for_groups<P>(sb, tb, sp, [&](int64_t j0, const Vec<T, P>& vs, const Vec<T, P>& vt, bool full) {
+    A xs[P], xt[P];
+    A gs = neg_inf<A>(), gt = neg_inf<A>();
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      const bool ok = full || sp.valid(j0 + q);
+      xs[q] = ok ? A(Elem<T>::to(vs.v[q])) : neg_inf<A>();
+      xt[q] = ok ? A(Elem<T>::to(vt.v[q])) : neg_inf<A>();
+      gs = amax(gs, xs[q]);
+      gt = amax(gt, xt[q]);
+    }
+    online_add(mz[0], mz[2], xs, gs, c);
+    online_add(mz[1], mz[3], xt, gt, c);
+  });
+}
+
+// Block-wide combination of the threads' (m, z) pairs (fixed order); every thread gets the row's.
+template <typename A>
+__device__ __forceinline__ void reduce_mz(A (&mz)[4], A* red, A c) {
+  A m[2] = {mz[0], mz[1]};
+  block_reduce(m, red, MaxOp());
+  A z[2] = {rescale(mz[2], mz[0], m[0], c), rescale(mz[3], mz[1], m[1], c)};
+  block_reduce(z, red, AddOp());
+  mz[0] = m[0], mz[1] = m[1], mz[2] = z[0], mz[3] = z[1];
+}
+
+// Pass (2) over a slice, per thread: st += {sum f, sum Q u, sum P w}.
+template <Divergence D, int P, typename T, typename A>
+__device__ __forceinline__ void pass_stats(const T* sb, const T* tb, int64_t o, int64_t n, const DivRow<A>& r,
+                                           A (&st)[3]) {
+  using Ops = div::ScalarOps<A>;
+  const Span sp(o, n, P);
+  for_groups<P>(sb, tb, sp, [&](int64_t j0, const Vec<T, P>& vs, const Vec<T, P>& vt, bool full) {
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      if (!full && !sp.valid(j0 + q)) continue;
+      const A pq = r.q(Elem<T>::to(vs.v[q])), pp = r.p(Elem<T>::to(vt.v[q]));
+      A f, u, w;
+      div::terms<D, Ops>(pp, pq, r.m, r.one_m, r.max_q, r.max_p, f, u, w);
+      st[0] += f;
+      st[1] += pq * u;
+      st[2] += pp * w;
+    }
+  });
+}
+
+// Stores a group's values at their positions of the slice (the whole vector where the group is full).
+template <typename T, int P>
+__device__ __forceinline__ void store_group(T* gb, const Vec<T, P>& out, const Span& sp, int64_t j0, bool full) {
+  if (full) {
+    *reinterpret_cast<Vec<T, P>*>(gb + j0) = out;
+  } else {
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      if (sp.valid(j0 + q)) gb[j0 + q] = out.v[q];
+  }
+}
+
+// Pass (3) over a slice: the gradients (gsb, gtb: bases laid out like sb, tb, or null).
+template <Divergence D, int P, typename T, typename A>
+__device__ __forceinline__ void pass_div_grad(const T* sb, const T* tb, int64_t o, int64_t n, const DivRow<A>& r,
+                                              T* gsb, T* gtb) {
+  using Ops = div::ScalarOps<A>;
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  const Span sp(o, n, P);
+  for_groups<P>(sb, tb, sp, [&](int64_t j0, const Vec<T, P>& vs, const Vec<T, P>& vt, bool full) {
+    Vec<T, P> os, ot;
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      const A pq = r.q(Elem<T>::to(vs.v[q])), pp = r.p(Elem<T>::to(vt.v[q]));
+      A f, u, w;
+      div::terms<D, Ops>(pp, pq, r.m, r.one_m, r.max_q, r.max_p, f, u, w);
+      os.v[q] = Elem<T>::from(r.nan ? nan : div::grad<Ops>(r.gcs, pq, u, r.su));
+      ot.v[q] = Elem<T>::from(r.nan ? nan : div::grad<Ops>(r.gct, pp, w, r.sw));
+    }
+    if (gsb) store_group(gsb, os, sp, j0, full);
+    if (gtb) store_group(gtb, ot, sp, j0, full);
+  });
+}
+
+// The per-call constants of a divergence kernel.
+template <typename A>
+struct DivConsts {
+  div::Params<A> k;
+  A c;      // log2(e) / T
+  A inv_t;  // 1 / T
+};
+
+// From the launch's parameters: div::params<A> would round the same doubles to the same values.
+template <typename A>
+__device__ __forceinline__ DivConsts<A> div_consts(const KLParams& p) {
+  DivConsts<A> dc;
+  const div::Params<double>& d = p.dk;
+  dc.k = {A(d.m), A(d.one_m), A(d.max_q), A(d.max_p), A(d.cq), A(d.cp)};
+  dc.inv_t = static_cast<A>(p.inv_t);
+  dc.c = dc.inv_t * A(kLog2e);
+  return dc;
+}
+
+// The three passes over a GlobalSlice, each through the 16-byte walk where the slice allows it.
+template <typename T, typename A>
+__device__ __forceinline__ void slice_mz(const GlobalSlice<T>& sl, A c, A (&mz)[4]) {
+  constexpr int P = vec_elems<T>();
+  if (sl.vec) pass_mz<P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, c, mz);
+  else pass_mz<1>(sl.s, sl.t, 0, sl.n, c, mz);
+}
+template <Divergence D, typename T, typename A>
+__device__ __forceinline__ void slice_stats(const GlobalSlice<T>& sl, const DivRow<A>& r, A (&st)[3]) {
+  constexpr int P = vec_elems<T>();
+  if (sl.vec) pass_stats<D, P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, r, st);
+  else pass_stats<D, 1>(sl.s, sl.t, 0, sl.n, r, st);
+}
+template <Divergence D, typename T, typename A>
+__device__ __forceinline__ void slice_div_grad(const GlobalSlice<T>& sl, const DivRow<A>& r) {
+  constexpr int P = vec_elems<T>();
+  if (sl.n == 0 || (sl.gs == nullptr && sl.gt == nullptr)) return;
+  if (sl.vec) {
+    pass_div_grad<D, P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, r, sl.gs ? sl.gs - sl.o : nullptr,
+                        sl.gt ? sl.gt - sl.o : nullptr);
+  } else {
+    pass_div_grad<D, 1>(sl.s, sl.t, 0, sl.n, r, sl.gs, sl.gt);
+  }
+}
+
+// One block per row: the three passes over the row in global memory (re-reads served by L1/L2).
+template <Divergence D, typename T>
+__global__ void __launch_bounds__(kThreads) div_rows_kernel(KLParams p) {
+  using A = typename Elem<T>::acc;
+  const DivConsts<A> dc = div_consts<A>(p);
+  KD_SHARED(A, red, [32 * 3]);
+  const int64_t row = p.row0 + blockIdx.x;
+  const A w = static_cast<const A*>(p.w)[row];
+  const GlobalSlice<T> sl(p, row, 0, p.V);
+  A* loss = static_cast<A*>(p.kl);
+  if (w == A(0)) {
+    zero_fill(sl.gs, sl.n);
+    zero_fill(sl.gt, sl.n);
+    if (threadIdx.x == 0) loss[row] = A(0);
+    return;
+  }
+  A mz[4] = {neg_inf<A>(), neg_inf<A>(), A(0), A(0)};
+  slice_mz(sl, dc.c, mz);
+  reduce_mz(mz, red, dc.c);
+  DivRow<A> r = div_row(dc.k, dc.c, mz);
+  A st[3] = {A(0), A(0), A(0)};
+  slice_stats<D>(sl, r, st);
+  block_reduce(st, red, AddOp());
+  const A v = div_finish(r, dc.k, w, dc.inv_t, st);
+  if (threadIdx.x == 0) loss[row] = v;
+  slice_div_grad<D>(sl, r);
+}
+
+// Chunks path, steps 1 and 3: each (row, chunk) block's partials to part[(row, chunk)]: its (m, z)
+// pairs (4 values), or with kStats its {F, SU, SW} (3 values; mz holds the rows' combined pairs).
+template <Divergence D, typename T, bool kStats>
+__global__ void __launch_bounds__(kThreads) div_chunk_part_kernel(KLParams p, int64_t chunk,
+                                                                  const typename Elem<T>::acc* mz,
+                                                                  typename Elem<T>::acc* part) {
+  using A = typename Elem<T>::acc;
+  const DivConsts<A> dc = div_consts<A>(p);
+  KD_SHARED(A, red, [32 * 3]);
+  const int64_t row = p.row0 + blockIdx.x;
+  if (static_cast<const A*>(p.w)[row] == A(0)) return;
+  const GlobalSlice<T> sl(p, row, static_cast<int64_t>(blockIdx.y) * chunk, chunk);
+  const int64_t at = (row - p.row0) * gridDim.y + blockIdx.y;
+  if constexpr (kStats) {
+    const A* m = mz + (row - p.row0) * 4;
+    const DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], m[2], m[3]});
+    A st[3] = {A(0), A(0), A(0)};
+    slice_stats<D>(sl, r, st);
+    block_reduce(st, red, AddOp());
+    if (threadIdx.x == 0) part[at * 3] = st[0], part[at * 3 + 1] = st[1], part[at * 3 + 2] = st[2];
+  } else {
+    A m[4] = {neg_inf<A>(), neg_inf<A>(), A(0), A(0)};
+    slice_mz(sl, dc.c, m);
+    reduce_mz(m, red, dc.c);
+    if (threadIdx.x == 0) part[at * 4] = m[0], part[at * 4 + 1] = m[1], part[at * 4 + 2] = m[2], part[at * 4 + 3] = m[3];
+  }
+}
+
+// Step 2, one thread per row: the chunks' pairs combined in chunk order into mz[row].
+template <typename A>
+__global__ void div_combine_mz_kernel(KLParams p, int64_t nrows, int nchunk, A c, const A* part, A* mz) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= nrows || static_cast<const A*>(p.w)[p.row0 + i] == A(0)) return;
+  const A* q = part + i * nchunk * 4;
+  A* out = mz + i * 4;
+  for (int side = 0; side < 2; ++side) {
+    A m = neg_inf<A>(), z = A(0);
+    for (int k = 0; k < nchunk; ++k) m = amax(m, q[4 * k + side]);
+    for (int k = 0; k < nchunk; ++k) z += rescale(q[4 * k + 2 + side], q[4 * k + side], m, c);
+    out[side] = m, out[2 + side] = z;
+  }
+}
+
+// Step 4, one thread per row: the chunks' sums added in chunk order into stats[row] and the row's
+// value (0 on rows of weight 0).
+template <typename A>
+__global__ void div_combine_stats_kernel(KLParams p, int64_t nrows, int nchunk, const A* part, A* stats) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= nrows) return;
+  A* loss = static_cast<A*>(p.kl);
+  if (static_cast<const A*>(p.w)[p.row0 + i] == A(0)) {
+    loss[p.row0 + i] = A(0);
+    return;
+  }
+  const A* q = part + i * nchunk * 3;
+  A st[3] = {A(0), A(0), A(0)};
+  for (int k = 0; k < nchunk; ++k) st[0] += q[3 * k], st[1] += q[3 * k + 1], st[2] += q[3 * k + 2];
+  A* out = stats + i * 3;
+  out[0] = st[0], out[1] = st[1], out[2] = st[2];
+  loss[p.row0 + i] = div::row_value(st[0]);
+}
+
+// Step 5: each (row, chunk) block's gradients.
+template <Divergence D, typename T>
+__global__ void __launch_bounds__(kThreads) div_chunk_grad_kernel(KLParams p, int64_t chunk,
+                                                                  const typename Elem<T>::acc* mz,
+                                                                  const typename Elem<T>::acc* stats) {
+  using A = typename Elem<T>::acc;
+  const int64_t row = p.row0 + blockIdx.x;
+  const A w = static_cast<const A*>(p.w)[row];
+  const GlobalSlice<T> sl(p, row, static_cast<int64_t>(blockIdx.y) * chunk, chunk);
+  if (w == A(0)) {
+    zero_fill(sl.gs, sl.n);
+    zero_fill(sl.gt, sl.n);
+    return;
+  }
+  const A* m = mz + (row - p.row0) * 4;
+  const A* s = stats + (row - p.row0) * 3;
+  const DivConsts<A> dc = div_consts<A>(p);
+  DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], m[2], m[3]});
+  div_finish(r, dc.k, w, dc.inv_t, {s[0], s[1], s[2]});
+  slice_div_grad<D>(sl, r);
+}
+
+// The cluster path: as the KL's (blockIdx.x / C is the row, the cluster rank picks the slice, each
+// CTA copies its slice of both inputs into shared memory once), the three passes then run over the
+// on-chip copy, so HBM sees one read of each input and one write of each gradient. Same signature
+// as kl_cluster_kernel (the cache argument is unused: the exponentials are recomputed).
+template <Divergence D, typename T>
+__global__ void __launch_bounds__(kThreads) div_cluster_kernel(KLParams p, int C, int64_t slice,
+                                                               int64_t raw_bytes, int /*cache*/) {
+  using A = typename Elem<T>::acc;
+  constexpr int P = vec_elems<T>();
+  KD_DYNAMIC_SHARED(smem);
+  KD_CLUSTER_SHARED(A, sh);
+  // one slot array per cluster reduction (max: maxima, sum: softmax sums, this: the stats): a CTA
+  // may push the next reduction's values before another has read the last one's
+  KD_SHARED(A, slots_st, [kMaxCluster * 3]);
+  const ClusterCta<T> x(p, C, slice, raw_bytes, smem);
+  if (!x.start(p, C)) return;
+  const GlobalSlice<T>& sl = x.sl;
+  T* bs = x.bs;
+  T* bt = x.bt;
+  const int rank = x.rank;
+  // The walks over the copy: student element i at bs[o + i], teacher's at bt[ot + i] (o == ot on
+  // the 16-byte walk; the P == 1 walk starts from element 0).
+  const T* s1 = bs + sl.o;
+  const T* t1 = bt + sl.ot;
+  const DivConsts<A> dc = div_consts<A>(p);
+  A mz[4] = {neg_inf<A>(), neg_inf<A>(), A(0), A(0)};
+  if (sl.vec) pass_mz<P>(bs, bt, sl.o, sl.n, dc.c, mz);
+  else pass_mz<1>(s1, t1, 0, sl.n, dc.c, mz);
+  reduce_mz(mz, sh.red, dc.c);
+  A m[2] = {mz[0], mz[1]};
+  cluster_reduce(m, sh.max, C, rank, MaxOp(), true);
+  A z[2] = {rescale(mz[2], mz[0], m[0], dc.c), rescale(mz[3], mz[1], m[1], dc.c)};
+  cluster_reduce(z, sh.sum, C, rank, AddOp(), false);
+  DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], z[0], z[1]});
+  A st[3] = {A(0), A(0), A(0)};
+  if (sl.vec) pass_stats<D, P>(bs, bt, sl.o, sl.n, r, st);
+  else pass_stats<D, 1>(s1, t1, 0, sl.n, r, st);
+  block_reduce(st, sh.red, AddOp());
+  cluster_reduce(st, slots_st, C, rank, AddOp(), false);
+  const A v = div_finish(r, dc.k, x.w, dc.inv_t, st);
+  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[x.row] = v;
+  if (sl.n == 0 || (sl.gs == nullptr && sl.gt == nullptr)) return;
+  if (sl.vec) {
+    pass_div_grad<D, P>(bs, bt, sl.o, sl.n, r, sl.gs ? sl.gs - sl.o : nullptr, sl.gt ? sl.gt - sl.o : nullptr);
+  } else {
+    pass_div_grad<D, 1>(s1, t1, 0, sl.n, r, sl.gs, sl.gt);
+  }
 }
 
 template <typename T>
@@ -845,13 +1244,36 @@ int cluster_capacity(ClusterKernel kernel, int dev, const DeviceInfo& d, const P
   return n;
 }
 
+// The global-memory fallbacks (and the only paths of the other divergences): one block per row, or
+// (row, chunk) blocks for long rows and for rows longer than a few thousand when there are few.
+Plan global_plan(int64_t R, int64_t V, const DeviceInfo& d, const Knobs& kn) {
+  Plan pl;
+  int64_t chunk = kn.chunk;
+  const bool chunks = kn.force == Force::Chunks || chunk > 0 ||
+                      (kn.force != Force::Rows && (V > kChunkRowsAbove || (R < d.sms && V > kChunkFewRowsAbove)));
+  if (!chunks) {
+    pl.path = Path::Rows;
+    pl.chunk = V;
+    pl.nchunk = 1;
+    return pl;
+  }
+  if (chunk <= 0) chunk = V > kChunkRowsAbove ? kLongRowChunk : kShortRowChunk;
+  chunk = std::max<int64_t>(chunk, (V + kMaxGridY - 1) / kMaxGridY);
+  chunk = round_up(chunk, 16);
+  pl.path = Path::Chunks;
+  pl.chunk = chunk;
+  pl.nchunk = static_cast<int>((V + chunk - 1) / chunk);
+  if (pl.nchunk == 1) pl.path = Path::Rows;
+  return pl;
+}
+
+// kernel: kl_cluster_kernel<T> or div_cluster_kernel<D, T> (which caches no exponentials).
 template <typename T>
-Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d, const Knobs& kn) {
+Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d, const Knobs& kn, ClusterKernel kernel) {
   using A = typename Elem<T>::acc;
   const int64_t R = a.rows, V = a.cols;
-  const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
-  Plan pl;
-  const ClusterKernel kernel = kl_cluster_kernel<T>;
+  // (only KL's gradient pass reads cached exponentials: the other divergences recompute them)
+  const bool want_grad = (a.grad_student != nullptr || a.grad_teacher != nullptr) && a.divergence == Divergence::KL;
 
   if ((kn.force == Force::Auto || kn.force == Force::Cluster) && d.major >= 8 &&
       prepare_cluster_kernel(kernel, dev, d) == cudaSuccess) {
@@ -901,32 +1323,17 @@ Plan make_plan(const SoftmaxKLArgs& a, int dev, const DeviceInfo& d, const Knobs
       }
     }
   }
-  // Global-memory fallbacks.
-  int64_t chunk = kn.chunk;
-  const bool chunks = kn.force == Force::Chunks || chunk > 0 ||
-                      (kn.force != Force::Rows && (V > kChunkRowsAbove || (R < d.sms && V > kChunkFewRowsAbove)));
-  if (!chunks) {
-    pl.path = Path::Rows;
-    pl.chunk = V;
-    pl.nchunk = 1;
-    return pl;
-  }
-  if (chunk <= 0) chunk = V > kChunkRowsAbove ? kLongRowChunk : kShortRowChunk;
-  chunk = std::max<int64_t>(chunk, (V + kMaxGridY - 1) / kMaxGridY);
-  chunk = round_up(chunk, 16);
-  pl.path = Path::Chunks;
-  pl.chunk = chunk;
-  pl.nchunk = static_cast<int>((V + chunk - 1) / chunk);
-  if (pl.nchunk == 1) pl.path = Path::Rows;
-  return pl;
+  return global_plan(R, V, d, kn);
 }
 
+// The chunks path's scratch: per row of a launch, `values` accumulators for each chunk and as many
+// for the row (KL: 5 partials and 5 stats; the other divergences: 4 + 3 partials, 4 + 3 combined).
 template <typename T>
-size_t workspace_for(const Plan& pl, int64_t rows) {
+size_t workspace_for(const Plan& pl, int64_t rows, int64_t values) {
   using A = typename Elem<T>::acc;
   if (pl.path != Path::Chunks) return 0;
   const int64_t nr = std::min(rows, kMaxRowsPerLaunch);
-  return static_cast<size_t>(nr * (pl.nchunk + 1) * 5) * sizeof(A);
+  return static_cast<size_t>(nr * (pl.nchunk + 1) * values) * sizeof(A);
 }
 
 KLParams to_params(const SoftmaxKLArgs& a) {
@@ -952,6 +1359,68 @@ cudaError_t launch_clusters(ClusterKernel kernel, int64_t ctas, const Plan& pl, 
   return cudaLaunchKernelEx(&l.cfg, kernel, p, pl.C, pl.slice, pl.raw_bytes, pl.cache);
 }
 
+void log_plan(const SoftmaxKLArgs& a, const Plan& pl, const Knobs& kn) {
+  if (!kn.log) return;
+  if (pl.path == Path::Cluster) {
+    std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld divergence=%d path=cluster C=%d cache=%d smem=%zu\n",
+                 (long long)a.rows, (long long)a.cols, static_cast<int>(a.divergence), pl.C, pl.cache, pl.smem);
+  } else {
+    std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld divergence=%d path=%s chunk=%lld nchunk=%d\n",
+                 (long long)a.rows, (long long)a.cols, static_cast<int>(a.divergence),
+                 pl.path == Path::Rows ? "rows" : "chunks", (long long)pl.chunk, pl.nchunk);
+  }
+}
+
+// JSD, skew KL and TVD: the cluster path where it runs, else the global-memory ones.
+template <Divergence D, typename T>
+cudaError_t run_div(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, size_t* ws_only, int dev,
+                    const DeviceInfo& d, const Knobs& kn) {
+  using A = typename Elem<T>::acc;
+  const Plan pl = make_plan<T>(a, dev, d, kn, div_cluster_kernel<D, T>);
+  if (ws_only != nullptr) {
+    *ws_only = workspace_for<T>(pl, a.rows, 7);
+    return cudaSuccess;
+  }
+  log_plan(a, pl, kn);
+  KLParams p = to_params(a);
+  p.dk = div::params<double>(a.divergence, a.mix);
+  const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
+    const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
+    p.row0 = r0;
+    cudaError_t e;
+    if (pl.path == Path::Cluster) {
+      if ((e = launch_clusters(div_cluster_kernel<D, T>, nr * pl.C, pl, p, stream)) != cudaSuccess) return e;
+      continue;
+    }
+    if (pl.path == Path::Rows) {
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr), 1), kThreads, 0, stream, div_rows_kernel<D, T>)(p);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      continue;
+    }
+    A* part_mz = static_cast<A*>(workspace);
+    A* mz = part_mz + nr * pl.nchunk * 4;
+    A* part_st = mz + nr * 4;
+    A* stats = part_st + nr * pl.nchunk * 3;
+    const dim3 grid(static_cast<unsigned>(nr), static_cast<unsigned>(pl.nchunk));
+    const unsigned per_row = static_cast<unsigned>((nr + 255) / 256);
+    const A c = static_cast<A>(p.inv_t) * A(kLog2e);
+    KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_part_kernel<D, T, false>)(p, pl.chunk, nullptr, part_mz);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    KD_LAUNCH(per_row, 256, 0, stream, div_combine_mz_kernel<A>)(p, nr, pl.nchunk, c, part_mz, mz);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_part_kernel<D, T, true>)(p, pl.chunk, mz, part_st);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    KD_LAUNCH(per_row, 256, 0, stream, div_combine_stats_kernel<A>)(p, nr, pl.nchunk, part_st, stats);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    if (want_grad) {
+      KD_LAUNCH(grid, kThreads, 0, stream, div_chunk_grad_kernel<D, T>)(p, pl.chunk, mz, stats);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
+  }
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, size_t* ws_only) {
   using A = typename Elem<T>::acc;
@@ -961,21 +1430,19 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
   DeviceInfo d;
   if ((e = device_info(dev, d)) != cudaSuccess) return e;
   const Knobs kn = knobs();
-  const Plan pl = make_plan<T>(a, dev, d, kn);
+  switch (a.divergence) {
+    case Divergence::KL: break;
+    case Divergence::JSD: return run_div<Divergence::JSD, T>(a, workspace, stream, ws_only, dev, d, kn);
+    case Divergence::SkewKL: return run_div<Divergence::SkewKL, T>(a, workspace, stream, ws_only, dev, d, kn);
+    case Divergence::TVD: return run_div<Divergence::TVD, T>(a, workspace, stream, ws_only, dev, d, kn);
+    default: return cudaErrorInvalidValue;  // the glue reduces the rest to these (common/args.h)
+  }
+  const Plan pl = make_plan<T>(a, dev, d, kn, kl_cluster_kernel<T>);
   if (ws_only != nullptr) {
-    *ws_only = workspace_for<T>(pl, a.rows);
+    *ws_only = workspace_for<T>(pl, a.rows, 5);
     return cudaSuccess;
   }
-  if (kn.log) {
-    if (pl.path == Path::Cluster) {
-      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=cluster C=%d cache=%d smem=%zu\n",
-                   (long long)a.rows, (long long)a.cols, pl.C, pl.cache, pl.smem);
-    } else {
-      std::fprintf(stderr, "kdfast softmax_kl cuda: rows=%lld V=%lld path=%s chunk=%lld nchunk=%d\n",
-                   (long long)a.rows, (long long)a.cols, pl.path == Path::Rows ? "rows" : "chunks",
-                   (long long)pl.chunk, pl.nchunk);
-    }
-  }
+  log_plan(a, pl, kn);
   KLParams p = to_params(a);
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
     const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);

@@ -244,10 +244,12 @@ int guarded(const std::function<cudaError_t()>& f) {
 }  // namespace
 
 extern "C" {
-int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_t V, int64_t ss, int64_t ts,
-                   double inv_t, const void* w, void* kl, void* gs, void* gt) {
+int emu_softmax_kl_div(int dtype, const void* s, const void* t, int64_t rows, int64_t V, int64_t ss, int64_t ts,
+                       double inv_t, int divergence, double mix, const void* w, void* kl, void* gs, void* gt) {
+  // the divergence as the kernels see it (KL, JSD, SkewKL, TVD): the glue's reductions are the caller's
   kdfast::kernel::SoftmaxKLArgs a;
   a.dtype = dt(dtype);
+  a.divergence = static_cast<kdfast::kernel::Divergence>(divergence), a.mix = mix;
   a.student = s, a.teacher = t, a.rows = rows, a.cols = V;
   a.student_row_stride = ss, a.teacher_row_stride = ts, a.inv_temperature = inv_t;
   a.row_weight = w, a.loss_rows = kl, a.grad_student = gs, a.grad_teacher = gt;
@@ -256,6 +258,10 @@ int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_
     std::vector<double> buf(ws / sizeof(double) + 2);
     return kdfast::cuda::softmax_kl(a, ws ? buf.data() : nullptr, nullptr);
   });
+}
+int emu_softmax_kl(int dtype, const void* s, const void* t, int64_t rows, int64_t V, int64_t ss, int64_t ts,
+                   double inv_t, const void* w, void* kl, void* gs, void* gt) {
+  return emu_softmax_kl_div(dtype, s, t, rows, V, ss, ts, inv_t, 0, 0.0, w, kl, gs, gt);
 }
 int emu_softmax_kl_reload_knobs() {
   return guarded([] {
