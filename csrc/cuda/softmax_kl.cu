@@ -671,24 +671,29 @@ struct DivRow {
   A rs, rt;      // references
   A c;           // log2(e) / T
   A izs, izt;    // 1 / Z
-  A m, one_m, max_q, max_p;  // div::Params
+  div::Consts<A> k;
+  A inv_t, lz;   // 1 / T and log Z_s - log Z_t (natural units), for log(P/Q)
   A su, sw;      // pass (2)'s sums
   A gcs, gct;    // row_weight / T * cq, * cp
   bool nan;      // the row's value is NaN: NaN gradients throughout
   __device__ __forceinline__ A q(A x) const { return ex2((x - rs) * c) * izs; }
   __device__ __forceinline__ A p(A x) const { return ex2((x - rt) * c) * izt; }
+  // log(P/Q) of an element from its logits (div::terms; JSD reads it)
+  __device__ __forceinline__ A lpq(A xs, A xt) const { return ((xt - rt) - (xs - rs)) * inv_t + lz; }
 };
 
 // The row's maxima and softmax sums: mz = {m_s, m_t, Z_s, Z_t} -> its DivRow (sums still unset).
 template <typename A>
-__device__ __forceinline__ DivRow<A> div_row(const div::Params<A>& k, A c, const A (&mz)[4]) {
+__device__ __forceinline__ DivRow<A> div_row(const div::Params<A>& k, A c, A inv_t, const A (&mz)[4]) {
   DivRow<A> r;
   r.rs = mz[0] == neg_inf<A>() ? A(0) : mz[0];
   r.rt = mz[1] == neg_inf<A>() ? A(0) : mz[1];
   r.c = c;
   r.izs = A(1) / mz[2];
   r.izt = A(1) / mz[3];
-  r.m = k.m, r.one_m = k.one_m, r.max_q = k.max_q, r.max_p = k.max_p;
+  r.k = k;
+  r.inv_t = inv_t;
+  r.lz = log(mz[2]) - log(mz[3]);
   r.su = r.sw = A(0);
   r.gcs = r.gct = A(0);
   r.nan = false;
@@ -776,9 +781,10 @@ __device__ __forceinline__ void pass_stats(const T* sb, const T* tb, int64_t o, 
 #pragma unroll
     for (int q = 0; q < P; ++q) {
       if (!full && !sp.valid(j0 + q)) continue;
-      const A pq = r.q(Elem<T>::to(vs.v[q])), pp = r.p(Elem<T>::to(vt.v[q]));
+      const A xs = Elem<T>::to(vs.v[q]), xt = Elem<T>::to(vt.v[q]);
+      const A pq = r.q(xs), pp = r.p(xt);
       A f, u, w;
-      div::terms<D, Ops>(pp, pq, r.m, r.one_m, r.max_q, r.max_p, f, u, w);
+      div::terms<D, Ops>(pp, pq, r.lpq(xs, xt), r.k, f, u, w);
       st[0] += f;
       st[1] += pq * u;
       st[2] += pp * w;
@@ -809,9 +815,10 @@ __device__ __forceinline__ void pass_div_grad(const T* sb, const T* tb, int64_t 
     Vec<T, P> os, ot;
 #pragma unroll
     for (int q = 0; q < P; ++q) {
-      const A pq = r.q(Elem<T>::to(vs.v[q])), pp = r.p(Elem<T>::to(vt.v[q]));
+      const A xs = Elem<T>::to(vs.v[q]), xt = Elem<T>::to(vt.v[q]);
+      const A pq = r.q(xs), pp = r.p(xt);
       A f, u, w;
-      div::terms<D, Ops>(pp, pq, r.m, r.one_m, r.max_q, r.max_p, f, u, w);
+      div::terms<D, Ops>(pp, pq, r.lpq(xs, xt), r.k, f, u, w);
       os.v[q] = Elem<T>::from(r.nan ? nan : div::grad<Ops>(r.gcs, pq, u, r.su));
       ot.v[q] = Elem<T>::from(r.nan ? nan : div::grad<Ops>(r.gct, pp, w, r.sw));
     }
@@ -833,7 +840,7 @@ template <typename A>
 __device__ __forceinline__ DivConsts<A> div_consts(const KLParams& p) {
   DivConsts<A> dc;
   const div::Params<double>& d = p.dk;
-  dc.k = {A(d.m), A(d.one_m), A(d.max_q), A(d.max_p), A(d.cq), A(d.cp)};
+  dc.k = {{A(d.m), A(d.one_m), A(d.max_p), A(d.log_max_q)}, A(d.cq), A(d.cp)};
   dc.inv_t = static_cast<A>(p.inv_t);
   dc.c = dc.inv_t * A(kLog2e);
   return dc;
@@ -883,7 +890,7 @@ __global__ void __launch_bounds__(kThreads) div_rows_kernel(KLParams p) {
   A mz[4] = {neg_inf<A>(), neg_inf<A>(), A(0), A(0)};
   slice_mz(sl, dc.c, mz);
   reduce_mz(mz, red, dc.c);
-  DivRow<A> r = div_row(dc.k, dc.c, mz);
+  DivRow<A> r = div_row(dc.k, dc.c, dc.inv_t, mz);
   A st[3] = {A(0), A(0), A(0)};
   slice_stats<D>(sl, r, st);
   block_reduce(st, red, AddOp());
@@ -907,7 +914,7 @@ __global__ void __launch_bounds__(kThreads) div_chunk_part_kernel(KLParams p, in
   const int64_t at = (row - p.row0) * gridDim.y + blockIdx.y;
   if constexpr (kStats) {
     const A* m = mz + (row - p.row0) * 4;
-    const DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], m[2], m[3]});
+    const DivRow<A> r = div_row(dc.k, dc.c, dc.inv_t, {m[0], m[1], m[2], m[3]});
     A st[3] = {A(0), A(0), A(0)};
     slice_stats<D>(sl, r, st);
     block_reduce(st, red, AddOp());
@@ -971,7 +978,7 @@ __global__ void __launch_bounds__(kThreads) div_chunk_grad_kernel(KLParams p, in
   const A* m = mz + (row - p.row0) * 4;
   const A* s = stats + (row - p.row0) * 3;
   const DivConsts<A> dc = div_consts<A>(p);
-  DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], m[2], m[3]});
+  DivRow<A> r = div_row(dc.k, dc.c, dc.inv_t, {m[0], m[1], m[2], m[3]});
   div_finish(r, dc.k, w, dc.inv_t, {s[0], s[1], s[2]});
   slice_div_grad<D>(sl, r);
 }
@@ -1009,7 +1016,7 @@ __global__ void __launch_bounds__(kThreads) div_cluster_kernel(KLParams p, int C
   cluster_reduce(m, sh.max, C, rank, MaxOp(), true);
   A z[2] = {rescale(mz[2], mz[0], m[0], dc.c), rescale(mz[3], mz[1], m[1], dc.c)};
   cluster_reduce(z, sh.sum, C, rank, AddOp(), false);
-  DivRow<A> r = div_row(dc.k, dc.c, {m[0], m[1], z[0], z[1]});
+  DivRow<A> r = div_row(dc.k, dc.c, dc.inv_t, {m[0], m[1], z[0], z[1]});
   A st[3] = {A(0), A(0), A(0)};
   if (sl.vec) pass_stats<D, P>(bs, bt, sl.o, sl.n, r, st);
   else pass_stats<D, 1>(s1, t1, 0, sl.n, r, st);
