@@ -3,10 +3,12 @@
 // scaling and centring, the products back to points and the per-group sums with ATen (all on
 // the current stream, no host synchronisation), the n x n and n^3 work in csrc/cuda/rkd.cu. Groups
 // are processed together, B x n x n at a time; memory is O(B n^2) beyond the inputs and gradients.
+#if !defined(KDFAST_CUDA_EMULATE)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#endif
 
 #include <cmath>
 
@@ -17,13 +19,30 @@
 namespace kdfast {
 namespace {
 
-
+// The device specifics. In the CPU emulation of the kernels (csrc/cuda/emu/; tests/test_cuda.py
+// builds this glue with it, through csrc/cuda/emu/rkd_ops_emu.cpp) "device memory" is host memory:
+// CPU tensors stand in for CUDA ones, so that the tests run this very glue.
+#if defined(KDFAST_CUDA_EMULATE)
+constexpr at::DeviceType kDevice = at::kCPU;
+struct DeviceGuard {
+  explicit DeviceGuard(at::Device) {}
+};
+cudaStream_t stream_of(const at::Tensor&) { return nullptr; }
+#define C10_CUDA_CHECK(EXPR)                                                          \
+  do {                                                                                \
+    const cudaError_t kdfast_emu_err = (EXPR);                                        \
+    TORCH_CHECK(kdfast_emu_err == cudaSuccess, "emulated CUDA error ", kdfast_emu_err); \
+  } while (0)
+#else
+constexpr at::DeviceType kDevice = at::kCUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+#endif
 
 void check_same_cuda(const char* op, std::initializer_list<at::Tensor> ts) {
   const at::Tensor& first = *ts.begin();
   for (const at::Tensor& t : ts) {
-    TORCH_CHECK(t.is_cuda() && t.device() == first.device(), op,
+    TORCH_CHECK(t.device().type() == kDevice && t.device() == first.device(), op,
                 ": every tensor must be on one CUDA device, got ", t.device(), " and ", first.device());
   }
 }
@@ -169,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
                                                         bool want_s, bool want_t) {
   check_same_cuda("rkd", {s, t, w});
   check_rkd_scalars(dw, aw, delta, eps);
-  const c10::cuda::CUDAGuard guard(s.device());
+  const DeviceGuard guard(s.device());
   if (dw == 0 && aw == 0) {
     check_relation_inputs(s, t, w, "rkd");
     return zero_relation_result(s, t, want_s, want_t);
@@ -192,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
 
 at::Tensor pairwise_distances_cuda(const at::Tensor& x, bool squared, bool normalize, double eps) {
   check_same_cuda("pairwise_distances", {x});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   check_pairwise_eps("pairwise_distances", eps);
   RelationPoints p(x, "pairwise_distances", "x", sq_dists_cuda);
   Dist d = pdist(p.d2, squared, p.eps_sq(eps).contiguous());
@@ -202,7 +221,7 @@ at::Tensor pairwise_distances_cuda(const at::Tensor& x, bool squared, bool norma
 at::Tensor pairwise_distances_backward_cuda(const at::Tensor& grad, const at::Tensor& x, bool squared, bool normalize,
                                             double eps) {
   check_same_cuda("pairwise_distances_backward", {grad, x});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   check_pairwise_eps("pairwise_distances_backward", eps);
   RelationPoints p(x, "pairwise_distances_backward", "x", sq_dists_cuda);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.B && grad.size(1) == p.N && grad.size(2) == p.N,
@@ -217,8 +236,10 @@ at::Tensor pairwise_distances_backward_cuda(const at::Tensor& grad, const at::Te
 }  // namespace
 }  // namespace kdfast
 
+#if !defined(KDFAST_CUDA_EMULATE)
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
   m.impl("rkd", &kdfast::rkd_cuda);
   m.impl("pairwise_distances", &kdfast::pairwise_distances_cuda);
   m.impl("pairwise_distances_backward", &kdfast::pairwise_distances_backward_cuda);
 }
+#endif

@@ -16,9 +16,13 @@ void check_pairwise_eps(const char* op, double eps) {
 
 }  // namespace kdfast
 
+// Not in the CUDA emulation's build of the glue (csrc/cuda/emu/rkd_ops_emu.cpp), which runs in a
+// process where the kdfast library has defined the ops.
+#if !defined(KDFAST_CUDA_EMULATE)
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // (B, N, D) -> (B, N, N) distances clamped at eps with a zero diagonal, each group divided by the
   // mean of its positive entries when normalize. In the accumulation dtype (float32 or float64).
   m.def("pairwise_distances(Tensor x, bool squared, bool normalize, float eps) -> Tensor");
   m.def("pairwise_distances_backward(Tensor grad, Tensor x, bool squared, bool normalize, float eps) -> Tensor");
 }
+#endif

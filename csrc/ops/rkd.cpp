@@ -20,6 +20,9 @@ void check_rkd_scalars(double distance_weight, double angle_weight, double delta
 
 }  // namespace kdfast
 
+// Not in the CUDA emulation's build of the glue (csrc/cuda/emu/rkd_ops_emu.cpp), which runs in a
+// process where the kdfast library has defined the ops.
+#if !defined(KDFAST_CUDA_EMULATE)
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // The RKD loss of each group of points (B, N, D); student and teacher may differ in D. loss_b =
   // distance_weight * (mean Huber_delta over the N^2 psi-normalised distances) + angle_weight *
@@ -32,3 +35,4 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
         "bool squared, float eps, Tensor group_weight, bool grad_student, bool grad_teacher) "
         "-> (Tensor, Tensor, Tensor)");
 }
+#endif

@@ -307,43 +307,4 @@ int emu_sparse_kl(int dtype, const void* s, const void* lp, const void* idx, int
 int emu_scale_rows(int dtype, void* grad, int64_t rows, int64_t V, const void* ratio, int64_t ratio_stride) {
   return guarded([&] { return kdfast::cuda::scale_rows(dt(dtype), grad, rows, V, ratio, ratio_stride, nullptr); });
 }
-int emu_rkd_sq_dists(const double* x, int64_t B, int64_t n, int64_t dim, double* d2) {
-  return guarded([&] { return kdfast::cuda::rkd_sq_dists(x, B, n, dim, d2, nullptr); });
-}
-int emu_rkd_angle_prep(int acc, const double* d2, const double* max_d2, const double* eps, int64_t B, int64_t n,
-                       void* hi, void* lo, void* inv) {
-  return guarded([&] { return kdfast::cuda::rkd_angle_prep(dt(acc), d2, max_d2, eps, B, n, hi, lo, inv, nullptr); });
-}
-int emu_rkd_pdist(const double* d2, int64_t B, int64_t n, int squared, const double* eps, double* dist) {
-  return guarded([&] { return kdfast::cuda::rkd_pdist(d2, B, n, squared != 0, eps, dist, nullptr); });
-}
-int emu_rkd_pdist_backward(const double* d2, const double* dist, const double* gout, const double* inv_mean,
-                           const double* k, int64_t B, int64_t n, int squared, const double* eps, double* m) {
-  return guarded([&] {
-    return kdfast::cuda::rkd_pdist_backward(d2, dist, gout, inv_mean, k, B, n, squared != 0, eps, m, nullptr);
-  });
-}
-int emu_rkd_distance_blocks(int64_t n) { return kdfast::cuda::rkd_distance_blocks(n); }
-int emu_rkd_distance_huber(const double* ds, const double* dtt, const double* ims, const double* imt,
-                           const double* coef, int64_t B, int64_t n, double delta, double* partial, double* gps,
-                           double* gpt) {
-  return guarded([&] {
-    return kdfast::cuda::rkd_distance_huber(ds, dtt, ims, imt, coef, B, n, delta, partial, gps, gpt, nullptr);
-  });
-}
-int emu_rkd_angle_tiles(int64_t n) { return kdfast::cuda::rkd_angle_tiles(n); }
-int emu_rkd_angle(int acc, const void* hs, const void* ls, const void* ht, const void* lt, const void* is,
-                  const void* it, int64_t B, int64_t n, double delta, const double* coef, double* partial, void* as,
-                  void* at, void* rs, void* rt, void* ss, void* st) {
-  kdfast::cuda::RkdAngleArgs a;
-  a.acc = dt(acc);
-  a.hi_s = hs, a.lo_s = ls, a.hi_t = ht, a.lo_t = lt, a.inv_s = is, a.inv_t = it;
-  a.B = B, a.n = n, a.delta = delta, a.coef = coef;
-  a.loss_partial = partial, a.a_s = as, a.a_t = at, a.r_s = rs, a.r_t = rt, a.s_s = ss, a.s_t = st;
-  return guarded([&] { return kdfast::cuda::rkd_angle(a, nullptr); });
-}
-int emu_rkd_angle_grad(int acc, const double* d2, const void* a, const void* r, const void* s, const double* eps,
-                       int64_t B, int64_t n, double* m) {
-  return guarded([&] { return kdfast::cuda::rkd_angle_grad(dt(acc), d2, a, r, s, eps, B, n, m, nullptr); });
-}
 }
