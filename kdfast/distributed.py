@@ -38,7 +38,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from kdfast import _validation as v, reference
+from kdfast import _backend, _ops, _validation as v, reference
 
 __all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance",
            "vocab_range"]
@@ -47,6 +47,7 @@ __all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "sk
 _CHUNK_ELEMENTS = 1 << 21
 
 _KL, _JSD, _SKEW, _TVD = "kl", "jsd", "skew_kl", "tvd"
+_KERNEL_KIND = {_KL: 0, _JSD: 2, _SKEW: 3, _TVD: 5}  # the softmax_kl ops' divergence numbers
 
 
 def vocab_range(vocab_size, group=None, rank=None):
@@ -58,7 +59,19 @@ def vocab_range(vocab_size, group=None, rank=None):
     return min(rank * per, vocab_size), min((rank + 1) * per, vocab_size)
 
 
-# ---------------------------------------------------------------- per-shard passes (plain PyTorch)
+# ---------------------------------------------------------------- per-shard passes
+#
+# The row state the passes share (a (k, rows) tensor in the accumulation dtype): maxima of the raw
+# logits M_s, M_t, sums Z_s = sum exp((s - M_s) / T), Z_t relative to them and, for KL, A / Z_t with
+# A = sum exp((t - M_t) / T) ((t - M_t) - (s - M_s)) / T. The statistics pass gives it for the
+# slice (relative to the slice's maxima); _merge_stats makes the row's global one; the term-sums and
+# gradient passes read the global one. On the CPU the fused ops torch.ops.kdfast.softmax_kl_shard_*
+# run them (csrc/cpu/softmax_kl.cpp); elsewhere the plain-PyTorch versions below, row chunk by
+# row chunk (O(chunk x V_local) temporaries), which are also the reference for the ops' tests.
+
+def _use_ops(x):
+    return x.device.type == "cpu" and _ops.LOADED and _backend.use_native(x.device)
+
 
 def _chunks(rows, V):
     step = max(1, _CHUNK_ELEMENTS // max(V, 1))
@@ -75,15 +88,18 @@ def _ref(m):
 
 
 def _shard_stats(s, t, inv_t, with_a, acc):
-    """Statistics pass: (k, rows) = m_a, m_b, Z_a, Z_b (and A) of each row of the slice, the sums
-    relative to the slice's own maxima (0 for a row without mass)."""
+    """Statistics pass: the slice's row state relative to its own maxima ((5 if with_a else 4, rows);
+    A itself, not A / Z_t, in the fifth row)."""
+    if _use_ops(s):
+        return torch.ops.kdfast.softmax_kl_shard_stats(s, t, inv_t, with_a)
     rows, V = s.shape
     out = torch.empty((5 if with_a else 4, rows), dtype=acc, device=s.device)
     for r0, r1 in _chunks(rows, V):
-        a, b = s[r0:r1].to(acc) * inv_t, t[r0:r1].to(acc) * inv_t
-        ma, mb = _local_max(a), _local_max(b)
-        ea, eb = torch.exp(a - _ref(ma)[:, None]), torch.exp(b - _ref(mb)[:, None])
-        out[0, r0:r1], out[1, r0:r1] = ma, mb
+        x, y = s[r0:r1].to(acc), t[r0:r1].to(acc)
+        ms, mt = _local_max(x), _local_max(y)
+        a, b = (x - _ref(ms)[:, None]) * inv_t, (y - _ref(mt)[:, None]) * inv_t
+        ea, eb = torch.exp(a), torch.exp(b)
+        out[0, r0:r1], out[1, r0:r1] = ms, mt
         out[2, r0:r1], out[3, r0:r1] = ea.sum(-1), eb.sum(-1)
         if with_a:
             # a term with P = 0 is 0, also where a or b is -inf
@@ -91,23 +107,32 @@ def _shard_stats(s, t, inv_t, with_a, acc):
     return out
 
 
-def _merge_stats(gathered):
-    """(world, k, rows) slice statistics -> (k - 2, rows): log Z_a, log Z_b over the full
-    vocabulary (with the maxima folded in) and, for k = 5, A / Z_b."""
+def _merge_stats(gathered, inv_t):
+    """(world, k, rows) slice states -> the rows' global state (k, rows), A / Z_t in the fifth row
+    for k = 5: each slice's sums rescaled from its maxima to the global ones (exp((m_k - M) / T))."""
     m = gathered[:, :2]
     top = m.amax(0)
-    scale = torch.where(m == -math.inf, torch.zeros((), dtype=m.dtype, device=m.device), torch.exp(m - top))
+    zero = torch.zeros((), dtype=m.dtype, device=m.device)
+    scale = torch.where(m == -math.inf, zero, torch.exp((m - top) * inv_t))
     z = (scale * gathered[:, 2:4]).sum(0)
-    out = [top[0] + torch.log(z[0]), top[1] + torch.log(z[1])]
+    out = [top[0], top[1], z[0], z[1]]
     if gathered.shape[1] == 5:
-        out.append((scale[:, 1] * gathered[:, 4]).sum(0) / z[1])
+        # A_k is relative to the slice's references; moving b - a to the global maxima adds
+        # Z_t,k ((ref_t,k - M_t) - (ref_s,k - M_s)) / T (nothing where the slice's teacher has no mass)
+        ref = _ref(m)
+        shift = ((ref[:, 1] - top[1]) - (ref[:, 0] - top[0])) * inv_t
+        zt = gathered[:, 3]
+        a = gathered[:, 4] + torch.where(zt != 0, zt * shift, zero)
+        out.append((scale[:, 1] * a).sum(0) / z[1])
     return torch.stack(out)
 
 
-def _probs(s, t, inv_t, lz, acc):
-    a, b = s.to(acc) * inv_t, t.to(acc) * inv_t
-    lq, lp = a - lz[0][:, None], b - lz[1][:, None]
-    return torch.exp(lp), torch.exp(lq), lp - lq
+def _probs(s, t, inv_t, state, acc):
+    """P, Q and log(P / Q) of a chunk from the global state; also b - a relative to the maxima."""
+    a = (s.to(acc) - state[0][:, None]) * inv_t
+    b = (t.to(acc) - state[1][:, None]) * inv_t
+    lq, lp = a - torch.log(state[2])[:, None], b - torch.log(state[3])[:, None]
+    return torch.exp(lp), torch.exp(lq), lp - lq, b - a
 
 
 def _terms(divergence, mix, p, q, lpq):
@@ -137,32 +162,38 @@ def _grad_factors(divergence, mix):
     return -0.5, 0.5
 
 
-def _shard_term_sums(s, t, inv_t, lz, divergence, mix, acc):
-    """From-statistics pass: (3, rows) = F, SU, SW over the slice, given the global log Z."""
+def _shard_term_sums(s, t, inv_t, state, divergence, mix, acc):
+    """From-statistics pass: (3, rows) = F, SU, SW over the slice, given the global state."""
+    if _use_ops(s):
+        return torch.ops.kdfast.softmax_kl_shard_sums(s, t, inv_t, _KERNEL_KIND[divergence], mix, state[:4])
     rows, V = s.shape
     out = torch.zeros((3, rows), dtype=acc, device=s.device)
     for r0, r1 in _chunks(rows, V):
-        p, q, lpq = _probs(s[r0:r1], t[r0:r1], inv_t, lz[:, r0:r1], acc)
+        p, q, lpq, _ = _probs(s[r0:r1], t[r0:r1], inv_t, state[:, r0:r1], acc)
         f, u, w = _terms(divergence, mix, p, q, lpq)
         out[0, r0:r1], out[1, r0:r1], out[2, r0:r1] = f.sum(-1), (q * u).sum(-1), (p * w).sum(-1)
     return out
 
 
-def _shard_grads(s, t, inv_t, lz, row_sums, coef, divergence, mix, want_s, want_t, acc):
-    """Gradient pass: the slice's gradients of sum_r coef[r] * D_r, given the global statistics
-    (log Z) and row_sums (KL: the row values; others: SU, SW)."""
+def _shard_grads(s, t, inv_t, state, row_sums, coef, divergence, mix, want_s, want_t, acc):
+    """Gradient pass: the slice's gradients of sum_r coef[r] * D_r, given the global state (KL: its
+    A / Z_t) and, for the others, the global F, SU, SW."""
+    if _use_ops(s):
+        gs, gt = torch.ops.kdfast.softmax_kl_shard_grads(s, t, inv_t, _KERNEL_KIND[divergence], mix, state,
+                                                         row_sums, coef.contiguous(), want_s, want_t)
+        return (gs if want_s else None), (gt if want_t else None)
     rows, V = s.shape
     gs = torch.empty_like(s) if want_s else None
     gt = torch.empty_like(t) if want_t else None
     zero = torch.zeros((), dtype=acc, device=s.device)
     for r0, r1 in _chunks(rows, V):
-        p, q, lpq = _probs(s[r0:r1], t[r0:r1], inv_t, lz[:, r0:r1], acc)
+        p, q, lpq, ba = _probs(s[r0:r1], t[r0:r1], inv_t, state[:, r0:r1], acc)
         c = (coef[r0:r1] * inv_t)[:, None]
         if divergence == _KL:
             if want_s:
                 gs[r0:r1] = c * (q - p)
             if want_t:
-                gt[r0:r1] = torch.where(p != 0, c * p * (lpq - row_sums[0, r0:r1, None]), zero)
+                gt[r0:r1] = torch.where(p != 0, c * p * (ba - state[4, r0:r1, None]), zero)
             continue
         _, u, w = _terms(divergence, mix, p, q, lpq)
         cq, cp = _grad_factors(divergence, mix)
@@ -194,29 +225,29 @@ class _VocabParallelDivergence(torch.autograd.Function):
             zero = torch.zeros((), dtype=s.dtype, device=s.device)
             s, t = torch.where(keep[:, None], s, zero), torch.where(keep[:, None], t, zero.to(t.dtype))
         kl = divergence == _KL
-        lz = _merge_stats(_all_gather_rows(_shard_stats(s, t, inv_t, kl, acc), group))  # round 1
+        state = _merge_stats(_all_gather_rows(_shard_stats(s, t, inv_t, kl, acc), group), inv_t)  # round 1
         if kl:
-            rows = (lz[2] + lz[0] - lz[1]).unsqueeze(0)
-            value = rows[0]
+            rows = state[:0]  # (nothing more: the value and the gradients come from the state)
+            value = state[4] + torch.log(state[2]) - torch.log(state[3])
         else:
-            rows = _shard_term_sums(s, t, inv_t, lz, divergence, mix, acc)
+            rows = _shard_term_sums(s, t, inv_t, state, divergence, mix, acc)
             dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)  # round 2
             value = torch.clamp(rows[0], min=0)
         if keep is not None:
             value = torch.where(keep, value, torch.zeros((), dtype=acc, device=value.device))
-        ctx.save_for_backward(s, t, lz[:2], rows, keep)
+        ctx.save_for_backward(s, t, state, rows, keep)
         ctx.params = (inv_t, divergence, mix, acc)
         return value
 
     @staticmethod
     def backward(ctx, grad_rows):
-        s, t, lz, rows, keep = ctx.saved_tensors
+        s, t, state, rows, keep = ctx.saved_tensors
         inv_t, divergence, mix, acc = ctx.params
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         coef = grad_rows.to(acc)
         if keep is not None:
             coef = torch.where(keep, coef, torch.zeros((), dtype=acc, device=coef.device))
-        gs, gt = _shard_grads(s, t, inv_t, lz, rows, coef, divergence, mix, want_s, want_t, acc)
+        gs, gt = _shard_grads(s, t, inv_t, state, rows, coef, divergence, mix, want_s, want_t, acc)
         return gs, gt, None, None, None, None, None
 
 
@@ -395,7 +426,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if bool(((found != 1) & keep).any()):
             raise ValueError("labels: a label is neither ignore_index nor a vocabulary id in [0, V) of the group's "
                              "full vocabulary")
-        lz = _merge_stats(g[:, [0, 0, 1, 1]])[0]  # log-sum-exp over the full vocabulary (a merge of one side)
+        st = _merge_stats(g[:, [0, 0, 1, 1]], 1.0)  # (a merge of one side)
+        lz = st[0] + torch.log(st[2])  # log-sum-exp over the full vocabulary
         ce = torch.where(keep, lz - g[:, 2].sum(0), zero)
         ctx.save_for_backward(z, lz, idx, owned, keep)
         return ce

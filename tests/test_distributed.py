@@ -67,8 +67,9 @@ def _check_losses(group, seed, V, dtype, neg_inf=False, rtol=1e-10, atol=1e-12):
     for name, kw in LOSSES:
         if neg_inf and kw.get("alpha") == 1.0:
             continue  # the reference's gradient is NaN there (skew KL at alpha = 1 is 0; the op gives 0)
-        for reduction in REDUCTIONS:
-            for m in (None, mask):
+        # every reduction unmasked; the mask with the two reductions that count rows differently
+        for reduction, m in [(r, None) for r in REDUCTIONS] + [("none", mask), ("mean", mask), ("batchmean", mask)]:
+            if True:
                 kwargs = dict(kw, reduction=reduction, mask=m)
                 what = f"rank {rank} V={V} {dtype} {name} {kw} {reduction} mask={m is not None} inf={neg_inf}"
                 want, gs, gt = _run(getattr(reference, name), s, t, kwargs, up)
@@ -223,10 +224,11 @@ def _worker(rank, world, init_file, queue):
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
             _check_dtensor(mesh, 1, 7, 9)
         else:
-            for V in (11, world):  # uneven slices; and one entry per rank
-                n += _check_losses(None, 1, V, torch.float64)
+            n += _check_losses(None, 1, 11, torch.float64)  # uneven slices
             n += _check_losses(None, 2, 13, torch.float64, neg_inf=True)
-            n += _check_losses(None, 3, 50, torch.float32, rtol=2e-5, atol=2e-6)
+            if world == 2:
+                n += _check_losses(None, 1, world, torch.float64)  # one entry per rank
+                n += _check_losses(None, 3, 50, torch.float32, rtol=2e-5, atol=2e-6)
             if world == 3:  # V = 2 over 3 ranks: the last slice is empty
                 n += _check_losses(None, 4, 2, torch.float64)
             n += _check_fused_head(None, 6, 10)
@@ -265,7 +267,7 @@ def test_vocab_parallel_matches_single_process(world):
                     p.kill()
     errors = [e for _, e, _ in results if e]
     assert not errors, errors[0]
-    assert len(results) == world and all(n > 90 for _, _, n in results), results
+    assert len(results) == world and all(n > 80 for _, _, n in results), results
 
 
 def test_not_initialised_is_an_error():
@@ -283,3 +285,91 @@ def test_torchrun_example():
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step 3" in proc.stdout and "matches single-process" in proc.stdout, proc.stdout
+
+
+# ---------------------------------------------------------------- the per-shard ops (one process)
+
+needs_ops = pytest.mark.skipif(not hasattr(torch.ops.kdfast, "softmax_kl_shard_stats") or not kdfast.native_available(),
+                               reason="the compiled extension is not loaded")
+
+
+def _slice_inputs(dtype, V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(6, V, generator=g, dtype=torch.float64) * 3)
+    t = (torch.randn(6, V, generator=g, dtype=torch.float64) * 3)
+    if V:
+        s[1] = -math.inf  # a slice row without student mass
+        t[2] = -math.inf  # nor teacher mass
+        s[3, : V // 2] = -math.inf
+        t[4, V // 3:] = -math.inf
+        s[5], t[5] = s[5] + 40, t[5] - 25  # far apart
+    return s.to(dtype), t.to(dtype)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [0, 1, 7, 100, 3000])
+def test_shard_ops_match_pytorch_passes(dtype, V, monkeypatch):
+    """The fused per-shard passes against the plain-PyTorch ones (the fallback), float64 tightly."""
+    s, t = _slice_inputs(dtype, V)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    inv_t = 1 / 1.7
+
+    def both(fn, *args):
+        got = fn(*args)
+        monkeypatch.setattr(kdd, "_use_ops", lambda x: False)
+        want = fn(*args)
+        monkeypatch.undo()
+        return got, want
+
+    for with_a in (False, True):
+        got, want = both(kdd._shard_stats, s, t, inv_t, with_a, acc)
+        assert got.dtype == acc and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol, equal_nan=True)
+    # a global state as the merge gives it (here: this slice alone, the rows with mass on both sides)
+    live = torch.tensor([0, 3, 4, 5]) if V > 1 else torch.tensor([0, 5])
+    s, t = s[live].contiguous(), t[live].contiguous()
+    state = kdd._merge_stats(kdd._shard_stats(s, t, inv_t, True, acc)[None], inv_t) if V else None
+    coef = torch.linspace(0.5, 2.0, s.shape[0], dtype=acc)
+    for div, mix in (("kl", 0.0), ("jsd", 0.3), ("skew_kl", 0.2), ("skew_kl", 1.0), ("tvd", 0.0)):
+        if not V:
+            continue
+        st = state if div == "kl" else state[:4].contiguous()
+        sums = None
+        if div != "kl":
+            sums, want_sums = both(kdd._shard_term_sums, s, t, inv_t, st, div, mix, acc)
+            torch.testing.assert_close(sums, want_sums, **tol, equal_nan=True)
+        (gs, gt), (ws, wt) = both(kdd._shard_grads, s, t, inv_t, st, sums, coef, div, mix, True, True, acc)
+        gtol = tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(gs, ws, **gtol, equal_nan=True, msg=f"{div} grad student")
+        torch.testing.assert_close(gt, wt, **gtol, equal_nan=True, msg=f"{div} grad teacher")
+
+
+@needs_ops
+def test_shard_ops_bad_arguments_name_them():
+    s = torch.randn(3, 5)
+    st = torch.ops.kdfast.softmax_kl_shard_stats(s, s, 1.0, True)
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_sums: divergence"):
+        torch.ops.kdfast.softmax_kl_shard_sums(s, s, 1.0, 1, 0.0, st[:4].contiguous())
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_sums: state"):
+        torch.ops.kdfast.softmax_kl_shard_sums(s, s, 1.0, 2, 0.5, st[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_grads: coef"):
+        torch.ops.kdfast.softmax_kl_shard_grads(s, s, 1.0, 0, 0.0, st, torch.empty(0), torch.ones(2), True, False)
+    with pytest.raises(RuntimeError, match="inv_temperature"):
+        torch.ops.kdfast.softmax_kl_shard_stats(s, s, 0.0, False)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        torch.ops.kdfast.softmax_kl_shard_stats(s, s[:, :4], 1.0, False)
+
+
+@needs_ops
+def test_shard_ops_opcheck():
+    s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    st = torch.ops.kdfast.softmax_kl_shard_stats(s, t, 0.5, True)
+    state = kdd._merge_stats(st[None], 0.5)
+    sums = torch.ops.kdfast.softmax_kl_shard_sums(s, t, 0.5, 2, 0.4, state[:4].contiguous())
+    coef = torch.ones(4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.kdfast.softmax_kl_shard_stats, (s, t, 0.5, True))
+    torch.library.opcheck(torch.ops.kdfast.softmax_kl_shard_sums, (s, t, 0.5, 2, 0.4, state[:4].contiguous()))
+    torch.library.opcheck(torch.ops.kdfast.softmax_kl_shard_grads, (s, t, 0.5, 2, 0.4, state[:4].contiguous(), sums,
+                                                                    coef, True, True))

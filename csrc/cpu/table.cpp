@@ -14,10 +14,12 @@ void pdist_backward(const PdistBackwardArgs&);
 void distance_huber(DistanceHuberArgs&);
 void angle(AngleArgs&);
 void feature_match(const FeatureArgs&);
+void softmax_kl_shard_stats(const ShardArgs&);
+void softmax_kl_shard_pass(const ShardArgs&);
 
 const Kernels* table() {
   static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl, &sq_dists, &pdist, &pdist_backward, &distance_huber,
-                         &angle, &feature_match};
+                         &angle, &feature_match, &softmax_kl_shard_stats, &softmax_kl_shard_pass};
   return &k;
 }
 }  // namespace CPU_CAPABILITY
