@@ -25,9 +25,10 @@ of the per-row global numbers the forward already holds (log Z_a, log Z_b, KL, S
     KL:     dD/ds = (Q - P) / T,   dD/dt = P (log P - log Q - D) / T
     others: dD/ds = cq Q (u - SU) / T,   dD/dt = cp P (w - SW) / T.
 
-The per-shard passes (statistics, term sums, gradients) run in plain PyTorch here, row chunk by
-row chunk (O(chunk x V_local) temporaries): the fallback and, for now, the only implementation;
-fused kernels for them are still to come.
+The per-shard passes (statistics, term sums, gradients) are the single-device kernel's own row
+passes, exposed as the ops torch.ops.kdfast.softmax_kl_shard_stats, _sums and _grads (CPU). On
+other devices (CUDA: no kernels for them yet), or with kdfast.set_backend("reference"), they run in
+plain PyTorch, row chunk by row chunk (O(chunk x V_local) temporaries).
 
 Every rank of the group must call with the same rows (the same leading shape, mask, temperature,
 reduction and divergence): rows are replicated across a tensor-parallel group, only the vocabulary

@@ -58,11 +58,11 @@ def _close(a, b, what, rtol, atol):
         raise AssertionError(f"{what}: max abs error {err}\n{a}\n{b}")
 
 
-def _check_losses(group, seed, V, dtype, neg_inf=False, rtol=1e-10, atol=1e-12):
+def _check_losses(group, seed, V, dtype, neg_inf=False, rtol=1e-10, atol=1e-12, device="cpu"):
     """Every loss x reduction x mask on this rank's slice against the reference on the full logits."""
     start, stop = kdd.vocab_range(V, group)
     rank = dist.get_rank(group)
-    s, t, mask, up = _inputs(seed, V, dtype, neg_inf=neg_inf)
+    s, t, mask, up = (x.to(device) for x in _inputs(seed, V, dtype, neg_inf=neg_inf))
     n = 0
     for name, kw in LOSSES:
         if neg_inf and kw.get("alpha") == 1.0:
@@ -210,12 +210,16 @@ def _check_ddp(seed):
             _close(p.detach(), q.detach(), f"DDP step {step} {name}", 1e-12, 1e-13)
 
 
-def _worker(rank, world, init_file, queue):
+def _worker(rank, world, init_file, queue, backend="gloo"):
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
         torch.set_num_threads(1)
         n = 0
-        if world == 4:  # two tensor-parallel groups of 2 (TP inside DP): each group its own data
+        if backend == "nccl":  # the lent GPU machine (bench/gpu_check.sh): the PyTorch passes on CUDA
+            torch.cuda.set_device(rank)
+            n += _check_losses(None, 1, 1000, torch.float64, device=f"cuda:{rank}")
+            n += _check_losses(None, 2, 13, torch.float64, neg_inf=True, device=f"cuda:{rank}")
+        elif world == 4:  # two tensor-parallel groups of 2 (TP inside DP): each group its own data
             groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             group = groups[rank // 2]
             n += _check_losses(group, 100 + rank // 2, 7, torch.float64)
@@ -248,10 +252,21 @@ def _worker(rank, world, init_file, queue):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_vocab_parallel_matches_single_process(world):
+    _spawn(world, "gloo")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_vocab_parallel_nccl():
+    """NCCL on the machine's GPUs (world size 1 on one GPU): every loss against the reference."""
+    _spawn(torch.cuda.device_count(), "nccl")
+
+
+def _spawn(world, backend):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(d, "init"), queue)) for r in range(world)]
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(d, "init"), queue, backend))
+                 for r in range(world)]
         for p in procs:
             p.start()
         results = []
