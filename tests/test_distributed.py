@@ -388,3 +388,22 @@ def test_shard_ops_opcheck():
     torch.library.opcheck(torch.ops.kdfast.softmax_kl_shard_sums, (s, t, 0.5, 2, 0.4, state[:4].contiguous()))
     torch.library.opcheck(torch.ops.kdfast.softmax_kl_shard_grads, (s, t, 0.5, 2, 0.4, state[:4].contiguous(), sums,
                                                                     coef, True, True))
+
+
+def test_bench_distributed_quick(tmp_path):
+    """`python -m bench --only distributed --quick` runs its 2 gloo ranks end to end: every method
+    ran, the three formulations agree on the loss, and kdfast moves O(rows) bytes."""
+    js = tmp_path / "d.json"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "distributed", "--quick", "--json", str(js)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+    doc = json.loads(js.read_text())
+    res, rows = doc["results"], doc["rows"]
+    for loss in ("kl", "jsd"):
+        base = res[f"{loss}/kdfast"]
+        for method in ("modelopt", "allgather"):
+            assert abs(res[f"{loss}/{method}"]["loss"] - base["loss"]) <= 1e-4 * abs(base["loss"]), (loss, method)
+        assert base["bytes_per_rank"] <= 8 * 4 * rows  # a few fp32 numbers per row
+        assert res[f"{loss}/allgather"]["bytes_per_rank"] >= 2 * 4 * rows * doc["vocab"] // 2
