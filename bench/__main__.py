@@ -31,8 +31,9 @@ def parse_args(argv=None):
     ap.add_argument("--json", metavar="PATH", help="where to write the JSON (default OUT/results.json)")
     ap.add_argument("--out", metavar="DIR", help="folder for JSON, PNGs and table.md "
                                                  "(default bench/results/<machine-tag>)")
-    ap.add_argument("--only", choices=sorted(FAMILIES), action="append",
-                    help="run one loss family (repeatable)")
+    ap.add_argument("--only", choices=sorted(FAMILIES) + ["distributed"], action="append",
+                    help="run one loss family (repeatable); distributed: the vocab-parallel losses on 2 gloo "
+                         "ranks (bench/distributed.py, on its own)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                     help="all = the CPU, and CUDA when torch sees a GPU")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -48,6 +49,10 @@ def devices_for(choice):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.only and "distributed" in args.only:
+        from bench import distributed
+        return distributed.main((["--rows", "64", "--vocab", "1000", "--repeats", "1"] if args.quick else [])
+                                + (["--json", args.json] if args.json else []))
     t0 = time.perf_counter()
     settings = harness.Settings.for_mode("full" if args.full else "quick" if args.quick else "default")
     if args.no_memory:

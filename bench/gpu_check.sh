@@ -130,6 +130,10 @@ else
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -n 40
   grep -E "^E  " "$LOGS/tests.log" | head -n 40  # the failures' messages (the summary cuts them short)
   tail -n 22 "$LOGS/tests.log"
+  # kdfast.distributed on NCCL (one rank per GPU)
+  stage "tests/test_distributed.py nccl" 60 100 "$LOGS/tests_nccl.log" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider -rfs tests/test_distributed.py -k nccl
+  tail -n 12 "$LOGS/tests_nccl.log"
   # The first few failures again with dynamo's internal stack (torch.compile errors are otherwise
   # one cut-off line), into failed_verbose.log, which travels back with $OUT.
   FAILED_IDS=$(grep -E "^FAILED " "$LOGS/tests.log" | awk '{print $2}' | sort -u | head -n 3)

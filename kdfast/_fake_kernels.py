@@ -59,3 +59,25 @@ def _pairwise_fake(x, squared, normalize, eps):
 @torch.library.register_fake("kdfast::pairwise_distances_backward")
 def _pairwise_backward_fake(grad, x, squared, normalize, eps):
     return torch.empty_like(x)
+
+
+# the per-shard passes of kdfast.distributed (csrc/ops/softmax_kl.cpp)
+@torch.library.register_fake("kdfast::softmax_kl_shard_stats")
+def _shard_stats_fake(student, teacher, inv_temperature, with_a):
+    torch._check(student.dim() == 2 and student.shape == teacher.shape)
+    return student.new_empty((5 if with_a else 4, student.shape[0]), dtype=compute_dtype(student))
+
+
+@torch.library.register_fake("kdfast::softmax_kl_shard_sums")
+def _shard_sums_fake(student, teacher, inv_temperature, divergence, mix, state):
+    torch._check(student.dim() == 2 and student.shape == teacher.shape)
+    return state.new_empty((3, student.shape[0]))
+
+
+@torch.library.register_fake("kdfast::softmax_kl_shard_grads")
+def _shard_grads_fake(student, teacher, inv_temperature, divergence, mix, state, row_sums, coef, grad_student,
+                      grad_teacher):
+    torch._check(student.dim() == 2 and student.shape == teacher.shape)
+    gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    gt = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
+    return gs, gt

@@ -72,6 +72,11 @@ def _kl(student, teacher, temperature, reduction, mask, squared_t):
 
 def _divergence(student, teacher, temperature, reduction, mask, divergence, mix, scale=1.0):
     """scale * the divergence (a name of reference.DIVERGENCES) between the temperature softmaxes."""
+    if type(student) is not torch.Tensor or type(teacher) is not torch.Tensor:  # DTensor: vocab-parallel
+        from kdfast import distributed
+        if distributed.is_dtensor(student) or distributed.is_dtensor(teacher):
+            return distributed.dtensor_divergence(student, teacher, temperature, reduction, mask, divergence, mix,
+                                                  scale)
     v.check_logits(student, teacher)
     temperature = v.check_positive(temperature, "temperature")
     v.check_reduction(reduction, v.KL_REDUCTIONS)

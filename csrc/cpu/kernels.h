@@ -84,6 +84,25 @@ struct AngleArgs {
   double* grad_d2_t;
 };
 
+// The per-shard passes of the vocab-parallel losses (kdfast/distributed.py): a slice of each row's
+// vocabulary (rows x cols, unit stride along cols). Accumulation-type arrays are (k, rows) row-major.
+struct ShardArgs {
+  DType dtype;
+  const void* student;
+  const void* teacher;
+  int64_t rows, cols, student_row_stride, teacher_row_stride;
+  double inv_temperature;
+  kernel::Divergence divergence;  // KL, JSD (0 < mix < 1), SkewKL (mix > 0) or TVD
+  double mix;
+  bool with_a;               // stats: also A; passes: state holds A / Z_t (KL)
+  const void* state;         // passes: (4 or 5, rows) global maxima (raw logits), sums relative to them, A / Z_t
+  const void* coef;          // gradients: (rows) upstream weight of each row
+  const void* row_sums;      // gradients of JSD, skew, TVD: (3, rows) F, SU, SW
+  void* out;                 // stats: (4 or 5, rows) slice maxima, sums relative to them (and A); sums: (3, rows)
+  void* grad_student;        // gradient pass: rows x cols contiguous, or null
+  void* grad_teacher;
+};
+
 // The kernel table of one ISA build; the main library selects one at import (csrc/kdfast.cpp).
 struct Kernels {
   const char* isa;
@@ -95,6 +114,8 @@ struct Kernels {
   void (*angle)(AngleArgs&);
   void (*feature_match)(const FeatureArgs&);
   void (*sparse_kl)(const SparseKLArgs&);
+  void (*softmax_kl_shard_stats)(const ShardArgs&);
+  void (*softmax_kl_shard_pass)(const ShardArgs&);  // term sums (no gradient pointer) or gradients
 };
 
 // The selected kernel build (the baseline until Python picks one). Main library only.

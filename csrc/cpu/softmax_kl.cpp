@@ -895,3 +895,153 @@ void softmax_kl(const SoftmaxKLArgs& p) {
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace kdfast
+
+// ---- per-shard passes of the vocab-parallel losses (kdfast/distributed.py) ----
+//
+// A rank holds a slice of each row's vocabulary. The statistics pass gives the slice's maxima and
+// sums relative to them (row_max, row_stats); the caller merges them over the ranks into the row's
+// global maxima and sums, with which the term-sums pass (DivRow::stats) and the gradient pass
+// (row_grads, DivRow::grads) run on the slice exactly as on a whole row.
+
+namespace kdfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+void shard_stats_typed(const ShardArgs& p) {
+  using acc_t = acc_of<T>;
+  constexpr bool kDouble = std::is_same<T, double>::value;
+  const T* S = static_cast<const T*>(p.student);
+  const T* Tt = static_cast<const T*>(p.teacher);
+  acc_t* out = static_cast<acc_t*>(p.out);
+  const int64_t R = p.rows, V = p.cols;
+  const Units u(kl::scale_exponent(V, p.inv_temperature), static_cast<float>(p.inv_temperature));
+  at::parallel_for(0, R, rows_per_task(V, tuning::kKLRowGrain), [&](int64_t r0, int64_t r1) {
+    const FlushDenormals ftz;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* s = S + r * p.student_row_stride;
+      const T* t = Tt + r * p.teacher_row_stride;
+      acc_t ms = -std::numeric_limits<acc_t>::infinity(), mt = ms;
+      RowStats st;
+      double a_nat;  // A in natural units
+      if constexpr (kDouble) {
+        row_max(s, t, V, ms, mt);
+        // a slice row without mass: its sums are 0 relative to any finite reference (as neg_mh does)
+        auto ref = [](double m) { return m == -std::numeric_limits<double>::infinity() ? 0.0 : m; };
+        st = row_stats(s, t, V, ref(ms), ref(mt), static_cast<double>(p.inv_temperature));
+        a_nat = st.a;
+      } else {
+        row_max(s, t, V, ms, mt);
+        st = row_stats(s, t, V, ms, mt, u);
+        a_nat = st.a * static_cast<double>(u.inv_h);
+      }
+      out[r] = ms, out[R + r] = mt;
+      out[2 * R + r] = static_cast<acc_t>(st.zs), out[3 * R + r] = static_cast<acc_t>(st.zt);
+      if (p.with_a) out[4 * R + r] = static_cast<acc_t>(a_nat);
+    }
+  });
+}
+
+// The row state the caller merged: global maxima (raw logits), sums relative to them and, for KL,
+// A / Z_t (natural units); coef the upstream weight of each row.
+template <typename acc_t>
+struct ShardRow {
+  acc_t ms, mt, zs, zt, shift;
+};
+
+template <typename acc_t>
+ShardRow<acc_t> shard_row(const ShardArgs& p, int64_t r) {
+  const acc_t* st = static_cast<const acc_t*>(p.state);
+  const int64_t R = p.rows;
+  return {st[r], st[R + r], st[2 * R + r], st[3 * R + r], p.with_a ? st[4 * R + r] : acc_t(0)};
+}
+
+template <Divergence D, typename T>
+void shard_div_typed(const ShardArgs& p) {
+  using acc_t = acc_of<T>;
+  constexpr bool kDouble = std::is_same<T, double>::value;
+  const T* S = static_cast<const T*>(p.student);
+  const T* Tt = static_cast<const T*>(p.teacher);
+  const acc_t* coef = static_cast<const acc_t*>(p.coef);
+  const acc_t* sums = static_cast<const acc_t*>(p.row_sums);
+  acc_t* out = static_cast<acc_t*>(p.out);
+  T* GS = static_cast<T*>(p.grad_student);
+  T* GT = static_cast<T*>(p.grad_teacher);
+  const int64_t R = p.rows, V = p.cols;
+  const acc_t invt = static_cast<acc_t>(p.inv_temperature);
+  const div::Params<acc_t> k = div::params<acc_t>(D, p.mix);
+  const Units u(kl::scale_exponent(V, p.inv_temperature), static_cast<float>(p.inv_temperature));
+  const bool grads = GS || GT;
+  const bool stream = streams_output(R * V, sizeof(T));
+  at::parallel_for(0, R, rows_per_task(V, tuning::kKLRowGrain), [&](int64_t r0, int64_t r1) {
+    const FlushDenormals ftz;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* s = S + r * p.student_row_stride;
+      const T* t = Tt + r * p.teacher_row_stride;
+      T* gs = GS ? GS + r * V : nullptr;
+      T* gt = GT ? GT + r * V : nullptr;
+      const ShardRow<acc_t> st = shard_row<acc_t>(p, r);
+      if constexpr (D == Divergence::KL) {  // gradients only: the value came from the statistics
+        const acc_t c = coef[r] * invt, izs = acc_t(1) / st.zs, izt = acc_t(1) / st.zt;
+        if constexpr (kDouble) {
+          row_grads(s, t, V, st.ms, st.mt, invt, c, izs, izt, st.shift, 1.0, gs, gt);
+        } else {
+          row_grads(s, t, V, st.ms, st.mt, u, GradCoef{c, izs, izt, static_cast<float>(st.shift * u.h), 1.f}, gs, gt,
+                    stream);
+        }
+        continue;
+      }
+      auto run = [&](const auto& row) {
+        if (!grads) {
+          const DivStats ds = row.stats(s, t, V, nullptr);
+          out[r] = static_cast<acc_t>(ds.f), out[R + r] = static_cast<acc_t>(ds.su), out[2 * R + r] =
+              static_cast<acc_t>(ds.sw);
+        } else {
+          const acc_t c = coef[r];
+          row.grads(s, t, V, nullptr, c * invt * k.cq, c * invt * k.cp, sums[R + r], sums[2 * R + r], acc_t(1), gs, gt,
+                    stream);
+        }
+      };
+      if constexpr (kDouble) {
+        run(DivRowDouble<D>{st.ms, st.mt, invt, 1.0 / st.zs, 1.0 / st.zt, k});
+      } else {
+        run(DivRow<D>(st.ms, st.mt, st.zs, st.zt, k, u));
+      }
+    }
+  });
+}
+
+template <typename T>
+void shard_pass_any(const ShardArgs& p) {
+  switch (p.divergence) {
+    case Divergence::JSD: return shard_div_typed<Divergence::JSD, T>(p);
+    case Divergence::SkewKL: return shard_div_typed<Divergence::SkewKL, T>(p);
+    case Divergence::TVD: return shard_div_typed<Divergence::TVD, T>(p);
+    default: return shard_div_typed<Divergence::KL, T>(p);
+  }
+}
+
+}  // namespace
+
+void softmax_kl_shard_stats(const ShardArgs& p) {
+  switch (p.dtype) {
+    case DType::Float: return shard_stats_typed<float>(p);
+    case DType::Double: return shard_stats_typed<double>(p);
+    case DType::Half: return shard_stats_typed<c10::Half>(p);
+    case DType::BFloat16: return shard_stats_typed<c10::BFloat16>(p);
+  }
+}
+
+void softmax_kl_shard_pass(const ShardArgs& p) {
+  switch (p.dtype) {
+    case DType::Float: return shard_pass_any<float>(p);
+    case DType::Double: return shard_pass_any<double>(p);
+    case DType::Half: return shard_pass_any<c10::Half>(p);
+    case DType::BFloat16: return shard_pass_any<c10::BFloat16>(p);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace kdfast

@@ -15,10 +15,12 @@ void distance_huber(DistanceHuberArgs&);
 void angle(AngleArgs&);
 void feature_match(const FeatureArgs&);
 void sparse_kl(const SparseKLArgs&);
+void softmax_kl_shard_stats(const ShardArgs&);
+void softmax_kl_shard_pass(const ShardArgs&);
 
 const Kernels* table() {
   static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl, &sq_dists, &pdist, &pdist_backward, &distance_huber,
-                         &angle, &feature_match, &sparse_kl};
+                         &angle, &feature_match, &sparse_kl, &softmax_kl_shard_stats, &softmax_kl_shard_pass};
   return &k;
 }
 }  // namespace CPU_CAPABILITY

@@ -65,6 +65,42 @@ void check_scale_rows(const at::Tensor& grad, const at::Tensor& ratio) {
               grad.device(), " and ", ratio.device());
 }
 
+void check_softmax_kl_shard(const char* name, const at::Tensor& s, const at::Tensor& t, double inv_temperature,
+                            int64_t divergence, double mix, const at::Tensor& state, const at::Tensor& row_sums,
+                            const at::Tensor& coef) {
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2, name, ": student and teacher must be 2-D (rows, V_local)");
+  TORCH_CHECK(s.sizes() == t.sizes(), name, ": student ", s.sizes(), " and teacher ", t.sizes(), " differ in shape");
+  TORCH_CHECK(s.scalar_type() == t.scalar_type(), name, ": student and teacher dtypes differ");
+  check_kernel_dtype(name, "student", s.scalar_type());
+  TORCH_CHECK(t.device() == s.device(), name, ": student and teacher must be on one device");
+  const bool empty = s.size(0) == 0 || s.size(1) == 0;
+  TORCH_CHECK(empty || s.stride(1) == 1 || s.size(1) == 1, name, ": student must have unit stride along V_local");
+  TORCH_CHECK(empty || t.stride(1) == 1 || t.size(1) == 1, name, ": teacher must have unit stride along V_local");
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0, name,
+              ": inv_temperature must be finite and > 0, got ", inv_temperature);
+  const auto d = static_cast<Divergence>(divergence);
+  TORCH_CHECK(d == Divergence::KL || d == Divergence::TVD || (d == Divergence::JSD && mix > 0 && mix < 1) ||
+                  (d == Divergence::SkewKL && mix > 0 && mix <= 1),
+              name, ": divergence must be 0 (kl), 2 (jsd, 0 < mix < 1), 3 (skew_kl, 0 < mix <= 1) or 5 (tvd), got ",
+              divergence, " with mix ", mix);
+  const auto acc = acc_type(s.scalar_type());
+  const int64_t R = s.size(0);
+  auto rows_of = [&](const at::Tensor& x, const char* arg, int64_t k0, int64_t k1) {
+    if (!x.defined()) return;
+    TORCH_CHECK(x.dim() == 2 && x.size(0) >= k0 && x.size(0) <= k1 && x.size(1) == R && x.scalar_type() == acc &&
+                    x.is_contiguous() && x.device() == s.device(),
+                name, ": ", arg, " must be a contiguous ", acc, " tensor of shape (", k0 == k1 ? "" : "4 or ", k1,
+                ", rows) on the inputs' device, got ", x.sizes(), " ", x.scalar_type());
+  };
+  rows_of(state, "state", d == Divergence::KL ? 5 : 4, 5);
+  rows_of(row_sums, "row_sums", 3, 3);
+  if (coef.defined()) {
+    TORCH_CHECK(coef.dim() == 1 && coef.size(0) == R && coef.scalar_type() == acc && coef.is_contiguous() &&
+                    coef.device() == s.device(),
+                name, ": coef must be a contiguous ", acc, " vector of length rows");
+  }
+}
+
 }  // namespace kdfast
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
@@ -81,4 +117,19 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // grad[r, :] *= ratio[r] in place, skipping rows whose ratio is exactly 1 (the usual case, where
   // the upstream gradient is the one the forward already applied).
   m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
+  // The per-shard passes of the vocab-parallel losses (kdfast/distributed.py), on a slice (rows,
+  // V_local) of each row's vocabulary; results in the accumulation dtype (double for double, else
+  // float). CPU only for now: kdfast.distributed runs its PyTorch passes on other devices.
+  // stats: (4, rows) slice maxima m_s, m_t of the raw logits, Z_s = sum exp((s - m_s) / T), Z_t
+  // likewise, and with with_a a fifth row A = sum exp((t - m_t) / T) ((t - m_t) - (s - m_s)) / T (a
+  // term with exp 0 is 0; a slice row without mass has maximum -inf, sums 0 and reference 0).
+  m.def("softmax_kl_shard_stats(Tensor student, Tensor teacher, float inv_temperature, bool with_a) -> Tensor");
+  // sums: (3, rows) F, SU, SW of common/divergence.h over the slice, given state = the row's global
+  // maxima and sums relative to them (4 rows, as stats gives them, merged over the ranks).
+  m.def("softmax_kl_shard_sums(Tensor student, Tensor teacher, float inv_temperature, int divergence, float mix, "
+        "Tensor state) -> Tensor");
+  // grads: the slice's gradients of sum_r coef[r] * D_r, given the global state (KL: 5 rows, the fifth
+  // A / Z_t) and, for the others, row_sums = the global F, SU, SW; (empty tensors where not asked).
+  m.def("softmax_kl_shard_grads(Tensor student, Tensor teacher, float inv_temperature, int divergence, float mix, "
+        "Tensor state, Tensor row_sums, Tensor coef, bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
 }

@@ -19,4 +19,12 @@ kernel::SoftmaxKLArgs softmax_kl_args(const at::Tensor& s, const at::Tensor& t, 
 
 void check_scale_rows(const at::Tensor& grad, const at::Tensor& ratio);
 
+// The per-shard passes of the vocab-parallel losses (softmax_kl_shard_*): the checks of one op
+// (name) on a slice pair s, t and, where given (defined), its per-row state, row sums and coef.
+// divergence must be a kind the kernels implement (0 KL, 2 JSD with 0 < mix < 1, 3 skew KL with
+// mix > 0, 5 TVD): the caller swaps the inputs for the reverse forms.
+void check_softmax_kl_shard(const char* name, const at::Tensor& s, const at::Tensor& t, double inv_temperature,
+                            int64_t divergence, double mix, const at::Tensor& state, const at::Tensor& row_sums,
+                            const at::Tensor& coef);
+
 }  // namespace kdfast
