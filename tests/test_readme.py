@@ -2,6 +2,7 @@
 order, kinds (positional or keyword-only) and defaults of the function or module constructor it
 names, so that a call written from the README does what it says."""
 import ast
+import os
 import inspect
 import re
 from pathlib import Path
@@ -60,3 +61,22 @@ def test_table_lists_every_loss_and_module():
 @pytest.mark.parametrize("name,args", SIGNATURES, ids=[n for n, _ in SIGNATURES])
 def test_signature_matches_code(name, args):
     assert _documented(args) == _actual(name)
+
+
+def test_no_merge_conflict_markers():
+    """No tracked text file holds the markers a failed merge leaves (README once did)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    bad = []
+    for f in files:
+        try:
+            with open(os.path.join(root, f), encoding="utf-8") as fh:
+                for i, line in enumerate(fh, 1):
+                    if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line.rstrip("\n") == "=======":
+                        bad.append(f"{f}:{i}")
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue
+    assert not bad, bad
