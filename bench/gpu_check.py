@@ -1,6 +1,6 @@
 """GPU benchmarks for bench/gpu_check.sh: device copy bandwidth, the fused softmax-KL (forward plus
 backward) against eager PyTorch, torch.compile and Liger-Kernel, a sweep of kdfast's CUDA kernel
-configurations, and rkd_loss at N = 8192. Writes bench/results/gpu-<GPU name>.json (and a copy to
+configurations, rkd_loss at N = 8192, the feature losses and the top-k KL (sparse_kl_div). Writes bench/results/gpu-<GPU name>.json (and a copy to
 $OUT when set) and prints a short table last.
 
     python bench/gpu_check.py [--budget SECONDS] [--quick] [--out DIR]
@@ -188,13 +188,13 @@ def kd_op(s, t):
     around it."""
     w = torch.full((s.shape[0],), T * T / s.shape[0], dtype=torch.float32, device=s.device)
     x, y = s.detach(), t.detach()
-    return lambda: torch.ops.kdfast.softmax_kl(x, y, 1.0 / T, w, True, False)
+    return lambda: torch.ops.kdfast.softmax_kl(x, y, 1.0 / T, 0, 0.0, w, True, False)  # divergence 0: KL
 
 
-def fwd_bwd(loss_fn, s, t):
+def fwd_bwd(loss_fn, s, *rest):
     def step():
         s.grad = None
-        loss_fn(s, t).backward()
+        loss_fn(s, *rest).backward()
     return step
 
 
@@ -442,19 +442,63 @@ def bench_feature(device, copy_gbps, budget, cases, iters, errors, results, save
         contenders = {"kdfast": kd, "eager": eager[loss]}
         if device.type == "cuda":
             contenders["torch.compile"] = torch.compile(eager[loss])
-        for name, fn in contenders.items():
-            try:
-                ms = time_ms(fwd_bwd(fn, s, t), device, warmup=3, iters=iters)
-                row["contenders"][name] = {"ms": ms, **rates(nbytes, ms, copy_gbps)}
-                log(f"   {case:28s} {name:14s} {ms:9.3f} ms")
-            except Exception as e:  # noqa: BLE001
-                row["contenders"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                errors.append(f"{case} {name}: {type(e).__name__}: {e}"[:300])
-            s.grad = None
-            free_memory(device)
+        _time_contenders(row, case, contenders, (s, t), nbytes, device, iters, copy_gbps, errors)
         results.append(row)
         save()
         del s, t
+        free_memory(device)
+    return results
+
+
+def _time_contenders(row, case, contenders, inputs, nbytes, device, iters, copy_gbps, errors):
+    """Forward plus backward of each contender on inputs (the first is the student, which gets the
+    gradient) into row["contenders"]."""
+    for name, fn in contenders.items():
+        try:
+            ms = time_ms(fwd_bwd(fn, *inputs), device, warmup=3, iters=iters)
+            row["contenders"][name] = {"ms": ms, **rates(nbytes, ms, copy_gbps)}
+            log(f"   {case:28s} {name:14s} {ms:9.3f} ms")
+        except Exception as e:  # noqa: BLE001
+            row["contenders"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            errors.append(f"{case} {name}: {type(e).__name__}: {e}"[:300])
+        inputs[0].grad = None
+        free_memory(device)
+
+
+SPARSE_CASES = [(2048, 32000, 64, torch.float32), (8192, 131072, 64, torch.bfloat16)]  # (rows, V, K, dtype)
+
+
+def eager_sparse_kl(s, logprobs, ids):
+    """The top-k KL as written today (bench/sparse.py): log_softmax over V, gather, renormalised teacher."""
+    log_q = F.log_softmax(s.float(), -1).gather(-1, ids)
+    log_p = F.log_softmax(logprobs.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum() / s.shape[0]
+
+
+def bench_sparse(device, copy_gbps, budget, cases, iters, errors, results, save):
+    """kdfast.sparse_kl_div (issue 17) against eager and torch.compile of the same formula, forward
+    plus student gradient; GB/s against reading the student and writing its gradient."""
+    for rows, V, K, dtype in cases:
+        case = f"sparse {rows}x{V} K={K} {DT[dtype]}"
+        if budget.left() < 15:
+            errors.append(f"{case}: skipped, out of time")
+            continue
+        s, t = kl_inputs(rows, V, dtype, device)
+        lp, ids = t.float().log_softmax(-1).topk(K, -1)
+        del t
+        nbytes = s.numel() * 2 * s.element_size()
+        row = {"case": case, "bytes_floor": nbytes, "contenders": {}}
+        try:
+            row["loss_relerr_vs_eager"] = relerr(kdfast.sparse_kl_div(s, lp, ids), eager_sparse_kl(s, lp, ids))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{case}: {type(e).__name__}: {e}"[:300])
+        contenders = {"kdfast": kdfast.sparse_kl_div, "eager": eager_sparse_kl}
+        if device.type == "cuda":
+            contenders["torch.compile"] = torch.compile(eager_sparse_kl)
+        _time_contenders(row, case, contenders, (s, lp, ids), nbytes, device, iters, copy_gbps, errors)
+        results.append(row)
+        save()
+        del s, lp, ids
         free_memory(device)
     return results
 
@@ -489,7 +533,7 @@ def fmt_table(report):
     if cfgs:
         lines.append("kdfast kernel configurations (ms): " + "; ".join(
             f"{c['case']} {c['config']}: " + (f"{c['ms']:.3f}" if "ms" in c else "error") for c in cfgs))
-    for row in report.get("feature", []):
+    for row in report.get("feature", []) + report.get("sparse", []):
         k = row["contenders"].get("kdfast", {})
         for name, c in row["contenders"].items():
             if "ms" in c:
@@ -546,6 +590,7 @@ def main():
         compile_cases = set()
         rkd_nd = (64, 16)
         feature_cases = [("logit_mse", (64, 1000), torch.bfloat16), ("cosine_loss", (300, 64), torch.float32)]
+        sparse_cases = [(64, 1000, 16, torch.float32)]
         copy_bytes = 64 << 20
         iters = 3
     else:
@@ -557,6 +602,7 @@ def main():
         compile_cases = COMPILE_CASES
         rkd_nd = (8192, 256)
         feature_cases = FEATURE_CASES[:1] if args.quick else FEATURE_CASES
+        sparse_cases = SPARSE_CASES[:1] if args.quick else SPARSE_CASES
         copy_bytes = 2 << 30
         iters = 5 if args.quick else 10
 
@@ -638,6 +684,9 @@ def main():
     log("== feature losses forward + backward")
     report["feature"] = []
     bench_feature(device, copy_gbps, budget, feature_cases, iters, errors, report["feature"], save)
+    log("== sparse_kl_div (top-k teacher) forward + backward")
+    report["sparse"] = []
+    bench_sparse(device, copy_gbps, budget, sparse_cases, iters, errors, report["sparse"], save)
     if args.selftest_cpu or (device.type == "cuda" and kdfast.native_available("cuda")):
         log("== kdfast CUDA configurations"
             + (" (selftest: the knobs do nothing on the CPU)" if args.selftest_cpu else ""))

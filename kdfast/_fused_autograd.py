@@ -1,6 +1,6 @@
 """Autograd of the fused forward-and-gradient losses: FusedLossFunction and fused_loss.
 
-The ops torch.ops.kdfast.softmax_kl, feature_match and rkd compute, in one pass over their inputs,
+The ops torch.ops.kdfast.softmax_kl, feature_match, sparse_kl and rkd compute, in one pass over their inputs,
 each row's (or group's) loss and, when asked, the gradient of sum_r weight[r] * loss_r with respect
 to each input (the way Liger-Kernel's fused losses do). FusedLossFunction returns weight * losses,
 whose gradient is exactly the op's gradient buffer times the upstream gradient `ratio` of each
@@ -42,7 +42,7 @@ import torch
 
 from kdfast import reference
 from kdfast._grad_scale_prediction import PREDICTOR, uniform_factor
-from kdfast._validation import compute_dtype
+from kdfast._validation import SPARSE_TAILS, compute_dtype
 
 _ops = torch.ops.kdfast
 
@@ -158,9 +158,14 @@ def _feature_rows(student, teacher, cosine, eps):
     return ((s - t) ** 2).sum(-1)
 
 
+def _sparse_rows(student, teacher_logprobs, indices, inv_temperature, tail):
+    return reference.sparse_kl_rows(student, teacher_logprobs, indices, 1.0 / inv_temperature,
+                                    SPARSE_TAILS[tail])
+
+
 # Per-row losses in plain PyTorch, for create_graph=True ([B5]): the fused ops' gradients carry no
 # graph, so a higher-order gradient is recomputed through these, which autograd can differentiate.
-ROW_REFERENCE = {_ops.softmax_kl: _divergence_rows, _ops.feature_match: _feature_rows}
+ROW_REFERENCE = {_ops.softmax_kl: _divergence_rows, _ops.feature_match: _feature_rows, _ops.sparse_kl: _sparse_rows}
 
 
 def differentiable_grads(op, student, teacher, weight, params, ratio, want):

@@ -3,12 +3,13 @@ torch.ops.kdfast op with a derivative is differentiable on its own:
 
 - pairwise_distances and its backward op, to any order (second and higher orders through the
   reference formulation).
-- softmax_kl, feature_match and rkd: their first output, the loss of each row (group), is
+- softmax_kl, feature_match, sparse_kl and rkd: their first output, the loss of each row (group), is
   differentiable with respect to student and teacher; backward calls the op again with the
   upstream gradient as row weights. Their gradient outputs are marked non-differentiable, and so is
-  the loss with respect to the row weights, which only select rows (softmax_kl and feature_match
-  return 0 for a row of weight 0; rkd computes every group's loss). create_graph=True goes through
-  the reference row formulas (an error for rkd, which has none).
+  the loss with respect to the row weights, which only select rows (softmax_kl, feature_match and
+  sparse_kl return 0 for a row of weight 0; rkd computes every group's loss); sparse_kl's ids ride
+  among the parameters. create_graph=True goes through the reference row formulas (an error for
+  rkd, which has none).
 - scale_rows_, an in-place helper of the fused autograd, has none (torch.library registers no
   autograd for mutating ops).
 
@@ -58,6 +59,7 @@ def _register_forward_and_gradient_op(name, n_params, weight_selects_rows):
 
 _register_forward_and_gradient_op("softmax_kl", 3, weight_selects_rows=True)  # (inv_temperature, divergence, mix)
 _register_forward_and_gradient_op("feature_match", 2, weight_selects_rows=True)  # (cosine, eps)
+_register_forward_and_gradient_op("sparse_kl", 3, weight_selects_rows=True)  # (indices, inv_temperature, tail)
 _register_forward_and_gradient_op("rkd", 5, weight_selects_rows=False)  # (dw, aw, delta, squared, eps)
 
 

@@ -139,3 +139,52 @@ def compute_dtype(*tensors):
     """The dtype the arithmetic runs in (the kernels' accumulation dtype, their row weights and
     pairwise distances): float64 for float64 inputs, else float32."""
     return torch.float64 if result_dtype(*tensors) == torch.float64 else torch.float32
+
+
+SPARSE_TAILS = ("renormalize", "bucket")
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_sparse(student, logprobs, indices, tail, mask):
+    """The arguments of sparse_kl_div (the ids' values are checked where they are read: by the
+    kernel, or by the reference's check_sparse_ids)."""
+    check_tensor(student, "student_logits")
+    check_tensor(logprobs, "teacher_topk_logprobs")
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"teacher_topk_indices must be a torch.Tensor, got {type(indices).__name__}")
+    check_strided(indices, "teacher_topk_indices")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"teacher_topk_indices must be int64 or int32 (vocabulary ids), got {indices.dtype}")
+    if not isinstance(tail, str) or tail not in SPARSE_TAILS:
+        raise ValueError(f"tail must be one of {', '.join(map(repr, SPARSE_TAILS))}, got {tail!r}")
+    if student.dim() == 0 or student.shape[-1] == 0:
+        raise ValueError(f"student_logits must have a non-empty vocabulary (last dim), got shape {tuple(student.shape)}")
+    for x, name in ((logprobs, "teacher_topk_logprobs"), (indices, "teacher_topk_indices")):
+        if x.device != student.device:
+            raise ValueError(f"{name} is on {x.device} but student_logits is on {student.device}")
+        if x.shape[:-1] != student.shape[:-1] or x.dim() != student.dim():
+            raise ValueError(f"{name} must have shape {tuple(student.shape[:-1])} + (K,) (the student's rows), got "
+                             f"{tuple(x.shape)}")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"teacher_topk_indices has shape {tuple(indices.shape)} but teacher_topk_logprobs has "
+                         f"shape {tuple(logprobs.shape)}; they must match")
+    K, V = logprobs.shape[-1], student.shape[-1]
+    if K == 0:
+        raise ValueError("teacher_topk_logprobs has no entries (K = 0)")
+    if K > V:
+        raise ValueError(f"teacher_topk_indices lists K = {K} ids per row, more than the vocabulary of {V}")
+    return check_mask(mask, student)
+
+
+def check_sparse_ids(indices, V, mask):
+    """Every id of a counted row in [0, V) and distinct within its row (the kernels' check, in PyTorch)."""
+    idx = indices if mask is None else indices[mask]
+    if idx.numel() == 0:
+        return
+    bad = (idx < 0) | (idx >= V)
+    if bool(bad.any()):
+        raise ValueError(f"teacher_topk_indices holds an id out of range for a vocabulary of {V}: "
+                         f"{int(idx[bad][0])} (ids must be in [0, {V}))")
+    srt = idx.sort(-1).values
+    if bool((srt[..., 1:] == srt[..., :-1]).any()):
+        raise ValueError("teacher_topk_indices repeats an id within a row (the top-k ids of a row must be distinct)")

@@ -6,7 +6,7 @@ from kdfast import _backend, _ops, _tuning as tuning, _validation as v, referenc
 if _ops.LOADED:
     from kdfast._fused_autograd import fused_loss
 
-__all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "logit_mse", "feature_l2", "cosine_loss",
+__all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "sparse_kl_div", "logit_mse", "feature_l2", "cosine_loss",
            "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
 
 
@@ -23,25 +23,26 @@ def _common_dtype(student, teacher):
     return student, teacher
 
 
-def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale, divergence=0, mix=0.0):
-    student, teacher = _common_dtype(student, teacher)
-    lead, V = student.shape[:-1], student.shape[-1]
-    s2, t2 = _rows2d(student, V), _rows2d(teacher, V)
-    rows = s2.shape[0]
-    acc = v.compute_dtype(student)
-    # row_weight is the gradient the loss will send back to each row's KL (the reduction's factor
-    # times `scale`), so the op can write the final gradient in the same pass as the loss.
-    if reduction == "batchmean":
-        factor = scale / student.shape[0] if student.shape[0] > 0 else scale
-    else:
-        factor = scale
-    w = torch.full((rows,), factor, dtype=acc, device=student.device)
+def _row_weight(rows, batch, reduction, mask, scale, acc, device):
+    """The gradient the loss will send back to each row's value (the reduction's factor times
+    `scale`, 0 on masked rows), so that a fused op can write the final gradient in the same pass as
+    the loss. batch: logits.shape[0], batchmean's divisor."""
+    factor = scale / batch if reduction == "batchmean" and batch > 0 else scale
+    w = torch.full((rows,), factor, dtype=acc, device=device)
     if mask is not None:
         w = w * mask.reshape(-1)
         if reduction == "mean":
             w = w / mask.sum().clamp(min=1).to(acc)
     elif reduction == "mean" and rows > 0:
         w = w / rows
+    return w
+
+
+def _native_softmax_kl(student, teacher, temperature, reduction, mask, scale, divergence=0, mix=0.0):
+    student, teacher = _common_dtype(student, teacher)
+    lead, V = student.shape[:-1], student.shape[-1]
+    s2, t2 = _rows2d(student, V), _rows2d(teacher, V)
+    w = _row_weight(s2.shape[0], student.shape[0], reduction, mask, scale, v.compute_dtype(student), student.device)
     kl = fused_loss(torch.ops.kdfast.softmax_kl, s2, t2, w, 1.0 / temperature, divergence, mix)  # w * D per row
     out = kl.reshape(lead) if reduction == "none" else kl.sum()
     out_dtype = v.result_dtype(student, teacher)
@@ -64,6 +65,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="batch
 
 
 def _kl(student, teacher, temperature, reduction, mask, squared_t):
+    temperature = v.check_positive(temperature, "temperature")
     return _divergence(student, teacher, temperature, reduction, mask, "kl", 0.0,
                        temperature * temperature if squared_t else 1.0)
 
@@ -108,6 +110,41 @@ def tv_distance(student_logits, teacher_logits, *, temperature=1.0, reduction="b
     """Total variation distance between the temperature softmaxes, sum over the vocabulary of
     |P - Q| / 2 (in [0, 1] per row)."""
     return _divergence(student_logits, teacher_logits, temperature, reduction, mask, "tvd", 0.0)
+
+
+def sparse_kl_div(student_logits, teacher_topk_logprobs, teacher_topk_indices, *, temperature=1.0,
+                  tail="renormalize", reduction="batchmean", mask=None):
+    """KL from a teacher known by its top-k log-probabilities to the student's softmax over all of V.
+
+    student_logits (..., V); teacher_topk_logprobs (..., K): the teacher's log-probabilities at
+    T = 1 (torch.topk of log_softmax, or an inference server's logprobs) for the vocabulary ids
+    teacher_topk_indices (..., K), int64 or int32, distinct within a row.
+    tail="renormalize": the teacher renormalised over its K ids at temperature T,
+    P_k = softmax_k(l_k / T), and sum_k P_k (log P_k - log Q_{i_k}) with Q = softmax(student / T)
+    over all of V: the exact KL from the truncated teacher (DistillKit's convention).
+    tail="bucket": P_k = exp(l_k) as given (T applies to the student alone), plus a (K + 1)-th
+    outcome, the teacher's missing mass max(1 - sum_k P_k, 0) against the student's mass outside
+    the K ids (TRL's loss_add_tail, ModelOpt's ghost token). No T^2 factor.
+    reduction and mask as softmax_kl_div (mask's rows are not read, their ids not checked).
+    """
+    mask = v.check_sparse(student_logits, teacher_topk_logprobs, teacher_topk_indices, tail, mask)
+    temperature = v.check_positive(temperature, "temperature")
+    v.check_reduction(reduction, v.KL_REDUCTIONS)
+    if not _backend.use_native(student_logits.device):
+        return reference.sparse_kl_div(student_logits, teacher_topk_logprobs, teacher_topk_indices,
+                                       temperature=temperature, tail=tail, reduction=reduction, mask=mask)
+    s, lp = student_logits, teacher_topk_logprobs
+    acc = v.compute_dtype(s, lp)
+    if acc == torch.float64 and s.dtype != torch.float64:  # a float64 teacher: the op runs in float64
+        s = s.to(acc)
+    lp = lp.to(acc)  # (rows, K): small; a half-precision student is read as it is
+    V, K = s.shape[-1], lp.shape[-1]
+    s2, l2, i2 = _rows2d(s, V), _rows2d(lp, K), _rows2d(teacher_topk_indices, K)
+    w = _row_weight(s2.shape[0], s.shape[0], reduction, mask, 1.0, acc, s.device)
+    rows = fused_loss(torch.ops.kdfast.sparse_kl, s2, l2, w, i2, 1.0 / temperature,
+                      v.SPARSE_TAILS.index(tail))  # w * L per row
+    out = rows.reshape(s.shape[:-1]) if reduction == "none" else rows.sum()
+    return out.to(v.result_dtype(student_logits, teacher_topk_logprobs))
 
 
 # ---------------------------------------------------------------- feature-based

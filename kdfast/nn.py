@@ -7,7 +7,7 @@ from torch import nn
 
 from kdfast import functional as F
 
-__all__ = ["KDLoss", "SoftmaxKLDivLoss", "GeneralizedJSDLoss", "ReverseKLDivLoss", "SkewKLDivLoss", "TVDistanceLoss", "LogitMSELoss", "FeatureL2Loss", "CosineLoss",
+__all__ = ["KDLoss", "SoftmaxKLDivLoss", "GeneralizedJSDLoss", "ReverseKLDivLoss", "SkewKLDivLoss", "TVDistanceLoss", "SparseKLDivLoss", "LogitMSELoss", "FeatureL2Loss", "CosineLoss",
            "RKDDistanceLoss", "RKDAngleLoss", "RKDLoss"]
 
 
@@ -82,6 +82,21 @@ class TVDistanceLoss(SoftmaxKLDivLoss):
     def forward(self, student_logits, teacher_logits, mask=None):
         return F.tv_distance(student_logits, teacher_logits, temperature=self.temperature,
                              reduction=self.reduction, mask=mask)
+
+
+class SparseKLDivLoss(nn.Module):
+    """KL from a top-k teacher (log-probabilities and ids) to the student; see kdfast.sparse_kl_div."""
+
+    def __init__(self, temperature: float = 1.0, tail: str = "renormalize", reduction: str = "batchmean"):
+        super().__init__()
+        self.temperature, self.tail, self.reduction = temperature, tail, reduction
+
+    def forward(self, student_logits, teacher_topk_logprobs, teacher_topk_indices, mask=None):
+        return F.sparse_kl_div(student_logits, teacher_topk_logprobs, teacher_topk_indices,
+                               temperature=self.temperature, tail=self.tail, reduction=self.reduction, mask=mask)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, tail={self.tail!r}, reduction={self.reduction!r}"
 
 
 class LogitMSELoss(nn.Module):

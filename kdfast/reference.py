@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kdfast import _validation as v
 
-__all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "logit_mse", "feature_l2", "cosine_loss",
+__all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "sparse_kl_div", "logit_mse", "feature_l2", "cosine_loss",
            "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
 
 
@@ -170,6 +170,50 @@ def skew_kl_div(student_logits, teacher_logits, *, alpha=0.1, reverse=False, tem
 def tv_distance(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
     """Total variation distance, sum over the vocabulary of |P - Q| / 2."""
     return _divergence_loss(student_logits, teacher_logits, temperature, reduction, mask, "tvd", 0.0)
+
+
+# The floor of the student's tail mass in the bucket tail (csrc/common/sparse_kl.h, kTailFloor).
+SPARSE_TAIL_FLOOR = 1e-30
+
+
+def sparse_kl_rows(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature, tail, mask=None):
+    """Per-row KL from a top-k teacher to the student's temperature softmax over all of V
+    (csrc/common/sparse_kl.h): tail "renormalize" (the teacher re-tempered over its K ids) or
+    "bucket" (P_k = exp(l_k) plus the tail 1 - sum P_k against the student's unlisted mass, empty
+    when K = V)."""
+    acc = v.compute_dtype(student_logits, teacher_topk_logprobs)
+    s, l, idx = student_logits.to(acc), teacher_topk_logprobs.to(acc), teacher_topk_indices.long()
+    zero = torch.zeros((), dtype=acc, device=s.device)
+    if mask is not None:  # masked-out rows as zeros and ids 0..K-1: loss 0, zero gradients
+        keep = mask.unsqueeze(-1)
+        s, l = torch.where(keep, s, zero), torch.where(keep, l, zero)
+        idx = torch.where(keep, idx, torch.arange(idx.shape[-1], device=idx.device))
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    lq = log_q.gather(-1, idx)
+    log_p = F.log_softmax(l / temperature, dim=-1) if tail == "renormalize" else l
+    p = log_p.exp()
+    rows = (p * torch.where(p != 0, log_p - lq, zero)).sum(-1)
+    if tail == "bucket":
+        # With K = V no id is left for the bucket: empty on both sides (see csrc/common/sparse_kl.h).
+        p_tail = (1 - p.sum(-1)).clamp(min=0) if idx.shape[-1] < s.shape[-1] else torch.zeros_like(rows)
+        q_tail = log_q.exp().scatter(-1, idx, 0.0).sum(-1).clamp(min=SPARSE_TAIL_FLOOR)  # no 1 - sum: it cancels
+        live = p_tail > 0
+        safe = torch.where(live, p_tail, torch.ones((), dtype=acc, device=s.device))
+        rows = rows + torch.where(live, p_tail * (safe.log() - q_tail.log()), zero)
+    return rows
+
+
+def sparse_kl_div(student_logits, teacher_topk_logprobs, teacher_topk_indices, *, temperature=1.0,
+                  tail="renormalize", reduction="batchmean", mask=None):
+    """KL from a teacher known by its top-k log-probabilities (..., K) at the ids (..., K) to
+    softmax(student / T) over all of V, per row, reduced (see sparse_kl_rows)."""
+    mask = v.check_sparse(student_logits, teacher_topk_logprobs, teacher_topk_indices, tail, mask)
+    temperature = v.check_positive(temperature, "temperature")
+    v.check_reduction(reduction, v.KL_REDUCTIONS)
+    v.check_sparse_ids(teacher_topk_indices, student_logits.shape[-1], mask)
+    rows = sparse_kl_rows(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature, tail, mask)
+    out = reduce_rows(rows, mask, reduction, student_logits.shape[0])
+    return out.to(v.result_dtype(student_logits, teacher_topk_logprobs))
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean", mask=None):

@@ -19,7 +19,7 @@ def test_bench_quick(tmp_path):
     assert doc["machine"]["torch"] and doc["machine"]["cpu_model"] and doc["machine"]["threads"] >= 1
     assert "kdfast_build_info" in doc["machine"]
     results = doc["results"]
-    for family in ("kl", "relation", "feature"):
+    for family in ("kl", "sparse", "relation", "feature"):
         ran = [r for r in results if r["family"] == family and r["status"] == "ok"]
         assert any(r["is_kdfast"] for r in ran), family
         assert any(not r["is_kdfast"] for r in ran), family

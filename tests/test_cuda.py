@@ -722,6 +722,7 @@ class Emu:
         "emu_softmax_kl": [Ci, P, P, I, I, I, I, D, P, P, P, P],
         "emu_softmax_kl_reload_knobs": [],
         "emu_scale_rows": [Ci, P, I, I, P, I],
+        "emu_sparse_kl": [Ci, P, P, P, Ci, I, I, I, I, I, I, D, Ci, P, P, P, P, P],
         "emu_feature_match": [Ci, P, P, I, I, I, I, Ci, D, P, P, P, P],
         "emu_rkd_sq_dists": [P, I, I, I, P],
         "emu_rkd_angle_prep": [Ci, P, P, P, I, I, P, P, P],
@@ -1179,3 +1180,90 @@ def test_emu_feature_match(emu, cosine, R, D, case, dtype):
     # the student gradient alone matches the one computed with both
     alone = _emu_feature_match(emu, s, t, cosine, 1e-8, w, gt=False)
     assert same_bits(alone[1], got[1]) and same_bits(alone[0], got[0])
+
+
+# ----------------------------------------------------------------------------- top-k KL (emulation)
+
+def _emu_sparse_kl(emu, s, lp, idx, inv_t, tail, w, gs=True, gt=True):
+    """The CUDA sparse_kl kernel in emulation: (loss rows, grad_student, grad_teacher, status)."""
+    R, V = s.shape
+    K = lp.shape[1]
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    loss = torch.full((R,), math.nan, dtype=acc)
+    G = torch.full((R, V), math.nan, dtype=s.dtype) if gs else None
+    H = torch.full((R, K), math.nan, dtype=acc) if gt else None
+    status = torch.tensor([2 ** 63 - 1], dtype=torch.int64)
+    emu.emu_sparse_kl(_KDT[s.dtype], s, lp, idx, int(idx.dtype == torch.int32), R, V, K, s.stride(0), lp.stride(0),
+                      idx.stride(0), inv_t, tail, w, loss, G, H, status)
+    return loss, G, H, int(status)
+
+
+def _topk(R, V, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(R, V, dtype=torch.float64, generator=g) * 3
+    return t.log_softmax(-1).topk(K, -1)
+
+
+@pytest.mark.parametrize("tail", [0, 1], ids=["renormalize", "bucket"])
+@pytest.mark.parametrize("R,V,K", [(3, 7, 1), (3, 37, 37), (2, 3001, 64), (4, 700, 300)],
+                         ids=["K1", "KeqV", "3001_K64", "700_K300"])
+@dtype_params((torch.float32, torch.float64, torch.bfloat16))
+def test_emu_sparse_kl(emu, tail, R, V, K, dtype):
+    """The CUDA top-k KL in emulation against the float64 reference: loss rows, row-weighted
+    gradients of the student and of the teacher log-probs, a weight-0 row, int32 ids, a strided
+    student, T = 1 / 0.7."""
+    name = ("renormalize", "bucket")[tail]
+    lp, idx = _topk(R, V, K)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    base = (torch.randn(R, V + 5, dtype=torch.float64) * 3).to(dtype)
+    s = base[:, 2:2 + V]  # row stride V + 5
+    w = torch.tensor([0.5, 0.0, 2.0, -1.0][:R], dtype=acc)
+    loss, gs, gt, status = _emu_sparse_kl(emu, s, lp.to(acc), idx.int(), 0.7, tail, w)
+    assert status == 2 ** 63 - 1
+    s64, lp64 = s.double().requires_grad_(), lp.clone().requires_grad_()
+    rows = ref.sparse_kl_div(s64, lp64, idx, temperature=1 / 0.7, tail=name, reduction="none")
+    (rows * w.double()).sum().backward()
+    live = w != 0
+    assert loss[~live].eq(0).all() and gs[~live].eq(0).all() and gt[~live].eq(0).all()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert relerr(loss[live], rows.detach()[live]) <= tol
+    g_want = s64.grad.to(dtype).double() if dtype in HALF else s64.grad
+    assert relerr(gs.double()[live], g_want[live]) <= (1e-10 if dtype == torch.float64 else GRAD_TOL[dtype])
+    assert relerr(gt.double()[live], lp64.grad[live]) <= (1e-10 if dtype == torch.float64 else 2e-5)
+    alone = _emu_sparse_kl(emu, s, lp.to(acc), idx, 0.7, tail, w, gt=False)  # int64 ids, student gradient only
+    assert same_bits(alone[1], gs) and same_bits(alone[0], loss)
+
+
+def test_emu_sparse_kl_bad_ids(emu):
+    """Out of range, negative and repeated ids lower the status word to the first bad entry, coded
+    as the CPU kernel codes it (2 (row K + k) + repeated); a weight-0 row is not read."""
+    R, V, K = 4, 50, 5
+    lp, idx = _topk(R, V, K)
+    s, w = torch.randn(R, V), torch.ones(R)
+    for row, k, value, repeated in [(2, 3, 50, 0), (1, 0, -1, 0), (3, 4, None, 1)]:
+        bad = idx.clone()
+        bad[row, k] = bad[row, 1] if value is None else value
+        got = _emu_sparse_kl(emu, s, lp.float(), bad, 1.0, 1, w)[3]
+        assert got == 2 * (row * K + k) + repeated
+        with pytest.raises(ValueError, match=r"teacher_topk_indices\[%d, %d\]" % (row, k)):
+            torch.ops.kdfast.sparse_kl(s, lp.float(), bad, 1.0, 1, w, True, True)  # the CPU op, same code
+        skip = w.clone()
+        skip[row] = 0
+        assert _emu_sparse_kl(emu, s, lp.float(), bad, 1.0, 1, skip)[3] == 2 ** 63 - 1
+
+
+def test_emu_sparse_kl_matches_cpu_op(emu):
+    """The CUDA kernel in emulation and the CPU kernel agree (float32, both tails, a NaN row)."""
+    R, V, K = 3, 2000, 64
+    lp, idx = _topk(R, V, K)
+    s = torch.randn(R, V) * 3
+    s[1, 17] = math.nan
+    w = torch.tensor([1.0, 1.0, 0.5])
+    for tail in (0, 1):
+        got = _emu_sparse_kl(emu, s, lp.float(), idx, 1.0, tail, w)
+        cpu = torch.ops.kdfast.sparse_kl(s, lp.float(), idx, 1.0, tail, w, True, True)
+        assert got[0][1].isnan() and cpu[0][1].isnan() and got[1][1].isnan().all() and cpu[1][1].isnan().all()
+        keep = torch.tensor([True, False, True])
+        assert relerr(got[0][keep], cpu[0][keep]) <= 1e-5
+        assert relerr(got[1][keep], cpu[1][keep]) <= 1e-5
+        assert relerr(got[2][keep], cpu[2][keep]) <= 1e-5

@@ -37,6 +37,29 @@ def test_isa_matches_float64(cpu_isa, dtype, shape):
                  upstream=torch.rand(shape[:-1], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("V", [7, 33, 1000, 5003])
+def test_isa_sparse_kl_matches_float64(cpu_isa, tail, dtype, V):
+    """The top-k KL of each ISA build (vector bodies, row tails, blocks, the bucket's masked sums)."""
+    K = min(V, 20)
+    t = torch.randn(3, V, dtype=torch.float64) * 3
+    lp, idx = t.log_softmax(-1).topk(K, -1)
+    s = (torch.randn(3, V, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    lpa = lp.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    up = torch.rand(3, dtype=torch.float64)
+    out = kdfast.sparse_kl_div(s, lpa, idx, temperature=1.5, tail=tail, reduction="none")
+    out.backward(up.to(out.dtype))
+    s64, lp64 = s.detach().double().requires_grad_(), lpa.detach().double().requires_grad_()
+    want = kdfast.reference.sparse_kl_div(s64, lp64, idx, temperature=1.5, tail=tail, reduction="none")
+    want.backward(up)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 8e-3}[dtype]
+    assert relerr(out.detach(), want.detach()) <= max(tol, 3e-5 if dtype == torch.bfloat16 else tol)
+    g = s64.grad.to(dtype).double() if dtype == torch.bfloat16 else s64.grad
+    assert relerr(s.grad.double(), g) <= tol
+    assert relerr(lpa.grad.double(), lp64.grad) <= (1e-10 if dtype == torch.float64 else 2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 def test_isa_special_values(cpu_isa, dtype):
     """-inf (masked vocabulary), +-1e4 and a mask on every path, against float64."""

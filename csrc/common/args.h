@@ -43,5 +43,35 @@ struct FeatureArgs : RowPairArgs {
   double eps;  // cosine: the norm clamp
 };
 
+// Tails of the top-k KL (csrc/common/sparse_kl.h): the teacher renormalised over its K entries, or
+// its given probabilities plus a (K + 1)-th bucket holding the missing mass on both sides.
+enum class SparseTail : int32_t { Renormalize = 0, Bucket = 1 };
+constexpr int64_t kSparseOk = INT64_MAX;
+
+// The KL from a teacher known by its top-k log-probabilities to the student's full-vocabulary
+// temperature softmax, per row. Not a RowPairArgs: the teacher is rows x K, the student rows x V.
+struct SparseKLArgs {
+  DType dtype;                 // the student's; teacher log-probs, row weights, losses and the
+                               // teacher's gradient are in the acc type (double for double, else float)
+  const void* student;         // rows x V, unit stride along V
+  const void* teacher;         // rows x K log-probabilities at T = 1, unit stride along K
+  const void* indices;         // rows x K vocabulary ids, int64 or int32, unit stride along K
+  bool indices_int32;
+  int64_t rows, vocab, k;
+  int64_t student_row_stride, teacher_row_stride, index_row_stride;  // in elements
+  double inv_temperature;
+  SparseTail tail;
+  const void* row_weight;  // rows, acc type; 0 skips a row (its indices are not read)
+  void* loss_rows;         // rows, acc type: unweighted loss, 0 on skipped rows
+  void* grad_student;      // rows x V contiguous, or null: row_weight * grad_scale * dL/ds
+  void* grad_teacher;      // rows x K contiguous acc type, or null: the same for the log-probs
+  double grad_scale = 1;
+  // In/out: the caller sets it to kSparseOk; the kernels lower it (atomic min) to
+  // 2 (row K + k) + repeated for the first bad index they meet: out of [0, vocab) (repeated = 0)
+  // or equal to an earlier index of its row (repeated = 1). Host memory on the CPU, device memory
+  // on CUDA. The outputs of a call that reports one are undefined.
+  int64_t* status;
+};
+
 }  // namespace kernel
 }  // namespace kdfast

@@ -84,6 +84,7 @@ struct ScalarOps {
     using std::fabs;
     return fabs(x);
   }
+  static KDFAST_HD X div(X x, X y) { return x / y; }
   // c != 0 ? x : 0 (a NaN c keeps x)
   static KDFAST_HD X if_nonzero(X c, X x) { return c != X(0) ? x : X(0); }
   // min(x, hi), keeping a NaN x
@@ -100,13 +101,13 @@ template <Divergence D, typename Ops, typename X>
 KDFAST_HD void terms(X p, X q, X lpq, const Consts<X>& k, X& f, X& u, X& w) {
   if constexpr (D == Divergence::JSD) {
     const X mix = k.m * p + k.one_m * q;
-    const X lp = Ops::if_nonzero(p, Ops::log(Ops::clamp_hi(p / mix, k.max_p)));
+    const X lp = Ops::if_nonzero(p, Ops::log(Ops::clamp_hi(Ops::div(p, mix), k.max_p)));
     const X lq = Ops::if_nonzero(q, Ops::clamp_hi(lp - lpq, k.log_max_q));
     f = k.m * (p * lp) + k.one_m * (q * lq);
     u = lq, w = lp;
   } else if constexpr (D == Divergence::SkewKL) {
     const X mix = k.m * p + k.one_m * q;
-    const X r = Ops::if_nonzero(p, Ops::clamp_hi(p / mix, k.max_p));
+    const X r = Ops::if_nonzero(p, Ops::clamp_hi(Ops::div(p, mix), k.max_p));
     const X lr = Ops::if_nonzero(p, Ops::log(r));
     f = p * lr;
     u = r - X(1), w = lr + k.m * (X(1) - r);

@@ -70,11 +70,13 @@ KDFAST_HD acc_t term(acc_t et, acc_t a, acc_t b) {
   return et != acc_t(0) ? et * (b - a) : acc_t(0);
 }
 
-// a_sum in natural units (A / h, in double where A may be near FLT_MAX).
+// a_sum in natural units (A / h, in double where A may be near FLT_MAX). Never below 0: rounding
+// leaves rows of nearly equal softmaxes at -1e-7 (a bf16 student against an fp32 teacher); NaN stays.
 template <typename acc_t>
 KDFAST_HD acc_t row_value(acc_t zs, acc_t zt, acc_t a_sum) {
   using std::log;
-  return a_sum / zt - log(zt) + log(zs);
+  const acc_t v = a_sum / zt - log(zt) + log(zs);
+  return v < acc_t(0) ? acc_t(0) : v;
 }
 
 // coef * (p_s - p_t), with each product rounded alike: exactly 0 where p_s = p_t by construction

@@ -23,6 +23,7 @@ using kernel::DType;
 using kernel::FeatureArgs;
 using kernel::RowPairArgs;
 using kernel::SoftmaxKLArgs;
+using kernel::SparseKLArgs;
 
 // Relation kernels work on one group's n x n matrices, all contiguous, from the exact squared
 // distances of its points (see csrc/common/rkd.h); their gradients come out as d loss / d D2 in
@@ -93,6 +94,7 @@ struct Kernels {
   void (*distance_huber)(DistanceHuberArgs&);
   void (*angle)(AngleArgs&);
   void (*feature_match)(const FeatureArgs&);
+  void (*sparse_kl)(const SparseKLArgs&);
 };
 
 // The selected kernel build (the baseline until Python picks one). Main library only.

@@ -414,6 +414,19 @@ using div::Divergence;
 struct VecOps {
   static FVec log(const FVec& x) { return log_nonneg(x); }
   static FVec abs(const FVec& x) { return x.abs(); }
+  // x / y to about 2 ulps through the reciprocal estimate and one Newton step (a vector division
+  // costs several times more); 0 / 0 is NaN and x / 0 inf, as the terms expect.
+  static FVec div(const FVec& x, const FVec& y) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 r0 = _mm512_rcp14_ps(y);
+    const __m512 r1 = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(y, r0, _mm512_set1_ps(1.f)), r0);
+    const __m512 q = _mm512_mul_ps(x, r1);
+    // where y is 0 or inf the Newton step gives NaN: the plain quotient there
+    return _mm512_mask_div_ps(q, _mm512_fpclass_ps_mask(y, 0x1e), x, y);
+#else
+    return x / y;
+#endif
+  }
   static FVec if_nonzero(const FVec& c, const FVec& x) { return FVec::blendv(FVec(0.f), x, c != FVec(0.f)); }
   static FVec clamp_hi(const FVec& x, const FVec& hi) { return FVec::blendv(x, hi, x > hi); }
   static FVec sign(const FVec& x) {
@@ -428,8 +441,12 @@ struct DivStats {
 };
 
 // The exponentials of a row cached by row_online (relative to each block's running maxima).
+// With u and w: room for a row's terms u and w, rounded up to whole steps, which the sums' pass
+// writes and the gradients' pass reads instead of computing them again (their log and division
+// are most of the terms' cost).
 struct ExpCache {
   const float *es, *et, *block_ms, *block_mt;
+  float *u = nullptr, *w = nullptr;
 };
 
 // A row's (or chunk's) softmaxes and divergence terms, K elements at a time: P = e_t / Z_t and
@@ -451,13 +468,15 @@ struct DivRow {
 
   // fn(offset, half, is_tail, P, Q, f, u, w) over n elements at s, t, two vectors per step; the
   // tail is padded with -inf logits (P = Q = 0, whose terms are 0).
-  template <typename T, typename Fn>
+  template <bool kCachedTerms, typename T, typename Fn>
   void for_row(const T* s, const T* t, int64_t n, const ExpCache* c, const Fn& fn) const {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     FVec cs = izs, ct = izt;  // Q = e_s cs, P = e_t ct
+    // The terms come from c's u and w when kCachedTerms (f is then not computed: 0).
+    const bool cached = kCachedTerms && c && c->u;
     auto step = [&](int64_t i, bool tail, const auto* ps, const auto* pt, const float* pe, const float* pet) {
       FVec a[2], b[2], es[2], et[2];
-      if (kLogRatio || !c) scaled(ps, pt, nms, nmt, u, a[0], a[1], b[0], b[1]);
+      if ((kLogRatio && !cached) || !c) scaled(ps, pt, nms, nmt, u, a[0], a[1], b[0], b[1]);
       for (int h = 0; h < 2; ++h) {
         if (c) {
           es[h] = FVec::loadu(pe + h * FVec::size()), et[h] = FVec::loadu(pet + h * FVec::size());
@@ -465,9 +484,13 @@ struct DivRow {
           es[h] = exp_nonpos(a[h], u.ex), et[h] = exp_nonpos(b[h], u.ex);
         }
         const FVec q = es[h] * cs, p = et[h] * ct;
-        FVec f, uu, w;
-        const FVec lpq = kLogRatio ? at::vec::fmadd(b[h] - a[h], inv_h, lz) : FVec(0.f);
-        div::terms<D, VecOps>(p, q, lpq, k, f, uu, w);
+        FVec f(0.f), uu, w;
+        if (cached) {
+          uu = FVec::loadu(c->u + i + h * FVec::size()), w = FVec::loadu(c->w + i + h * FVec::size());
+        } else {
+          const FVec lpq = kLogRatio ? at::vec::fmadd(b[h] - a[h], inv_h, lz) : FVec(0.f);
+          div::terms<D, VecOps>(p, q, lpq, k, f, uu, w);
+        }
         fn(i, h, tail, p, q, f, uu, w);
       }
     };
@@ -501,9 +524,11 @@ struct DivRow {
   template <typename T>
   DivStats stats(const T* s, const T* t, int64_t n, const ExpCache* c) const {
     FVec F(0.f), SU(0.f), SW(0.f);
-    for_row(s, t, n, c, [&](int64_t, int, bool, const FVec& p, const FVec& q, const FVec& f, const FVec& uu,
-                            const FVec& w) {
+    float* cu = c ? c->u : nullptr;
+    for_row<false>(s, t, n, c, [&](int64_t i, int h, bool, const FVec& p, const FVec& q, const FVec& f,
+                                   const FVec& uu, const FVec& w) {
       F = F + f, SU = SU + q * uu, SW = SW + p * w;
+      if (cu) uu.store(cu + i + h * FVec::size()), w.store(c->w + i + h * FVec::size());
     });
     const RowStats r = reduce_stats(F, SU, SW);
     return DivStats{r.zs, r.zt, r.a};
@@ -517,8 +542,8 @@ struct DivRow {
     const bool scaled_out = post != 1.f;
     stream = can_stream(stream, gs, gt);
     FVec qs[2], qt[2];
-    for_row(s, t, n, c, [&](int64_t i, int h, bool tail, const FVec& p, const FVec& q, const FVec&, const FVec& uu,
-                            const FVec& w) {
+    for_row<true>(s, t, n, c, [&](int64_t i, int h, bool tail, const FVec& p, const FVec& q, const FVec&,
+                                  const FVec& uu, const FVec& w) {
       qs[h] = div::grad<VecOps>(vcs, q, uu, vsu);
       qt[h] = div::grad<VecOps>(vct, p, w, vsw);
       if (h == 0) return;
@@ -774,7 +799,9 @@ void divergence_typed(const SoftmaxKLArgs& p) {
   if (!split) {
     at::parallel_for(0, R, rows_per_task(V, tuning::kKLRowGrain), [&](int64_t r0, int64_t r1) {
       const FlushDenormals ftz;
-      std::vector<float> scratch(kDouble ? 0 : 2 * V);  // the row's exponentials
+      // The row's exponentials and terms (ExpCache), the terms' rows rounded up to whole steps.
+      const int64_t Vp = (V + kStep - 1) / kStep * kStep;
+      std::vector<float> scratch(kDouble ? 0 : 2 * V + (want_grad ? 2 * Vp : 0));
       float bms[(1 << 20) / kBlock], bmt[(1 << 20) / kBlock];
       for (int64_t r = r0; r < r1; ++r) {
         const T* s = S + r * p.student_row_stride;
@@ -797,6 +824,7 @@ void divergence_typed(const SoftmaxKLArgs& p) {
           float* es = scratch.data();
           st = row_online(s, t, V, u, es, es + V, bms, bmt, ms, mt);
           cache = ExpCache{es, es + V, bms, bmt}, c = &cache;
+          if (want_grad) cache.u = es + 2 * V, cache.w = es + 2 * V + Vp;
         }
         const auto row = row_kernel(ms, mt, st.zs, st.zt);
         const DivStats ds = row.stats(s, t, V, c);

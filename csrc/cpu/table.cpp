@@ -14,10 +14,11 @@ void pdist_backward(const PdistBackwardArgs&);
 void distance_huber(DistanceHuberArgs&);
 void angle(AngleArgs&);
 void feature_match(const FeatureArgs&);
+void sparse_kl(const SparseKLArgs&);
 
 const Kernels* table() {
   static const Kernels k{KDFAST_STR(CPU_CAPABILITY), &softmax_kl, &sq_dists, &pdist, &pdist_backward, &distance_huber,
-                         &angle, &feature_match};
+                         &angle, &feature_match, &sparse_kl};
   return &k;
 }
 }  // namespace CPU_CAPABILITY

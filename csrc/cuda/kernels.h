@@ -36,6 +36,12 @@ int64_t feature_match_chunks(const kernel::FeatureArgs& a);
 size_t feature_match_workspace(const kernel::FeatureArgs& a);
 cudaError_t feature_match(const kernel::FeatureArgs& a, void* partial, void* workspace, cudaStream_t stream);
 
+// The top-k KL (kernel::SparseKLArgs contract), one CTA per row, on `stream`. The ids of a row are
+// marked in a shared-memory bitmap of sparse_kl_smem(vocab) bytes, which must fit the device's
+// per-block opt-in limit. Bad ids lower *a.status (device memory); never synchronises.
+size_t sparse_kl_smem(int64_t vocab);
+cudaError_t sparse_kl(const kernel::SparseKLArgs& a, cudaStream_t stream);
+
 // ---- relational KD (B groups of n points; matrices (B, n, n) contiguous; D2 and the gradients
 // d loss / d D2 in double, the angle loop's matrices in acc = Float or Double; per-group scalars
 // are double device arrays of length B; eps per group in the units of the scaled points)

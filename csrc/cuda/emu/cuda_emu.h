@@ -74,6 +74,15 @@ Launcher<Exp...> launcher(void (*kernel)(Exp...), dim3 grid, dim3 block, size_t 
 
 inline void __syncthreads() { kdfast_emu::syncthreads(); }
 
+// The atomics the kernels use (the emulated threads are threads).
+inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  unsigned long long cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+  while (v < cur && !__atomic_compare_exchange_n(p, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return cur;
+}
+
 template <typename T>
 T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");

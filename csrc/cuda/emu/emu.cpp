@@ -1,7 +1,7 @@
 // The CPU emulation behind cuda_emu.h, and a C interface to kdfast's CUDA host functions for the
 // tests (ctypes). Build (tests/test_cuda.py does it):
 //   g++ -std=c++20 -O1 -pthread -fPIC -shared -DKDFAST_CUDA_EMULATE -Icsrc -I<cuda>/include \
-//       -x c++ csrc/cuda/softmax_kl.cu -x c++ csrc/cuda/rkd.cu -x c++ csrc/cuda/feature_match.cu -x none csrc/cuda/emu/emu.cpp -o libkdfast_emu.so
+//       -x c++ csrc/cuda/*.cu -x none csrc/cuda/emu/emu.cpp -o libkdfast_emu.so
 #include <pthread.h>
 
 #include <algorithm>
@@ -286,6 +286,17 @@ int emu_feature_match(int dtype, const void* s, const void* t, int64_t rows, int
     }
     return e;
   });
+}
+int emu_sparse_kl(int dtype, const void* s, const void* lp, const void* idx, int idx32, int64_t rows, int64_t V,
+                  int64_t K, int64_t ss, int64_t ls, int64_t is, double inv_t, int tail, const void* w, void* loss,
+                  void* gs, void* gt, int64_t* status) {
+  kdfast::kernel::SparseKLArgs a;
+  a.dtype = dt(dtype);
+  a.student = s, a.teacher = lp, a.indices = idx, a.indices_int32 = idx32 != 0;
+  a.rows = rows, a.vocab = V, a.k = K, a.student_row_stride = ss, a.teacher_row_stride = ls, a.index_row_stride = is;
+  a.inv_temperature = inv_t, a.tail = static_cast<kdfast::kernel::SparseTail>(tail);
+  a.row_weight = w, a.loss_rows = loss, a.grad_student = gs, a.grad_teacher = gt, a.status = status;
+  return guarded([&] { return kdfast::cuda::sparse_kl(a, nullptr); });
 }
 int emu_scale_rows(int dtype, void* grad, int64_t rows, int64_t V, const void* ratio, int64_t ratio_stride) {
   return guarded([&] { return kdfast::cuda::scale_rows(dt(dtype), grad, rows, V, ratio, ratio_stride, nullptr); });
