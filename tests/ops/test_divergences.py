@@ -373,15 +373,7 @@ def test_equal_inputs_give_zero(name, options, dtype):
     assert sg.grad.double().abs().max() <= 1e-5 and tg.grad.double().abs().max() <= 1e-5
 
 
-# The KL kernel (softmax_kl_div, and through it reverse KL and the endpoints) does not clamp its rows
-# at 0: -1.6e-7 here. Strict: passes the day it does.
-KL_ROWS_UNCLAMPED = pytest.mark.xfail(strict=True, reason="the KL kernel's rows are not clamped at 0 (reported)")
-
-
-@pytest.mark.parametrize("name,options", [
-    pytest.param(*s[1:], id=s[0], marks=KL_ROWS_UNCLAMPED if s[0] in ("jsd0.0", "jsd1.0", "reverse_kl", "skew0.0",
-                                                                      "skew_rev0.0") else ())
-    for s in SPECS])
+@specs()
 def test_never_negative_bf16_student_fp32_teacher(name, options):
     """ms-swift #10156: a bf16 student against an fp32 teacher close to it (the rounding of the
     student is the whole difference), many random rows and scales: every row >= 0."""
