@@ -80,11 +80,10 @@ def _masked_inputs(student_logits, teacher_logits, mask):
 
 
 def _xlogy_ratio(p, log_p, log_m):
-    """p * (log p - log m), 0 where p = 0, NaN kept. The -inf log of p = 0 is replaced before the
-    product, not only after it: the discarded branch's 0 * -inf would be NaN in the gradient."""
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    live = p != 0
-    return torch.where(live, p * (torch.where(live, log_p, zero) - log_m), zero)
+    """p * (log p - log m), 0 where p = 0, NaN kept. The whole log-ratio is replaced where p = 0,
+    before the product: a discarded 0 * (0 - log m) would still be NaN in the gradient where log m
+    is -inf too (skew KL at alpha = 1, M = P)."""
+    return p * torch.where(p != 0, log_p - log_m, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
 def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl", mix=0.0, mask=None):
@@ -106,7 +105,12 @@ def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl"
     log_p = F.log_softmax(t.to(acc) / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()
     if divergence == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
+        # |d| as d * sign(d), with sign(NaN) = NaN: abs's backward (and torch.sign) take the sign of
+        # NaN as 0, which would give the other side of a NaN row finite gradients. At d = 0 the
+        # gradient is 0, as abs's (and the kernels') is.
+        d = p - q
+        sign = torch.where(d.isnan(), d, d.sign()).detach()
+        return 0.5 * (d * sign).sum(-1)
 
     # log M, M = mix P + (1 - mix) Q, from probabilities (logaddexp of the log-probabilities plus
     # log weights). Where P = Q = 0 (-inf logits in both) M is 0 and no term reads it: the inputs
@@ -114,11 +118,22 @@ def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl"
     zero = torch.zeros((), dtype=acc, device=p.device)
     both_zero = (p == 0) & (q == 0)
     lp, lq = torch.where(both_zero, zero, log_p), torch.where(both_zero, zero, log_q)
-    log_m = lp if mix == 1 else torch.logaddexp(lp + math.log(mix), lq + math.log1p(-mix))
+    if mix == 1:
+        # M = P (skew KL at alpha = 1: KL(P||P) = 0). The student still enters, as in the kernels'
+        # M = 1 P + 0 Q: its NaN propagates (never hidden) and it gets a (zero) gradient, not None.
+        log_m = torch.where(lq.isnan(), lq, lp)
+    else:
+        log_m = torch.logaddexp(lp + math.log(mix), lq + math.log1p(-mix))
     if divergence == "jsd":
-        return mix * _xlogy_ratio(p, log_p, log_m).sum(-1) + (1 - mix) * _xlogy_ratio(q, log_q, log_m).sum(-1)
-    if divergence == "skew_kl":
-        return _xlogy_ratio(p, log_p, log_m).sum(-1)
+        rows = mix * _xlogy_ratio(p, log_p, log_m).sum(-1) + (1 - mix) * _xlogy_ratio(q, log_q, log_m).sum(-1)
+    elif divergence == "skew_kl":
+        rows = _xlogy_ratio(p, log_p, log_m).sum(-1)
+    else:
+        rows = None
+    if rows is not None:
+        # Near P = Q the terms cancel to rounding, which may land below 0: never return a negative
+        # divergence (ms-swift #10156), as the kernels clamp their rows (common/divergence.h). NaN stays.
+        return torch.where(rows < 0, torch.zeros((), dtype=rows.dtype, device=rows.device), rows)
     raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
 
 

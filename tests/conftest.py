@@ -188,6 +188,35 @@ def kl_floors(s, t, temperature):
     return value, student, teacher
 
 
+# The kdfast functions of the softmax-KL op's divergence family besides softmax_kl_div / kd_loss
+# (DESIGN.md section 5); check_kl takes one of them as `loss`.
+DIVERGENCE_LOSSES = ("generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance")
+
+
+def divergence_floors(s, t, temperature, rows):
+    """Conditioning floors as kl_floors gives them, for any divergence of the family: every term
+    is a probability (P or Q) times a log-ratio (or a sign) of probabilities whose fp32 error is
+    eps * (|a| + |b| + |log Z|), where a, b are the max-shifted logits / T (0 where -inf: a side
+    with probability 0 enters a ratio at its exact bound). rows: the float64 per-row divergence,
+    which locates the rows whose value is +inf (their value floor is inf, as kl_floors has it).
+
+    value[r]:          sum_v (P + Q)(|a| + |b|) + |log Z_s| + |log Z_t| + 1
+    student, teacher:  (P + Q)(1 + |a| + |b| + value[r]) / T"""
+    s, t = s.detach().double(), t.detach().double()
+    T = float(temperature)
+    a = (s - s.amax(-1, keepdim=True)) / T
+    b = (t - t.amax(-1, keepdim=True)) / T
+    pq = torch.softmax(s / T, -1) + torch.softmax(t / T, -1)
+    zero = torch.zeros((), dtype=torch.float64)
+    a_abs = torch.where(torch.isinf(a), zero, a.abs())
+    b_abs = torch.where(torch.isinf(b), zero, b.abs())
+    mag = torch.where(pq > 0, pq * (a_abs + b_abs), zero)
+    value = mag.sum(-1) + torch.logsumexp(a, -1).abs() + torch.logsumexp(b, -1).abs() + 1
+    grad = torch.where(pq > 0, pq * (1 + a_abs + b_abs + value.unsqueeze(-1)), zero) / T
+    value = torch.where(rows.detach().double() == math.inf, math.inf, value)
+    return value, grad, grad
+
+
 def row_value_weights(lead_shape, reduction, mask, kd, temperature):
     """d loss / d KL_row for each row of the leading shape (the reduction's factor, mask, T^2)."""
     w = torch.ones(lead_shape, dtype=torch.float64)
@@ -221,19 +250,26 @@ def overflow_as(x, dtype):
 
 def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmean", mask=None,
              grad_student=True, grad_teacher=False, upstream=None, layout=None, value_tol=None,
-             grad_tol=None, device="cpu"):
-    """Run kdfast.softmax_kl_div (or kd_loss) on `device` and its float64 reference on the CPU on
-    the same values, and compare values, gradients, dtypes and shapes; also check that the inputs
-    are left untouched.
+             grad_tol=None, device="cpu", loss=None, options=None):
+    """Run kdfast.softmax_kl_div (or kd_loss, or `loss`) on `device` and its float64 reference on
+    the CPU on the same values, and compare values, gradients, dtypes and shapes; also check that
+    the inputs are left untouched.
 
+    loss: a name of DIVERGENCE_LOSSES (then kd is ignored) with its keyword options, e.g.
+    loss="generalized_jsd", options=dict(beta=0.1); compared with divergence_floors.
     student, teacher: CPU leaf data (any float dtype); they are copied to `device`. layout(s, t)
     maps the leaves to the tensors handed to the loss (transposes, slices, expand ...). upstream:
     None (the output is summed), a float (out * g) or a tensor of the output's shape (sum(out * u)).
     Returns (out, grad_student, grad_teacher), on `device`."""
     layout = layout or (lambda s, t: (s, t))
-    fn = kdfast.kd_loss if kd else kdfast.softmax_kl_div
-    ref_fn = ref.kd_loss if kd else ref.softmax_kl_div
     kw = dict(temperature=temperature, reduction=reduction, mask=mask)
+    if loss is not None:
+        assert loss in DIVERGENCE_LOSSES, loss
+        fn, ref_fn, kd = getattr(kdfast, loss), getattr(ref, loss), False
+        kw.update(options or {})
+    else:
+        fn = kdfast.kd_loss if kd else kdfast.softmax_kl_div
+        ref_fn = ref.kd_loss if kd else ref.softmax_kl_div
 
     dev = torch.device(device)
     s_leaf = student.detach().clone().to(dev).requires_grad_(grad_student)
@@ -261,10 +297,17 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
     sd = student.detach().double().requires_grad_(True)
     td = teacher.detach().double().requires_grad_(True)
     sdv, tdv = layout(sd, td)
+    for view_d, leaf_d in ((sdv, sd), (tdv, td)):
+        if view_d is not leaf_d:
+            view_d.retain_grad()  # (its gradient on the view locates the rows to skip, below)
     expected = ref_fn(sdv, tdv, **kw)
     _backward(expected, upstream)
 
-    vfloor, sfloor, tfloor = kl_floors(sdv, tdv, temperature)
+    if loss is None:
+        vfloor, sfloor, tfloor = kl_floors(sdv, tdv, temperature)
+    else:
+        rows = ref_fn(sdv.detach(), tdv.detach(), **dict(kw, reduction="none", mask=None))
+        vfloor, sfloor, tfloor = divergence_floors(sdv, tdv, temperature, rows)
     wv = row_value_weights(lead, reduction, mask, kd, temperature)
     value_floor = torch.where(wv == 0, 0.0, wv * vfloor).abs()
     if reduction != "none":
@@ -280,8 +323,10 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         wg = wv * (1.0 if upstream is None else float(upstream))
     wg = wg.abs().unsqueeze(-1)
 
-    # A row whose KL is +inf (student -inf where p_t > 0) has no meaningful teacher gradient: the
-    # reference gives NaN/inf there; such rows are skipped for the teacher only.
+    # A row whose KL is +inf (student -inf where p_t > 0) has no meaningful gradient on the side
+    # whose log-probability is -inf (the teacher's for KL, the student's for reverse KL): the
+    # reference gives NaN/inf there; those rows of that side are not compared. The other side's
+    # gradient is finite and compared.
     inf_rows = ~torch.isfinite(vfloor).unsqueeze(-1)
 
     def to_leaf(view, leaf, x):
@@ -302,7 +347,7 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         assert g is not None, f"{name} is missing"
         assert g.device == leaf.device and g.dtype == leaf.dtype and g.shape == leaf.shape, \
             f"{name}: {g.device} {g.dtype} {tuple(g.shape)}"
-        exp_g = leaf_d.grad
+        exp_g = leaf_d.grad if leaf_d.grad is not None else torch.zeros_like(leaf_d)  # (None: no dependence)
         if leaf.dtype in HALF:
             exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
         exp_g = overflow_as(exp_g, leaf.dtype)
@@ -314,8 +359,10 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
             fi = torch.finfo(leaf.dtype)
             fl = torch.clamp(fl, min=fi.smallest_normal * fi.eps / tol)
         skip = None
-        if name.startswith("teacher"):
-            skip = to_leaf(view_d, leaf_d, inf_rows.expand_as(floor).double()) > 0
+        view_g = view_d.grad if view_d is not leaf_d else leaf_d.grad
+        if view_g is not None and bool(inf_rows.any()):
+            bad = inf_rows & ~torch.isfinite(view_g).all(-1, keepdim=True)
+            skip = to_leaf(view_d, leaf_d, bad.expand_as(floor).double()) > 0
         assert_close_scaled(g.cpu(), exp_g, fl, tol, name, skip=skip)
         grads.append(g)
     return out, grads[0], grads[1]

@@ -1,8 +1,9 @@
 """Fuzz every public kdfast loss on the native backend against kdfast.reference in float64.
 
 Each case is drawn from its own generator, seeded by (seed, case index), so that any case can be
-rerun alone. A case picks a loss (softmax_kl_div, kd_loss, logit_mse, feature_l2, cosine_loss,
-pairwise_distances, rkd_distance_loss, rkd_angle_loss, rkd_loss) and draws:
+rerun alone. A case picks a loss (softmax_kl_div, kd_loss, the divergence family generalized_jsd,
+reverse_kl_div, skew_kl_div and tv_distance, logit_mse, feature_l2, cosine_loss, pairwise_distances,
+rkd_distance_loss, rkd_angle_loss, rkd_loss) and draws:
   - shapes: odd sizes, 0 rows, V = 1, D = 1, long rows (70,001: the split softmax path), 3-D inputs,
     (B, N, D) point groups, student and teacher widths that differ;
   - layouts, per input: contiguous, transposed, sliced (gaps filled with NaN, which must not leak),
@@ -11,7 +12,8 @@ pairwise_distances, rkd_distance_loss, rkd_angle_loss, rkd_loss) and draws:
   - values: normal at a random scale, huge (up to 3e38 for fp32/bf16, 6e4 for fp16, 1e150 for
     fp64; far points for the relation ops), -inf patterns, NaN, duplicates (ties, equal rows,
     repeated points);
-  - options: temperature, reduction, mask (none, some, all rows out), delta, eps (0 included),
+  - options: temperature, reduction, mask (none, some, all rows out), beta and alpha (the endpoints
+    0 and 1 included) and skew's direction, delta, eps (0 included),
     squared / normalize, term weights (0 included), dim, which inputs require grad, the upstream
     gradient.
 It runs the loss under the native backend and the reference on float64 copies of the very same
@@ -55,11 +57,12 @@ for p in (TESTS, os.path.dirname(TESTS)):
 
 import kdfast  # noqa: E402
 from kdfast import reference as ref  # noqa: E402
-from conftest import (GRAD_TOL, HALF, VALUE_TOL, assert_close_scaled, check_kl, result_dtype,  # noqa: E402
-                      same_bits)
+from conftest import (DIVERGENCE_LOSSES, GRAD_TOL, HALF, VALUE_TOL, assert_close_scaled, check_kl,  # noqa: E402
+                      result_dtype, same_bits)
 
-LOSSES = ("softmax_kl_div", "kd_loss", "logit_mse", "feature_l2", "cosine_loss", "pairwise_distances",
-          "rkd_distance_loss", "rkd_angle_loss", "rkd_loss")
+LOSSES = (("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES
+          + ("logit_mse", "feature_l2", "cosine_loss", "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss",
+             "rkd_loss"))
 RELATION = ("pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 DT_NAME = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -74,6 +77,9 @@ KNOWN = {
     "relation_nonfinite": "relation ops on inputs holding NaN or inf: native leaves finite gradients (0) in "
                           "coordinates whose float64 gradient is NaN, e.g. the other coordinates of a "
                           "point with a NaN (found by this fuzz)",
+    "divergence_neginf_row": "JSD, skew KL and TVD kernels on a row whose logits are all -inf (on either side): "
+                             "a finite value and gradients (TVD 0.5, skew ln(1/alpha)) where KL and float64 give "
+                             "NaN, the softmax being 0/0 (found by this fuzz)",
 }
 
 # Relation ops: the loss is built from psi-normalised distances and cosines of size ~1, so a value
@@ -98,7 +104,7 @@ class Case:
         self.gen = torch.Generator().manual_seed(self.rng.getrandbits(62))
         self.features = set()
         self.loss = self.rng.choice(losses)
-        getattr(self, "_draw_" + ("kl" if self.loss in ("softmax_kl_div", "kd_loss") else
+        getattr(self, "_draw_" + ("kl" if self.loss in ("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES else
                                   "relation" if self.loss in RELATION else self.loss))()
 
     # -- helpers
@@ -173,8 +179,29 @@ class Case:
         return torch.where(torch.isfinite(x), x.clamp(-m, m), x)
 
     # -- per loss family
+    def _draw_divergence_options(self):
+        """beta / alpha (endpoints and the issue's values often, else uniform) and skew's direction;
+        whether the value is a KL whose -inf side is the teacher's ("kl") or the student's ("rkl")."""
+        rng = self.rng
+        mix = rng.choice([0.0, 0.1, 0.5, 0.9, 1.0, rng.random()])
+        self.options = {"generalized_jsd": dict(beta=mix), "skew_kl_div": dict(alpha=mix, reverse=rng.random() < 0.5)
+                        }.get(self.loss, {})
+        self.kl_side = None
+        if self.loss in ("softmax_kl_div", "kd_loss"):
+            self.kl_side = "kl"
+        elif self.loss == "reverse_kl_div":
+            self.kl_side = "rkl"
+        elif self.loss == "generalized_jsd" and mix in (0.0, 1.0):
+            self.kl_side = "kl" if mix == 0 else "rkl"
+        elif self.loss == "skew_kl_div" and mix == 0:
+            self.kl_side = "rkl" if self.options["reverse"] else "kl"
+
     def _draw_kl(self):
         rng = self.rng
+        self.options = {}
+        self.kl_side = "kl"
+        if self.loss in DIVERGENCE_LOSSES:
+            self._draw_divergence_options()
         ds, dt = self.pick_dtypes()
         V = rng.choices([1, 2, 3, 17, 100, 1000, 4099, 70001], [2, 2, 2, 3, 3, 2, 1, 0.5])[0]
         max_rows = max(1, 40000 // V)
@@ -215,12 +242,18 @@ class Case:
                 s = torch.zeros_like(s) + rng.uniform(-3, 3)
         self.features.add(f"values:{kind}")
         self.temperature = rng.choice([1.0, 2.0, 4.0, 0.5, 10.0, 10 ** rng.uniform(-1, 1.3)])
-        if kind == "neginf" and s.numel():
+        if kind == "neginf" and s.numel() and self.kl_side == "kl":
             # A student -inf facing a p_t below the compute dtype's range: float64 says KL = inf,
             # float32 holds p_t = 0 and a finite KL (a term with p_t = 0 is 0). Not a defect of
             # either: make such a p_t exactly 0.
             pt = torch.softmax(t.to(dt).double() / self.temperature, -1)
             t = torch.where(s.isneginf() & (pt < 1e-30), torch.full_like(t, -math.inf), t)
+        elif kind == "neginf" and s.numel() and self.kl_side == "rkl":  # the same, sides swapped
+            ps = torch.softmax(s.to(ds).double() / self.temperature, -1)
+            s = torch.where(t.isneginf() & (ps < 1e-30), torch.full_like(s, -math.inf), s)
+        if (self.loss in DIVERGENCE_LOSSES and self.kl_side is None and s.numel()
+                and bool((s.isneginf().all(-1) | t.isneginf().all(-1)).any())):
+            self.features.add("known:divergence_neginf_row")
         self.reduction = rng.choice(["batchmean", "mean", "sum", "none"])
         self.mask = None
         if rng.random() < 0.4:
@@ -234,7 +267,8 @@ class Case:
         self.upstream = up
         self.inputs = [self.layout(self.clip(s, ds), ds, "student"),
                        self.layout(self.clip(t, dt), dt, "teacher")]
-        self.desc = (f"{self.loss} shape={tuple(shape)} {DT_NAME[ds]}/{DT_NAME[dt]} T={self.temperature:.3g} "
+        opts = "".join(f"{k}={v:.3g} " if isinstance(v, float) else f"{k}={v} " for k, v in self.options.items())
+        self.desc = (f"{self.loss} shape={tuple(shape)} {DT_NAME[ds]}/{DT_NAME[dt]} {opts}T={self.temperature:.3g} "
                      f"reduction={self.reduction} "
                      f"mask={'none' if self.mask is None else int(self.mask.sum())}"
                      f" grad_s={self.grad_student} grad_t={self.grad_teacher}")
@@ -587,20 +621,21 @@ def _cosine_grad_floor(case, dleaves, i, e):
 
 
 def check_case(case):
-    if case.loss in ("softmax_kl_div", "kd_loss"):
+    if case.loss in ("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES:
         (s, ds, vs), (t, dt, vt) = case.inputs
+        divergence = case.loss in DIVERGENCE_LOSSES
         check_kl(s.to(ds), t.to(dt), kd=case.loss == "kd_loss", temperature=case.temperature,
                  reduction=case.reduction, mask=case.mask, grad_student=case.grad_student,
                  grad_teacher=case.grad_teacher, upstream=case.upstream,
-                 layout=lambda a, b: (vs(a), vt(b)))
+                 layout=lambda a, b: (vs(a), vt(b)), loss=case.loss if divergence else None,
+                 options=case.options)
         views = [vs(s), vt(t)]
         if case.reduction != "none":
             counted = torch.ones(views[0].shape[:-1], dtype=torch.bool) if case.mask is None else case.mask
             nan_rows = (views[0].isnan() | views[1].isnan()).any(-1) & counted
             if nan_rows.any():
-                out = (kdfast.kd_loss if case.loss == "kd_loss" else kdfast.softmax_kl_div)(
-                    views[0].to(ds), views[1].to(dt), temperature=case.temperature,
-                    reduction=case.reduction, mask=case.mask)
+                out = getattr(kdfast, case.loss)(views[0].to(ds), views[1].to(dt), temperature=case.temperature,
+                                                 reduction=case.reduction, mask=case.mask, **case.options)
                 assert out.isnan(), "NaN in a counted row, but the loss is not NaN (hidden)"
     else:
         check_generic(case)
