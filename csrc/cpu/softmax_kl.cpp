@@ -502,6 +502,9 @@ struct DivRow {
                   : static_cast<float>(std::exp((static_cast<double>(c->block_ms[blk]) - ms) * u.invt) / zs));
         ct = FVec(c->block_mt[blk] == kNegInf ? 0.f
                   : static_cast<float>(std::exp((static_cast<double>(c->block_mt[blk]) - mt) * u.invt) / zt));
+        // A side without mass (all -inf) has no softmax: NaN, as 1 / Z gives it on the uncached path
+        if (!(zs > 0)) cs = FVec(std::numeric_limits<float>::quiet_NaN());
+        if (!(zt > 0)) ct = FVec(std::numeric_limits<float>::quiet_NaN());
       }
       int64_t i = 0;
       for (; i + kStep <= bn; i += kStep) {

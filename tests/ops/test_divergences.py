@@ -307,18 +307,8 @@ def test_masked_entries_are_dropped(name, options, side):
     assert relerr(got, _rows_by_hand(name, options, sm, t, 1.0)) < 1e-5
 
 
-# The JSD (student side), skew and TVD kernels take a row of all -inf logits (no distribution:
-# softmax is 0/0) as P or Q = 0 and return finite values (TVD 0.5, skew ln(1/alpha)); KL and float64
-# give NaN.
-NEG_INF_ROW_FINITE = pytest.mark.xfail(strict=True, reason="JSD/skew/TVD kernels: an all -inf row gives a finite "
-                                                           "value, not NaN (reported)")
-
-
 @pytest.mark.parametrize("name,options,side", [
-    pytest.param(*s[1:], side, id=f"{s[0]}-{side}",
-                 marks=NEG_INF_ROW_FINITE if s in BOUNDED and not (s[1] == "generalized_jsd" and side == "teacher")
-                 else ())
-    for s in SPECS for side in ("student", "teacher")])
+    pytest.param(*s[1:], side, id=f"{s[0]}-{side}") for s in SPECS for side in ("student", "teacher")])
 def test_all_neg_inf_row(name, options, side):
     """A row whose logits are all -inf has no softmax (0/0): NaN value and gradients in that row,
     as float64 (and the KL kernel) give, nothing in the others."""
