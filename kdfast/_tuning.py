@@ -16,3 +16,8 @@ ATEN_MSE_BELOW_DEFAULT = 65536
 # loop, and enough of them to share between threads ("feature_l2 3 layers": 32 x 64 x 32 x 32 maps
 # become rows of 1024 x 4 = 4096).
 SQ_ERROR_MIN_ROW = 4096
+
+# fused_linear_distill_loss's default chunk: tokens per chunk = this many elements // V, so that
+# each (chunk x V) buffer (either side's logits, the logit gradient) stays near 64 MB in fp32 (a
+# 512-token chunk at V = 32000; bench case "fused_linear_jsd 2048 H512/768 V32000").
+FUSED_LINEAR_CHUNK_ELEMS = 1 << 24
