@@ -63,16 +63,16 @@ def _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, want):
     soft = o.soft_weight != 0
     want_t = want_t and soft
 
-    def grad_buffers(h, w, b, flags):
+    def grad_buffers(h, w, b, flags, written):
         fh, fw, fb = flags
         # fp32 accumulation of the weight and bias gradients across chunks for 16-bit weights
         wacc = v.compute_dtype(w)
-        return (torch.empty_like(h) if fh else None,
+        return ((torch.empty_like(h) if written else torch.zeros_like(h)) if fh else None,
                 torch.zeros(w.shape, dtype=wacc, device=w.device) if fw else None,
                 torch.zeros(w.shape[0], dtype=wacc, device=w.device) if fb else None)
 
-    gs_out = grad_buffers(hs, Ws, bs, want[:3])
-    gt_out = grad_buffers(ht, Wt, bt, want[3:])
+    gs_out = grad_buffers(hs, Ws, bs, want[:3], True)
+    gt_out = grad_buffers(ht, Wt, bt, want[3:], want_t)  # soft_weight 0: the teacher's gradients are 0
     losses = torch.zeros(N, dtype=acc, device=hs.device)
     C = o.chunk_size or default_chunk_size(N, V)
     common = torch.promote_types(hs.dtype, ht.dtype)
