@@ -27,8 +27,14 @@ def default_chunk_size(tokens, vocab):
     return max(1, min(tokens, tuning.FUSED_LINEAR_CHUNK_ELEMS // vocab))
 
 
-def _logits(h, w, b, cap):
-    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+def _logits(h, w, b, cap, buf):
+    """The chunk's logits written into buf[:rows] (one buffer for all chunks: fresh memory costs a
+    page fault per page on first touch, DESIGN.md section 4)."""
+    z = buf[:h.shape[0]]
+    if b is None:
+        torch.mm(h, w.t(), out=z)
+    else:
+        torch.addmm(b, h, w.t(), out=z)
     if cap is not None:
         z.div_(cap).tanh_().mul_(cap)
     return z
@@ -74,15 +80,17 @@ def _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, want):
     gs_out = grad_buffers(hs, Ws, bs, want[:3], True)
     gt_out = grad_buffers(ht, Wt, bt, want[3:], want_t)  # soft_weight 0: the teacher's gradients are 0
     losses = torch.zeros(N, dtype=acc, device=hs.device)
-    C = o.chunk_size or default_chunk_size(N, V)
+    C = min(o.chunk_size or default_chunk_size(N, V), max(N, 1))
+    zs_buf = torch.empty((C, V), dtype=hs.dtype, device=hs.device)
+    zt_buf = torch.empty((C, V), dtype=ht.dtype, device=ht.device) if soft else None
     common = torch.promote_types(hs.dtype, ht.dtype)
     for start in range(0, N, C):
         sl = slice(start, min(N, start + C))
         w = weights[sl]
-        zs = _logits(hs[sl], Ws, bs, o.student_softcap)
+        zs = _logits(hs[sl], Ws, bs, o.student_softcap, zs_buf)
         gs = None
         if soft:
-            zt = _logits(ht[sl], Wt, bt, o.teacher_softcap)
+            zt = _logits(ht[sl], Wt, bt, o.teacher_softcap, zt_buf)
             sw = w * o.soft_weight
             rows, gs, gt = below_autograd(torch.ops.kdfast.softmax_kl, zs.to(common), zt.to(common),
                                           1.0 / o.temperature, o.divergence, o.mix, sw, want_s, want_t)
@@ -93,7 +101,6 @@ def _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, want):
                 if o.teacher_softcap is not None:
                     _chain_softcap_(gt, zt, o.teacher_softcap)
                 _backprop(gt, ht[sl], Wt, gt_out, sl)
-            del zt
         elif want_s:
             gs = torch.zeros_like(zs)
         if o.hard_weight != 0:
