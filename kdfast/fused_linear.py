@@ -20,11 +20,12 @@ if _ops.LOADED:
 __all__ = ["fused_linear_distill_loss"]
 
 
-def default_chunk_size(tokens, vocab):
+def default_chunk_size(tokens, vocab, device="cpu"):
     """Tokens per chunk: each (chunk x V) buffer (logits of either side, the gradient) holds about
-    FUSED_LINEAR_CHUNK_ELEMS elements, so that peak memory stays O(chunk x V) whatever the batch
-    while each GEMM still has a few hundred rows at LLM vocabularies."""
-    return max(1, min(tokens, tuning.FUSED_LINEAR_CHUNK_ELEMS // vocab))
+    FUSED_LINEAR_CHUNK_ELEMS[device type] elements, so that peak memory stays O(chunk x V) whatever
+    the batch while each GEMM still has a few hundred rows at LLM vocabularies."""
+    elems = tuning.FUSED_LINEAR_CHUNK_ELEMS.get(torch.device(device).type, tuning.FUSED_LINEAR_CHUNK_ELEMS_DEFAULT)
+    return max(1, min(tokens, elems // vocab))
 
 
 def _logits(h, w, b, cap, buf):
@@ -80,7 +81,7 @@ def _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, want):
     gs_out = grad_buffers(hs, Ws, bs, want[:3], True)
     gt_out = grad_buffers(ht, Wt, bt, want[3:], want_t)  # soft_weight 0: the teacher's gradients are 0
     losses = torch.zeros(N, dtype=acc, device=hs.device)
-    C = min(o.chunk_size or default_chunk_size(N, V), max(N, 1))
+    C = min(o.chunk_size or default_chunk_size(N, V, hs.device), max(N, 1))
     zs_buf = torch.empty((C, V), dtype=hs.dtype, device=hs.device)
     zt_buf = torch.empty((C, V), dtype=ht.dtype, device=ht.device) if soft else None
     common = torch.promote_types(hs.dtype, ht.dtype)
