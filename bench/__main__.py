@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from bench import feature, harness, kl, relation, sparse
+from bench import feature, fused_linear, harness, kl, relation, sparse
 from bench.memory_probe import MemoryProbe
 
-FAMILIES = {"kl": kl, "sparse": sparse, "relation": relation, "feature": feature}
+FAMILIES = {"kl": kl, "sparse": sparse, "relation": relation, "feature": feature, "fused_linear": fused_linear}
 
 
 def parse_args(argv=None):

@@ -98,6 +98,8 @@ class Contender:
     skip: Optional[str] = None             # why it cannot run here, if it cannot
     compiled: bool = False
     native: Optional[bool] = None          # kdfast only: whether a fused kernel runs
+    floor: bool = False                    # a lower bound (e.g. the GEMMs alone), not the loss:
+                                           # neither its value nor its speed is held against kdfast
 
 
 @dataclass
@@ -135,6 +137,7 @@ class Record:
     mem_estimate_bytes: Optional[float] = None
     case_wall_s: Optional[float] = None          # the whole case: warm-up, rounds, memory probes
     kdfast_native: Optional[bool] = None         # for the kdfast row: a fused kernel ran
+    floor: bool = False                          # see Contender.floor
 
     @property
     def ok(self):
@@ -268,7 +271,7 @@ def run_case(family, case, settings, *, history, probe=None, on_phase=lambda msg
     contenders = family.contenders(case, settings)
     records = {c.name: Record(case.family, case.name, case.device, case.params, c.name, c.is_kdfast,
                               case.elements, case.elements_unit, case.series, case.x,
-                              mem_estimate_bytes=c.mem_estimate, kdfast_native=c.native)
+                              mem_estimate_bytes=c.mem_estimate, kdfast_native=c.native, floor=c.floor)
                for c in contenders}
     active = []
     limit = mem_limit(case.device, settings)
@@ -312,6 +315,8 @@ def run_case(family, case, settings, *, history, probe=None, on_phase=lambda msg
                                             c.compiled)
         except Exception as e:  # e.g. out of memory: report it, keep benchmarking the rest
             _fail(rec, e, active, c, case.device)
+        if c.floor:
+            rec.loss = None
     for x in leaves:
         x.grad = None
 
@@ -455,7 +460,7 @@ def machine_info(devices):
         p = torch.cuda.get_device_properties(0)
         info["cuda"] = {"device": p.name, "capability": f"{p.major}.{p.minor}",
                         "memory_bytes": p.total_memory, "cuda_runtime": torch.version.cuda}
-    for mod in ("liger_kernel", "torchdistill"):
+    for mod in ("liger_kernel", "torchdistill", "trl"):
         try:
             m = __import__(mod)
             info[f"{mod}_version"] = getattr(m, "__version__", "installed")
@@ -547,7 +552,7 @@ def notes(records):
                 lines.append(f"{fam}/{dev}/{case}: kdfast {kd.status}{why}")
             continue
         for r in recs:
-            if r is kd or not r.ok:
+            if r is kd or not r.ok or r.floor:
                 continue
             if r.speedup_of_kdfast is not None and r.speedup_of_kdfast < 1.0:
                 lines.append(f"{fam}/{dev}/{case}: kdfast is not faster than {r.contender} "

@@ -1,5 +1,6 @@
 """PNG plots beside the JSON, drawn with matplotlib's Agg backend (no display needed):
   kl_vocab_<device>.png      KD-loss time and peak memory against vocabulary size
+  fused_linear_tokens_<device>.png  fused linear head + JSD time and peak memory against tokens
   rkd_scaling_<device>.png   RKD time and peak memory against N, log-log, with N^2 and N^3 guide
                              lines so the slopes (kdfast's O(N^2) memory against the N^3 of the
                              usual code) can be read off
@@ -85,4 +86,10 @@ def make_plots(records, info, out_dir):
             paths.append(_plot(rkd, f"RKD distance+angle vs batch size N, D={D} fp32, {device}\n{label}",
                                "N (points per batch)", os.path.join(out_dir, f"rkd_scaling_{device}.png"),
                                guides=((2, "N²"), (3, "N³"))))
+        head = _series(records, "fused_linear", device, "tokens")
+        if head:
+            p = next(r.params for r in records if r.family == "fused_linear" and r.series == "tokens")
+            paths.append(_plot(head, f"fused linear head + JSD vs tokens, H={p['Hs']}/{p['Ht']}, V={p['V']} "
+                               f"{p['dtype']}, {device}\n{label}", "tokens N",
+                               os.path.join(out_dir, f"fused_linear_tokens_{device}.png")))
     return paths

@@ -16,3 +16,12 @@ ATEN_MSE_BELOW_DEFAULT = 65536
 # loop, and enough of them to share between threads ("feature_l2 3 layers": 32 x 64 x 32 x 32 maps
 # become rows of 1024 x 4 = 4096).
 SQ_ERROR_MIN_ROW = 4096
+
+# fused_linear_distill_loss's default chunk: tokens per chunk = this many elements // V, so that
+# each (chunk x V) buffer (either side's logits, the logit gradient; three are live at once) stays
+# near 48 MB in fp32 on the CPU: 393 tokens at V = 32000. Bench case "N=2048 H=512/768 V=32000 fp32
+# jsd" (commit message of this value): 512-token chunks held about 0.1x the eager code's peak memory
+# (the issue's bar), 262-token chunks cost a tenth more time than 512 (smaller GEMMs). CUDA: 261
+# tokens at V = 128256, near Liger's 256 for its shapes (not measured).
+FUSED_LINEAR_CHUNK_ELEMS = {"cpu": 3 << 22, "cuda": 1 << 25}
+FUSED_LINEAR_CHUNK_ELEMS_DEFAULT = 1 << 24

@@ -3,11 +3,13 @@ import torch
 
 from kdfast import _backend, _ops, _tuning as tuning, _validation as v, reference
 
+from kdfast.fused_linear import fused_linear_distill_loss
+
 if _ops.LOADED:
     from kdfast._fused_autograd import fused_loss
 
 __all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "sparse_kl_div", "logit_mse", "feature_l2", "cosine_loss",
-           "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
+           "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "fused_linear_distill_loss"]
 
 
 def _rows2d(x, V):

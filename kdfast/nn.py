@@ -8,7 +8,7 @@ from torch import nn
 from kdfast import functional as F
 
 __all__ = ["KDLoss", "SoftmaxKLDivLoss", "GeneralizedJSDLoss", "ReverseKLDivLoss", "SkewKLDivLoss", "TVDistanceLoss", "SparseKLDivLoss", "LogitMSELoss", "FeatureL2Loss", "CosineLoss",
-           "RKDDistanceLoss", "RKDAngleLoss", "RKDLoss"]
+           "RKDDistanceLoss", "RKDAngleLoss", "RKDLoss", "FusedLinearDistillLoss"]
 
 
 class SoftmaxKLDivLoss(nn.Module):
@@ -263,3 +263,33 @@ class RKDLoss(nn.Module):
     def extra_repr(self):
         return (f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, delta={self.delta}, "
                 f"squared={self.squared}, eps={self.eps}")
+
+
+class FusedLinearDistillLoss(nn.Module):
+    """Distillation loss from hidden states and LM head weights, in chunks of tokens; see
+    kdfast.fused_linear_distill_loss. forward(student_hidden, student_weight, teacher_hidden,
+    teacher_weight, labels=None, student_bias=None, teacher_bias=None), as Liger's fused losses."""
+
+    def __init__(self, divergence: str = "kl", beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0,
+                 ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
+                 reduction: str = "mean", student_softcap: Optional[float] = None,
+                 teacher_softcap: Optional[float] = None, chunk_size: Optional[int] = None):
+        super().__init__()
+        self.divergence, self.beta, self.alpha, self.temperature = divergence, beta, alpha, temperature
+        self.ignore_index, self.hard_weight, self.soft_weight = ignore_index, hard_weight, soft_weight
+        self.reduction, self.student_softcap, self.teacher_softcap = reduction, student_softcap, teacher_softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None):
+        return F.fused_linear_distill_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, divergence=self.divergence, beta=self.beta, alpha=self.alpha,
+            temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
+            hard_weight=self.hard_weight, soft_weight=self.soft_weight, reduction=self.reduction,
+            student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap, chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return (f"divergence={self.divergence!r}, beta={self.beta}, alpha={self.alpha}, "
+                f"temperature={self.temperature}, hard_weight={self.hard_weight}, soft_weight={self.soft_weight}, "
+                f"reduction={self.reduction!r}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from kdfast import _validation as v
 
 __all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance", "sparse_kl_div", "logit_mse", "feature_l2", "cosine_loss",
-           "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
+           "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "fused_linear_distill_loss"]
 
 
 # ---------------------------------------------------------------- response-based
@@ -407,3 +407,39 @@ def rkd_loss(student, teacher, *, distance_weight=25.0, angle_weight=50.0, delta
     if not terms:  # exactly 0, with zero gradients (sums of empty slices: no NaN can enter)
         return (student.flatten()[:0].sum() + teacher.flatten()[:0].sum()).to(v.result_dtype(student, teacher))
     return sum(terms[1:], terms[0])
+
+
+# ---------------------------------------------------------------- fused linear head (materialised)
+
+def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                              teacher_bias=None, divergence="kl", beta=0.5, alpha=0.1, temperature=1.0, labels=None,
+                              ignore_index=-100, hard_weight=0.0, soft_weight=1.0, reduction="mean",
+                              student_softcap=None, teacher_softcap=None, chunk_size=None):
+    """kdfast.fused_linear_distill_loss with the (tokens x V) logits materialised: logits h W^T + b
+    in at least float32, softcapped c tanh(z / c) when asked, soft_weight * divergence at the
+    temperature plus hard_weight * cross-entropy of the un-tempered student logits; tokens whose
+    label is ignore_index count nowhere. chunk_size is accepted and ignored."""
+    from kdfast import _fused_linear_args
+    o = _fused_linear_args.check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                 teacher_bias, divergence, beta, alpha, temperature, labels, ignore_index, hard_weight,
+                                 soft_weight, reduction, student_softcap, teacher_softcap, chunk_size)
+    acc = v.compute_dtype(student_hidden, teacher_hidden)
+    lead = student_hidden.shape[:-1]
+
+    def logits(h, w, b, cap):
+        z = h.reshape(-1, h.shape[-1]).to(acc) @ w.to(acc).t()
+        if b is not None:
+            z = z + b.to(acc)
+        return z if cap is None else cap * torch.tanh(z / cap)
+
+    zs = logits(student_hidden, student_weight, student_bias, o.student_softcap)
+    zt = logits(teacher_hidden, teacher_weight, teacher_bias, o.teacher_softcap)
+    mask = None if labels is None else (labels != ignore_index).reshape(-1)
+    rows = o.soft_weight * divergence_rows(zs, zt, o.temperature, DIVERGENCES[o.divergence], o.mix, mask)
+    if o.hard_weight != 0:
+        ce = F.cross_entropy(zs, labels.reshape(-1).long(), ignore_index=ignore_index, reduction="none")
+        rows = rows + o.hard_weight * ce
+    if mask is not None:
+        rows = torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    out = reduce_rows(rows, mask, "sum" if reduction == "sum" else "mean", 0) if reduction != "none" else rows.reshape(lead)
+    return out.to(v.result_dtype(student_hidden, teacher_hidden))
