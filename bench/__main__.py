@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from bench import feature, harness, kl, relation
+from bench import divergence, feature, harness, kl, relation
 from bench.memory_probe import MemoryProbe
 
-FAMILIES = {"kl": kl, "relation": relation, "feature": feature}
+FAMILIES = {"kl": kl, "divergence": divergence, "relation": relation, "feature": feature}
 
 
 def parse_args(argv=None):

@@ -184,7 +184,7 @@ class MemoryProbe:
 def main():
     from bench.harness import Settings
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("family", choices=["kl", "relation", "feature"])
+    ap.add_argument("family", choices=["kl", "divergence", "relation", "feature"])
     ap.add_argument("case", help="the case name as in the table")
     ap.add_argument("contender")
     ap.add_argument("--mode", default="default", choices=["quick", "default", "full"])

@@ -19,7 +19,7 @@ def test_bench_quick(tmp_path):
     assert doc["machine"]["torch"] and doc["machine"]["cpu_model"] and doc["machine"]["threads"] >= 1
     assert "kdfast_build_info" in doc["machine"]
     results = doc["results"]
-    for family in ("kl", "relation", "feature"):
+    for family in ("kl", "divergence", "relation", "feature"):
         ran = [r for r in results if r["family"] == family and r["status"] == "ok"]
         assert any(r["is_kdfast"] for r in ran), family
         assert any(not r["is_kdfast"] for r in ran), family
@@ -28,6 +28,6 @@ def test_bench_quick(tmp_path):
             assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0, r
         assert any(r["speedup_of_kdfast"] for r in ran if not r["is_kdfast"]), family
     assert any(r["contender"] == "torch.compile" and r["status"] == "ok" for r in results)
-    for png in ("kl_vocab_cpu.png", "rkd_scaling_cpu.png"):
+    for png in ("kl_vocab_cpu.png", "divergence_cpu.png", "rkd_scaling_cpu.png"):
         assert (out / png).stat().st_size > 1000, png
     assert "| case" in proc.stdout  # the table was printed
