@@ -85,8 +85,11 @@ def _masked_inputs(student_logits, teacher_logits, mask):
 
 
 def _xlogy_ratio(p, log_p, log_m):
-    """p * (log p - log m), 0 where p = 0 (its log may be -inf), NaN kept."""
-    return torch.where(p != 0, p * (log_p - log_m), torch.zeros((), dtype=p.dtype, device=p.device))
+    """p * (log p - log m), 0 where p = 0, NaN kept. The -inf log of p = 0 is replaced before the
+    product, not only after it: the discarded branch's 0 * -inf would be NaN in the gradient."""
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    live = p != 0
+    return torch.where(live, p * (torch.where(live, log_p, zero) - log_m), zero)
 
 
 def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl", mix=0.0, mask=None):

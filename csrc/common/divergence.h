@@ -14,14 +14,15 @@
 //     u = log(Q/M), cq = 1 - beta;  w = log(P/M), cp = beta
 //     (the other terms of df/dQ cancel, as beta P/M + (1 - beta) Q/M = 1)
 //   skew KL(alpha) = KL(P || M), M = alpha P + (1 - alpha) Q, r = P/M: f = P log r
-//     u = r, cq = -(1 - alpha);  w = log r - alpha r, cp = 1
+//     u = r - 1, cq = -(1 - alpha);  w = log r + alpha (1 - r), cp = 1
+//     (written to vanish at r = 1, so that P = Q, and alpha = 1, give gradients of exactly 0)
 //   TVD: f = |P - Q| / 2, sigma = sign(P - Q): u = sigma, cq = -1/2;  w = sigma, cp = 1/2
 //
-// Numerics. The logs are of ratios of probabilities (the mixture is formed from probabilities, not
-// log-probabilities), so near P = Q they are accurate to a few ulps of 1 rather than of log P. A
+// Numerics. The mixture is formed from probabilities, not log-probabilities, and the log taken is
+// of the ratio P/M, so near P = Q it is accurate to a few ulps of 1 rather than of log P. A
 // side with probability 0 adds nothing, also where its log would be -inf (u or w is set to 0
 // there; the gradient's factor Q_j or P_j is 0 anyway). The ratios are clamped at their exact
-// bounds (Q/M <= 1 / (1 - beta), P/M <= 1 / beta, r <= 1 / alpha), which also covers a mixture
+// bounds (log(Q/M) <= log(1 / (1 - beta)), P/M <= 1 / beta, r <= 1 / alpha), which also covers a mixture
 // that underflowed to 0 beside a positive probability. Every JSD term is >= 0 (x log x is convex)
 // and the row value is clamped at 0 (row_value), so rounding never gives a negative divergence.
 // NaN propagates: the tests are != 0 and the clamp keeps a NaN.
@@ -35,12 +36,18 @@ namespace div {
 
 using kernel::Divergence;
 
-// The per-call constants of a divergence (acc_t: float or double).
+// The constants the terms read, as scalars (acc_t) or broadcast to vectors (the CPU's X).
+template <typename X>
+struct Consts {
+  X m, one_m;      // mix (beta or alpha) and 1 - mix
+  X max_p;         // JSD: 1 / beta, the bound of P/M; skew: 1 / alpha
+  X log_max_q;     // JSD: log(1 / (1 - beta)), the bound of log(Q/M)
+};
+
+// The per-call constants of a divergence (acc_t: float or double), with the gradient factors.
 template <typename acc_t>
-struct Params {
-  acc_t m, one_m;        // mix (beta or alpha) and 1 - mix
-  acc_t max_q, max_p;    // JSD: 1 / (1 - beta), 1 / beta; skew: max_p = 1 / alpha
-  acc_t cq, cp;          // the gradient factors of u and w
+struct Params : Consts<acc_t> {
+  acc_t cq, cp;  // the gradient factors of u and w
 };
 
 template <typename acc_t>
@@ -50,8 +57,8 @@ inline Params<acc_t> params(Divergence d, double mix) {
   p.one_m = static_cast<acc_t>(1.0 - mix);
   switch (d) {
     case Divergence::JSD:
-      p.max_q = static_cast<acc_t>(1.0 / (1.0 - mix));
       p.max_p = static_cast<acc_t>(1.0 / mix);
+      p.log_max_q = static_cast<acc_t>(-std::log1p(-mix));
       p.cq = p.one_m, p.cp = p.m;
       break;
     case Divergence::SkewKL:
@@ -85,22 +92,24 @@ struct ScalarOps {
   static KDFAST_HD X sign(X x) { return x != x ? x : X((x > X(0)) - (x < X(0))); }
 };
 
-// f, u and w of one element (or one vector of elements) from P and Q; X is the scalar or vector
-// type and K its Params (scalar Params broadcast to X by the caller).
+// f, u and w of one element (or one vector of elements) from P, Q and lpq = log(P/Q), the
+// difference of the scaled logits plus log Z_s - log Z_t (JSD reads it: log(Q/M) = log(P/M) - lpq
+// takes one log per element instead of two; where P underflowed to 0 beside a finite lpq the
+// clamp at log(1 / (1 - beta)) gives the limit, M = (1 - beta) Q). X is the scalar or vector type.
 template <Divergence D, typename Ops, typename X>
-KDFAST_HD void terms(X p, X q, const X& m, const X& one_m, const X& max_q, const X& max_p, X& f, X& u, X& w) {
+KDFAST_HD void terms(X p, X q, X lpq, const Consts<X>& k, X& f, X& u, X& w) {
   if constexpr (D == Divergence::JSD) {
-    const X mix = m * p + one_m * q;
-    const X lq = Ops::if_nonzero(q, Ops::log(Ops::clamp_hi(q / mix, max_q)));
-    const X lp = Ops::if_nonzero(p, Ops::log(Ops::clamp_hi(p / mix, max_p)));
-    f = m * (p * lp) + one_m * (q * lq);
+    const X mix = k.m * p + k.one_m * q;
+    const X lp = Ops::if_nonzero(p, Ops::log(Ops::clamp_hi(p / mix, k.max_p)));
+    const X lq = Ops::if_nonzero(q, Ops::clamp_hi(lp - lpq, k.log_max_q));
+    f = k.m * (p * lp) + k.one_m * (q * lq);
     u = lq, w = lp;
   } else if constexpr (D == Divergence::SkewKL) {
-    const X mix = m * p + one_m * q;
-    const X r = Ops::if_nonzero(p, Ops::clamp_hi(p / mix, max_p));
+    const X mix = k.m * p + k.one_m * q;
+    const X r = Ops::if_nonzero(p, Ops::clamp_hi(p / mix, k.max_p));
     const X lr = Ops::if_nonzero(p, Ops::log(r));
     f = p * lr;
-    u = r, w = lr - m * r;
+    u = r - X(1), w = lr + k.m * (X(1) - r);
   } else {  // TVD
     const X d = p - q;
     f = X(0.5) * Ops::abs(d);

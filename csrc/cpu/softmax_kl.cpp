@@ -18,10 +18,12 @@
 #include <limits>
 #include <vector>
 
+#include "common/divergence.h"
 #include "common/softmax_kl.h"
 #include "common/tuning.h"
 #include "cpu/kernels.h"
 #include "cpu/fast_exp.h"
+#include "cpu/fast_log.h"
 #include "cpu/vec_io.h"
 
 namespace kdfast {
@@ -400,6 +402,239 @@ void row_grads(const double* s, const double* t, int64_t n, double ms, double mt
   }
 }
 
+// ---- the other divergences: JSD, skew KL, TVD (common/divergence.h) ----
+//
+// Three passes over a row: its maxima and softmax sums (row_online, reading the inputs from memory
+// once), the sums F, SU, SW of the divergence's terms, then the gradients; the last two recompute
+// the exponentials from the inputs, which are still in cache (no scratch row to write and read).
+
+using div::Divergence;
+
+// div::terms' operations on float vectors.
+struct VecOps {
+  static FVec log(const FVec& x) { return log_nonneg(x); }
+  static FVec abs(const FVec& x) { return x.abs(); }
+  static FVec if_nonzero(const FVec& c, const FVec& x) { return FVec::blendv(FVec(0.f), x, c != FVec(0.f)); }
+  static FVec clamp_hi(const FVec& x, const FVec& hi) { return FVec::blendv(x, hi, x > hi); }
+  static FVec sign(const FVec& x) {
+    const FVec one(1.f), zero(0.f);
+    const FVec sg = FVec::blendv(FVec::blendv(zero, one, x > zero), -one, x < zero);
+    return FVec::blendv(sg, x, x != x);
+  }
+};
+
+struct DivStats {
+  double f = 0, su = 0, sw = 0;  // sum f, sum Q u, sum P w
+};
+
+// The exponentials of a row cached by row_online (relative to each block's running maxima).
+struct ExpCache {
+  const float *es, *et, *block_ms, *block_mt;
+};
+
+// A row's (or chunk's) softmaxes and divergence terms, K elements at a time: P = e_t / Z_t and
+// Q = e_s / Z_s relative to the row maxima, from cached exponentials (the row path) or computed
+// from the inputs (chunks of the split path).
+template <Divergence D>
+struct DivRow {
+  static constexpr bool kLogRatio = D == Divergence::JSD;  // whether the terms read log(P/Q)
+  float ms, mt;
+  double zs, zt;
+  FVec nms, nmt, izs, izt, inv_h, lz;  // lz = log Z_s - log Z_t
+  div::Consts<FVec> k;
+  const Units& u;
+  DivRow(float ms_, float mt_, double zs_, double zt_, const div::Params<float>& c, const Units& u_)
+      : ms(ms_), mt(mt_), zs(zs_), zt(zt_), nms(u_.neg_mh(ms_)), nmt(u_.neg_mh(mt_)),
+        izs(static_cast<float>(1.0 / zs_)), izt(static_cast<float>(1.0 / zt_)), inv_h(u_.inv_h),
+        lz(static_cast<float>(std::log(zs_) - std::log(zt_))),
+        k{FVec(c.m), FVec(c.one_m), FVec(c.max_p), FVec(c.log_max_q)}, u(u_) {}
+
+  // fn(offset, half, is_tail, P, Q, f, u, w) over n elements at s, t, two vectors per step; the
+  // tail is padded with -inf logits (P = Q = 0, whose terms are 0).
+  template <typename T, typename Fn>
+  void for_row(const T* s, const T* t, int64_t n, const ExpCache* c, const Fn& fn) const {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    FVec cs = izs, ct = izt;  // Q = e_s cs, P = e_t ct
+    auto step = [&](int64_t i, bool tail, const auto* ps, const auto* pt, const float* pe, const float* pet) {
+      FVec a[2], b[2], es[2], et[2];
+      if (kLogRatio || !c) scaled(ps, pt, nms, nmt, u, a[0], a[1], b[0], b[1]);
+      for (int h = 0; h < 2; ++h) {
+        if (c) {
+          es[h] = FVec::loadu(pe + h * FVec::size()), et[h] = FVec::loadu(pet + h * FVec::size());
+        } else {
+          es[h] = exp_nonpos(a[h], u.ex), et[h] = exp_nonpos(b[h], u.ex);
+        }
+        const FVec q = es[h] * cs, p = et[h] * ct;
+        FVec f, uu, w;
+        const FVec lpq = kLogRatio ? at::vec::fmadd(b[h] - a[h], inv_h, lz) : FVec(0.f);
+        div::terms<D, VecOps>(p, q, lpq, k, f, uu, w);
+        fn(i, h, tail, p, q, f, uu, w);
+      }
+    };
+    const int64_t block = c ? kBlock : n;
+    for (int64_t b0 = 0, blk = 0; b0 < n; b0 += block, ++blk) {
+      const int64_t bn = std::min(block, n - b0);
+      if (c) {  // this block's exponentials are relative to its own running maxima (in double: see row_grads_cached)
+        cs = FVec(c->block_ms[blk] == kNegInf ? 0.f
+                  : static_cast<float>(std::exp((static_cast<double>(c->block_ms[blk]) - ms) * u.invt) / zs));
+        ct = FVec(c->block_mt[blk] == kNegInf ? 0.f
+                  : static_cast<float>(std::exp((static_cast<double>(c->block_mt[blk]) - mt) * u.invt) / zt));
+      }
+      int64_t i = 0;
+      for (; i + kStep <= bn; i += kStep) {
+        const int64_t j = b0 + i;
+        step(j, false, s + j, t + j, c ? c->es + j : nullptr, c ? c->et + j : nullptr);
+      }
+      if (i < bn) {
+        const int64_t j = b0 + i, m = bn - i;
+        const Tail tail(s + j, t + j, m, kPadLogit);
+        if (c) {
+          const Tail e(c->es + j, c->et + j, m, 0.f);
+          step(j, true, tail.s, tail.t, e.s, e.t);
+        } else {
+          step(j, true, tail.s, tail.t, nullptr, nullptr);
+        }
+      }
+    }
+  }
+
+  template <typename T>
+  DivStats stats(const T* s, const T* t, int64_t n, const ExpCache* c) const {
+    FVec F(0.f), SU(0.f), SW(0.f);
+    for_row(s, t, n, c, [&](int64_t, int, bool, const FVec& p, const FVec& q, const FVec& f, const FVec& uu,
+                            const FVec& w) {
+      F = F + f, SU = SU + q * uu, SW = SW + p * w;
+    });
+    const RowStats r = reduce_stats(F, SU, SW);
+    return DivStats{r.zs, r.zt, r.a};
+  }
+
+  // Gradients: cs * Q (u - su) to gs and ct * P (w - sw) to gt (either may be null).
+  template <typename T>
+  void grads(const T* s, const T* t, int64_t n, const ExpCache* c, float gcs, float gct, float su, float sw,
+             float post, T* gs, T* gt, bool stream) const {
+    const FVec vcs(gcs), vct(gct), vsu(su), vsw(sw), vpost(post);
+    const bool scaled_out = post != 1.f;
+    stream = can_stream(stream, gs, gt);
+    FVec qs[2], qt[2];
+    for_row(s, t, n, c, [&](int64_t i, int h, bool tail, const FVec& p, const FVec& q, const FVec&, const FVec& uu,
+                            const FVec& w) {
+      qs[h] = div::grad<VecOps>(vcs, q, uu, vsu);
+      qt[h] = div::grad<VecOps>(vct, p, w, vsw);
+      if (h == 0) return;
+      if (!tail) {
+        if (gs) store2_scaled<T>(gs + i, qs[0], qs[1], scaled_out, vpost, stream);
+        if (gt) store2_scaled<T>(gt + i, qt[0], qt[1], scaled_out, vpost, stream);
+        return;
+      }
+      float bs[kStep], bt[kStep];
+      store2_scaled<float>(bs, qs[0], qs[1], scaled_out, vpost, false);
+      store2_scaled<float>(bt, qt[0], qt[1], scaled_out, vpost, false);
+      if (gs) copy_out(bs, n - i, gs + i);
+      if (gt) copy_out(bt, n - i, gt + i);
+    });
+    if (stream) stream_fence();
+  }
+};
+
+// double: plain loops over the same terms.
+template <Divergence D>
+struct DivRowDouble {
+  double ms, mt, invt, izs, izt;
+  div::Params<double> k;
+
+  template <typename Fn>
+  void for_row(const double* s, const double* t, int64_t n, const Fn& fn) const {
+    const double lz = -std::log(izs) + std::log(izt);
+    for (int64_t i = 0; i < n; ++i) {
+      const double a = (s[i] - ms) * invt, b = (t[i] - mt) * invt;
+      const double q = std::exp(a) * izs, p = std::exp(b) * izt;
+      double f, uu, w;
+      div::terms<D, div::ScalarOps<double>>(p, q, (b - a) + lz, k, f, uu, w);
+      fn(i, p, q, f, uu, w);
+    }
+  }
+  DivStats stats(const double* s, const double* t, int64_t n, const ExpCache*) const {
+    DivStats r;
+    for_row(s, t, n, [&](int64_t, double p, double q, double f, double uu, double w) {
+      r.f += f, r.su += q * uu, r.sw += p * w;
+    });
+    return r;
+  }
+  void grads(const double* s, const double* t, int64_t n, const ExpCache*, double cs, double ct, double su, double sw,
+             double post, double* gs, double* gt, bool) const {
+    using Ops = div::ScalarOps<double>;
+    for_row(s, t, n, [&](int64_t i, double p, double q, double, double uu, double w) {
+      if (gs) gs[i] = div::grad<Ops>(cs, q, uu, su) * post;
+      if (gt) gt[i] = div::grad<Ops>(ct, p, w, sw) * post;
+    });
+  }
+};
+
+// ---- split path: rows cut into chunks of kSplitChunk elements ----
+
+// The maxima and softmax sums of every row, from (row, chunk) tasks whose partial results are
+// combined in chunk order (so they do not depend on the thread count); rows of weight 0 are skipped.
+template <typename T>
+struct SplitRows {
+  using acc_t = acc_of<T>;
+  const SoftmaxKLArgs& p;
+  int64_t nchunk;
+  std::vector<acc_t> ms, mt;
+  std::vector<RowStats> st;
+
+  // fn(row, first element, count) for every chunk of a row, in parallel.
+  template <typename Fn>
+  void for_chunks(const Fn& fn) const {
+    const int64_t V = p.cols;
+    at::parallel_for(0, p.rows * nchunk, 1, [&](int64_t k0, int64_t k1) {
+      const FlushDenormals ftz;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = (k % nchunk) * kSplitChunk;
+        fn(k / nchunk, b, std::min(kSplitChunk, V - b));
+      }
+    });
+  }
+};
+
+template <typename T>
+SplitRows<T> split_rows(const SoftmaxKLArgs& p, const Units& u, int64_t nchunk) {
+  using acc_t = acc_of<T>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const T* S = static_cast<const T*>(p.student);
+  const T* Tt = static_cast<const T*>(p.teacher);
+  const acc_t* W = static_cast<const acc_t*>(p.row_weight);
+  const int64_t R = p.rows, ntask = R * nchunk;
+  SplitRows<T> sp{p, nchunk, std::vector<acc_t>(R, kNegInf), std::vector<acc_t>(R, kNegInf), std::vector<RowStats>(R)};
+  std::vector<acc_t> cms(ntask, kNegInf), cmt(ntask, kNegInf);
+  sp.for_chunks([&](int64_t r, int64_t b, int64_t n) {
+    if (W[r] == acc_t(0)) return;
+    const int64_t k = r * nchunk + b / kSplitChunk;
+    row_max(S + r * p.student_row_stride + b, Tt + r * p.teacher_row_stride + b, n, cms[k], cmt[k]);
+  });
+  for (int64_t k = 0; k < ntask; ++k) {
+    const int64_t r = k / nchunk;
+    sp.ms[r] = (cms[k] > sp.ms[r] || std::isnan(cms[k])) ? cms[k] : sp.ms[r];
+    sp.mt[r] = (cmt[k] > sp.mt[r] || std::isnan(cmt[k])) ? cmt[k] : sp.mt[r];
+  }
+  std::vector<RowStats> cst(ntask);
+  sp.for_chunks([&](int64_t r, int64_t b, int64_t n) {
+    if (W[r] == acc_t(0)) return;
+    const T* s = S + r * p.student_row_stride + b;
+    const T* t = Tt + r * p.teacher_row_stride + b;
+    if constexpr (std::is_same_v<T, double>) {
+      cst[r * nchunk + b / kSplitChunk] = row_stats(s, t, n, sp.ms[r], sp.mt[r], p.inv_temperature);
+    } else {
+      cst[r * nchunk + b / kSplitChunk] = row_stats(s, t, n, sp.ms[r], sp.mt[r], u);
+    }
+  });
+  for (int64_t k = 0; k < ntask; ++k) {
+    RowStats& d = sp.st[k / nchunk];
+    d.zs += cst[k].zs, d.zt += cst[k].zt, d.a += cst[k].a;
+  }
+  return sp;
+}
+
 // ---- driver ----
 
 template <typename T>
@@ -479,89 +714,153 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
     return;
   }
 
-  // Split path: tasks are (row, chunk) pairs.
-  const int64_t ntask = R * nchunk;
-  std::vector<acc_t> cms(ntask, kNegInf), cmt(ntask, kNegInf);
-  std::vector<RowStats> cst(ntask);
-  auto chunk_of = [&](int64_t task, int64_t& r, int64_t& b, int64_t& n) {
-    r = task / nchunk;
-    b = (task % nchunk) * kSplitChunk;
-    n = std::min(kSplitChunk, V - b);
-  };
-  at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
-    const FlushDenormals ftz;
-    for (int64_t k = k0; k < k1; ++k) {
-      int64_t r, b, n;
-      chunk_of(k, r, b, n);
-      if (W[r] == acc_t(0)) continue;
-      row_max(S + r * p.student_row_stride + b, Tt + r * p.teacher_row_stride + b, n, cms[k], cmt[k]);
-    }
-  });
-  std::vector<acc_t> ms(R, kNegInf), mt(R, kNegInf);
-  for (int64_t k = 0; k < ntask; ++k) {
-    int64_t r = k / nchunk;
-    ms[r] = (cms[k] > ms[r] || std::isnan(cms[k])) ? cms[k] : ms[r];
-    mt[r] = (cmt[k] > mt[r] || std::isnan(cmt[k])) ? cmt[k] : mt[r];
-  }
-  at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
-    const FlushDenormals ftz;
-    for (int64_t k = k0; k < k1; ++k) {
-      int64_t r, b, n;
-      chunk_of(k, r, b, n);
-      if (W[r] == acc_t(0)) continue;
-      const T* s = S + r * p.student_row_stride + b;
-      const T* t = Tt + r * p.teacher_row_stride + b;
-      if constexpr (kDouble) {
-        cst[k] = row_stats(s, t, n, ms[r], mt[r], invt);
-      } else {
-        cst[k] = row_stats(s, t, n, ms[r], mt[r], u);
-      }
-    }
-  });
-  std::vector<RowStats> st(R);
-  for (int64_t k = 0; k < ntask; ++k) {
-    RowStats& d = st[k / nchunk];
-    d.zs += cst[k].zs, d.zt += cst[k].zt, d.a += cst[k].a;
-  }
+  const SplitRows<T> sp = split_rows<T>(p, u, nchunk);
+  const std::vector<acc_t>&ms = sp.ms, &mt = sp.mt;
+  const std::vector<RowStats>& st = sp.st;
   for (int64_t r = 0; r < R; ++r) {
     KL[r] = W[r] == acc_t(0) ? acc_t(0) : static_cast<acc_t>(kl::row_value(st[r].zs, st[r].zt, st[r].a * inv_h));
   }
   if (!want_grad) return;
-  at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
-    const FlushDenormals ftz;
-    for (int64_t k = k0; k < k1; ++k) {
-      int64_t r, b, n;
-      chunk_of(k, r, b, n);
-      T* gs = GS ? GS + r * V + b : nullptr;
-      T* gt = GT ? GT + r * V + b : nullptr;
-      if (W[r] == acc_t(0)) {
-        zero_grad_row(gs, n, post), zero_grad_row(gt, n, post);
-        continue;
-      }
-      if (std::isnan(KL[r])) {
-        nan_grad_row(gs, n), nan_grad_row(gt, n);
-        continue;
-      }
-      const T* s = S + r * p.student_row_stride + b;
-      const T* t = Tt + r * p.teacher_row_stride + b;
-      auto [c, izs, izt, shift] = grad_coef(W[r], st[r]);
-      if constexpr (kDouble) {
-        row_grads(s, t, n, ms[r], mt[r], invt, c, izs, izt, shift, post, gs, gt);
-      } else {
-        row_grads(s, t, n, ms[r], mt[r], u, GradCoef{c, izs, izt, shift, post}, gs, gt, stream);
-      }
+  sp.for_chunks([&](int64_t r, int64_t b, int64_t n) {
+    T* gs = GS ? GS + r * V + b : nullptr;
+    T* gt = GT ? GT + r * V + b : nullptr;
+    if (W[r] == acc_t(0)) {
+      zero_grad_row(gs, n, post), zero_grad_row(gt, n, post);
+      return;
+    }
+    if (std::isnan(KL[r])) {
+      nan_grad_row(gs, n), nan_grad_row(gt, n);
+      return;
+    }
+    const T* s = S + r * p.student_row_stride + b;
+    const T* t = Tt + r * p.teacher_row_stride + b;
+    auto [c, izs, izt, shift] = grad_coef(W[r], st[r]);
+    if constexpr (kDouble) {
+      row_grads(s, t, n, ms[r], mt[r], invt, c, izs, izt, shift, post, gs, gt);
+    } else {
+      row_grads(s, t, n, ms[r], mt[r], u, GradCoef{c, izs, izt, shift, post}, gs, gt, stream);
     }
   });
+}
+
+template <Divergence D, typename T>
+void divergence_typed(const SoftmaxKLArgs& p) {
+  using acc_t = acc_of<T>;
+  constexpr bool kDouble = std::is_same<T, double>::value;
+  const T* S = static_cast<const T*>(p.student);
+  const T* Tt = static_cast<const T*>(p.teacher);
+  const acc_t* W = static_cast<const acc_t*>(p.row_weight);
+  acc_t* L = static_cast<acc_t*>(p.loss_rows);
+  T* GS = static_cast<T*>(p.grad_student);
+  T* GT = static_cast<T*>(p.grad_teacher);
+  const int64_t R = p.rows, V = p.cols;
+  const acc_t invt = static_cast<acc_t>(p.inv_temperature);
+  const acc_t post = static_cast<acc_t>(p.grad_scale);
+  const bool want_grad = GS || GT;
+  const div::Params<acc_t> k = div::params<acc_t>(D, p.mix);
+  const Units u(kl::scale_exponent(V, p.inv_temperature), static_cast<float>(p.inv_temperature));
+  const bool stream = streams_output(R * V, sizeof(T));
+  auto row_kernel = [&](acc_t ms, acc_t mt, double zs, double zt) {
+    if constexpr (kDouble) {
+      return DivRowDouble<D>{ms, mt, invt, 1.0 / zs, 1.0 / zt, k};
+    } else {
+      return DivRow<D>(ms, mt, zs, zt, k, u);
+    }
+  };
+  // The gradient coefficients of a row: weight / T times the divergence's factors.
+  const acc_t cs = invt * k.cq, ct = invt * k.cp;
+
+  const bool split = (R < tuning::kKLSplitFewRows && V >= 2 * kSplitChunk) || V > tuning::kKLSplitRowsAbove;
+  if (!split) {
+    at::parallel_for(0, R, rows_per_task(V, tuning::kKLRowGrain), [&](int64_t r0, int64_t r1) {
+      const FlushDenormals ftz;
+      std::vector<float> scratch(kDouble ? 0 : 2 * V);  // the row's exponentials
+      float bms[(1 << 20) / kBlock], bmt[(1 << 20) / kBlock];
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* s = S + r * p.student_row_stride;
+        const T* t = Tt + r * p.teacher_row_stride;
+        T* gs = GS ? GS + r * V : nullptr;
+        T* gt = GT ? GT + r * V : nullptr;
+        const acc_t w = W[r];
+        if (w == acc_t(0)) {
+          L[r] = 0;
+          zero_grad_row(gs, V, post), zero_grad_row(gt, V, post);
+          continue;
+        }
+        acc_t ms = -std::numeric_limits<acc_t>::infinity(), mt = ms;
+        RowStats st;
+        ExpCache cache{}, *c = nullptr;
+        if constexpr (kDouble) {
+          row_max(s, t, V, ms, mt);
+          st = row_stats(s, t, V, ms, mt, invt);
+        } else {
+          float* es = scratch.data();
+          st = row_online(s, t, V, u, es, es + V, bms, bmt, ms, mt);
+          cache = ExpCache{es, es + V, bms, bmt}, c = &cache;
+        }
+        const auto row = row_kernel(ms, mt, st.zs, st.zt);
+        const DivStats ds = row.stats(s, t, V, c);
+        L[r] = static_cast<acc_t>(div::row_value(ds.f));
+        if (want_grad && std::isnan(L[r])) {
+          nan_grad_row(gs, V), nan_grad_row(gt, V);
+        } else if (want_grad) {
+          row.grads(s, t, V, c, w * cs, w * ct, static_cast<acc_t>(ds.su), static_cast<acc_t>(ds.sw), post, gs, gt,
+                    stream);
+        }
+      }
+    });
+    return;
+  }
+
+  const int64_t nchunk = (V + kSplitChunk - 1) / kSplitChunk;
+  const SplitRows<T> sp = split_rows<T>(p, u, nchunk);
+  std::vector<DivStats> cds(R * nchunk);
+  sp.for_chunks([&](int64_t r, int64_t b, int64_t n) {
+    if (W[r] == acc_t(0)) return;
+    cds[r * nchunk + b / kSplitChunk] = row_kernel(sp.ms[r], sp.mt[r], sp.st[r].zs, sp.st[r].zt)
+                                            .stats(S + r * p.student_row_stride + b, Tt + r * p.teacher_row_stride + b, n,
+                                                   nullptr);
+  });
+  std::vector<DivStats> ds(R);
+  for (int64_t i = 0; i < R * nchunk; ++i) {
+    DivStats& d = ds[i / nchunk];
+    d.f += cds[i].f, d.su += cds[i].su, d.sw += cds[i].sw;
+  }
+  for (int64_t r = 0; r < R; ++r) L[r] = W[r] == acc_t(0) ? acc_t(0) : static_cast<acc_t>(div::row_value(ds[r].f));
+  if (!want_grad) return;
+  sp.for_chunks([&](int64_t r, int64_t b, int64_t n) {
+    T* gs = GS ? GS + r * V + b : nullptr;
+    T* gt = GT ? GT + r * V + b : nullptr;
+    if (W[r] == acc_t(0)) {
+      zero_grad_row(gs, n, post), zero_grad_row(gt, n, post);
+    } else if (std::isnan(L[r])) {
+      nan_grad_row(gs, n), nan_grad_row(gt, n);
+    } else {
+      row_kernel(sp.ms[r], sp.mt[r], sp.st[r].zs, sp.st[r].zt)
+          .grads(S + r * p.student_row_stride + b, Tt + r * p.teacher_row_stride + b, n, nullptr, W[r] * cs, W[r] * ct,
+                 static_cast<acc_t>(ds[r].su), static_cast<acc_t>(ds[r].sw), post, gs, gt, stream);
+    }
+  });
+}
+
+template <typename T>
+void softmax_kl_any(const SoftmaxKLArgs& p) {
+  switch (p.divergence) {
+    case Divergence::JSD: return divergence_typed<Divergence::JSD, T>(p);
+    case Divergence::SkewKL: return divergence_typed<Divergence::SkewKL, T>(p);
+    case Divergence::TVD: return divergence_typed<Divergence::TVD, T>(p);
+    default: return softmax_kl_typed<T>(p);  // KL (the glue reduced every other kind to these)
+  }
 }
 
 }  // namespace
 
 void softmax_kl(const SoftmaxKLArgs& p) {
   switch (p.dtype) {
-    case DType::Float: return softmax_kl_typed<float>(p);
-    case DType::Double: return softmax_kl_typed<double>(p);
-    case DType::Half: return softmax_kl_typed<c10::Half>(p);
-    case DType::BFloat16: return softmax_kl_typed<c10::BFloat16>(p);
+    case DType::Float: return softmax_kl_any<float>(p);
+    case DType::Double: return softmax_kl_any<double>(p);
+    case DType::Half: return softmax_kl_any<c10::Half>(p);
+    case DType::BFloat16: return softmax_kl_any<c10::BFloat16>(p);
   }
 }
 
