@@ -16,7 +16,7 @@ import kdfast
 from kdfast import reference as ref
 from kdfast.integrations.trl import generalized_jsd_loss
 
-from conftest import GRAD_TOL, relerr
+from conftest import GRAD_TOL, FusedOpCalls, relerr
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl warns on every import of trl.experimental
 try:
@@ -98,6 +98,20 @@ def test_equals_trl_2d_float32(backend, beta, reduction):
         for lab in (None, labels):
             kw = {"labels": lab, "beta": beta, "temperature": temperature, "reduction": reduction}
             assert_same(run(generalized_jsd_loss, s, t, 2, **kw), run(trl_loss, s, t, 2, **kw), rtol=2e-4)
+
+
+@pytest.mark.parametrize("num_items", [None, 5])
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "mean"))
+def test_scalar_reductions_are_one_fused_call(native_backend, reduction, num_items):
+    """The scalar reductions run the fused op once (loss and gradients in one pass) and no
+    (rows x V) log_softmax of the formula it replaces."""
+    s = logits(2, 6, 300, dtype=torch.float32).requires_grad_(True)
+    t = logits(2, 6, 300, dtype=torch.float32)
+    labels = make_labels("some", (2, 6), 300)
+    with FusedOpCalls() as calls:
+        generalized_jsd_loss(s, t, labels, beta=0.3, reduction=reduction, num_items_in_batch=num_items).backward()
+    assert len(calls.flags) == 1
+    assert not [op for op in calls.ops if op.startswith("aten.") and ("softmax" in op or "logsumexp" in op)]
 
 
 def test_all_ignored_mean_is_nan_with_zero_gradients(backend):
