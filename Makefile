@@ -8,9 +8,13 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := numpy pytest hypothesis expecttest ninja pybind11 tabulate matplotlib rich psutil scikit-learn coverage
+# Test-only: tests/integrations/test_trl.py compares kdfast's TRL drop-in with TRL's own function
+# (trl pulls in transformers, accelerate, datasets, pandas, pyarrow: about 0.5 GB, under a minute).
+# Installed by `make test`, not by the build; KDFAST_REQUIRE_TRL=1 makes a missing trl a failure.
+TEST_DEPS := trl==1.16.0
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml kdfast/_version.py
 
-.PHONY: setup build test test-slow bench bench-full clean
+.PHONY: setup build test-deps test test-slow bench bench-full clean
 
 setup: $(VENV)/.deps-stamp
 
@@ -27,11 +31,16 @@ $(VENV)/.build-stamp: $(VENV)/.deps-stamp $(SOURCES)
 	$(PY) -m kdfast
 	touch $@
 
-test: build
-	$(PY) -m pytest -q tests
+# The stamp holds TEST_DEPS, so that a changed pin installs again (and no rebuild follows).
+test-deps: build  # (after the build: no two pip runs in one venv under make -j)
+	@[ "$$(cat $(VENV)/.test-deps-stamp 2>/dev/null)" = "$(TEST_DEPS)" ] || \
+	  { $(PIP) install -q $(TEST_DEPS) && echo "$(TEST_DEPS)" > $(VENV)/.test-deps-stamp; }
 
-test-slow: build
-	KDFAST_SLOW=1 $(PY) -m pytest -q tests
+test: build test-deps
+	KDFAST_REQUIRE_TRL=1 $(PY) -m pytest -q tests
+
+test-slow: build test-deps
+	KDFAST_SLOW=1 KDFAST_REQUIRE_TRL=1 $(PY) -m pytest -q tests
 
 bench: build
 	$(PY) -m bench

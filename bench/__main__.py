@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from bench import feature, fused_linear, harness, kl, relation, sparse
+from bench import divergence, feature, fused_linear, harness, kl, relation, sparse
 from bench.memory_probe import MemoryProbe
 
-FAMILIES = {"kl": kl, "sparse": sparse, "relation": relation, "feature": feature, "fused_linear": fused_linear}
+FAMILIES = {"kl": kl, "divergence": divergence, "sparse": sparse, "relation": relation, "feature": feature,
+            "fused_linear": fused_linear}
 
 
 def parse_args(argv=None):

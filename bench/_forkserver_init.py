@@ -4,6 +4,7 @@ no threads (a fork must not inherit a thread pool): imports, and torch.compile's
 run short-lived subprocesses."""
 import torch  # noqa: F401
 import kdfast  # noqa: F401
+import bench.divergence  # noqa: F401
 import bench.feature  # noqa: F401
 import bench.harness  # noqa: F401
 import bench.kl  # noqa: F401

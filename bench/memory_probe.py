@@ -184,7 +184,7 @@ class MemoryProbe:
 def main():
     from bench.harness import Settings
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("family", choices=["kl", "sparse", "relation", "feature", "fused_linear"])
+    ap.add_argument("family", choices=["kl", "divergence", "sparse", "relation", "feature", "fused_linear"])
     ap.add_argument("case", help="the case name as in the table")
     ap.add_argument("contender")
     ap.add_argument("--mode", default="default", choices=["quick", "default", "full"])

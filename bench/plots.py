@@ -1,5 +1,6 @@
 """PNG plots beside the JSON, drawn with matplotlib's Agg backend (no display needed):
   kl_vocab_<device>.png      KD-loss time and peak memory against vocabulary size
+  divergence_<device>.png    JSD and reverse KL: time and peak memory per case and contender, bars
   fused_linear_tokens_<device>.png  fused linear head + JSD time and peak memory against tokens
   rkd_scaling_<device>.png   RKD time and peak memory against N, log-log, with N^2 and N^3 guide
                              lines so the slopes (kdfast's O(N^2) memory against the N^3 of the
@@ -63,11 +64,48 @@ def _plot(data, title, xlabel, path, guides=()):
     ax_t.legend(fontsize=8)
     if ax_m.lines:
         ax_m.legend(fontsize=8)
+    return _save(fig, title, path)
+
+
+def _save(fig, title, path):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _bars(records, family, device, title, path):
+    """Grouped bars, one group per case and one bar per contender that ran in it (a contender keeps
+    its colour across groups), for cases that form no series: time on the left, peak memory above
+    the inputs on the right."""
+    recs = [r for r in records if r.family == family and r.device == device and r.ok]
+    if not recs:
+        return None
+    cases = list(dict.fromkeys(r.case for r in recs))
+    others = [n for n in dict.fromkeys(r.contender for r in recs) if n not in _STYLE]
+    palette = [f"C{c}" for c in range(10) if c != 3]  # C3 is kdfast's
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(others)}
+    colors.update({n: s["color"] for n, s in _STYLE.items()})
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    labelled = set()
+    for k, case in enumerate(cases):
+        group = [r for r in recs if r.case == case]
+        width = 0.8 / len(group)
+        for i, r in enumerate(group):
+            x = k + (i - (len(group) - 1) / 2) * width
+            label = None if r.contender in labelled else r.contender
+            labelled.add(r.contender)
+            ax_t.bar(x, r.median_s * 1e3, width, label=label, color=colors[r.contender])
+            ax_m.bar(x, (r.peak_mem_bytes or 0) / MB, width, label=label, color=colors[r.contender])
+    for ax, ylabel in ((ax_t, "forward+backward, median ms"), (ax_m, "peak memory above inputs, MB")):
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=15, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, title, path)
 
 
 def make_plots(records, info, out_dir):
@@ -80,6 +118,10 @@ def make_plots(records, info, out_dir):
             rows = next(r.params["rows"] for r in records if r.family == "kl" and r.series == "vocab")
             paths.append(_plot(kl, f"KD loss (T=2) vs vocabulary size, {rows} rows fp32, {device}\n{label}",
                                "vocabulary size V", os.path.join(out_dir, f"kl_vocab_{device}.png")))
+        div = _bars(records, "divergence", device, f"JSD (beta=0.5) and reverse KL, T=1, {device}\n{label}",
+                    os.path.join(out_dir, f"divergence_{device}.png"))
+        if div:
+            paths.append(div)
         rkd = _series(records, "relation", device, "scaling")
         if rkd:
             D = next(r.params["D"] for r in records if r.family == "relation" and r.series == "scaling")

@@ -96,12 +96,17 @@ def check_mask(mask, logits):
     check_strided(mask, "mask")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
-    if mask.shape != logits.shape[:-1]:
-        raise ValueError(f"mask must have shape {tuple(logits.shape[:-1])} (the logits without their "
-                         f"last dim), got {tuple(mask.shape)}")
-    if mask.device != logits.device:
-        raise ValueError(f"mask is on {mask.device} but the logits are on {logits.device}")
-    return mask
+    return check_per_row(mask, logits, "mask")
+
+
+def check_per_row(x, logits, name):
+    """x (a mask, labels) holds one entry per row of the logits, on their device."""
+    if x.shape != logits.shape[:-1]:
+        raise ValueError(f"{name} must have shape {tuple(logits.shape[:-1])} (the logits without their "
+                         f"last dim), got {tuple(x.shape)}")
+    if x.device != logits.device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {logits.device}")
+    return x
 
 
 def check_points(x, name):

@@ -36,6 +36,11 @@ def reduce_rows(rows, mask, reduction, batch):
 
 
 def kl_rows(student_logits, teacher_logits, temperature, mask=None):
+    return kl_terms(student_logits, teacher_logits, temperature, mask).sum(-1)
+
+
+def kl_terms(student_logits, teacher_logits, temperature, mask=None):
+    """kl_rows before its sum over the vocabulary: p_t (log p_t - log p_s) per entry, the logits' shape."""
     acc = v.compute_dtype(student_logits, teacher_logits)
     if mask is not None:
         # Masked-out rows enter as zeros (KL 0): the where() on the inputs gives them zero gradient
@@ -52,7 +57,7 @@ def kl_rows(student_logits, teacher_logits, temperature, mask=None):
     # before the product so that no NaN of a -inf logit leaks into the gradient either. (p_t != 0,
     # not p_t > 0: a NaN logit gives its row NaN loss and NaN gradients on both sides.)
     diff = torch.where(pt != 0, log_pt - log_ps, torch.zeros((), dtype=acc, device=pt.device))
-    return (pt * diff).sum(-1)
+    return pt * diff
 
 
 def softmax_kl_div(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", mask=None):
@@ -91,14 +96,22 @@ def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl"
     from log-probabilities in at least float32; a mixture is formed from probabilities (logsumexp
     of the log-probabilities plus log weights). divergence: one of DIVERGENCES; mix: beta for jsd,
     alpha for the skew forms. The endpoints jsd(0) = KL(P||Q), jsd(1) = KL(Q||P) and skew(0) = KL
-    are TRL's definitions."""
+    are TRL's definitions. Never below 0: near P = Q the terms cancel to rounding, which may land
+    below 0 (ms-swift #10156); the kernels clamp their rows too. NaN stays."""
+    rows = divergence_terms(student_logits, teacher_logits, temperature, divergence, mix, mask).sum(-1)
+    return torch.where(rows < 0, torch.zeros((), dtype=rows.dtype, device=rows.device), rows)
+
+
+def divergence_terms(student_logits, teacher_logits, temperature, divergence="kl", mix=0.0, mask=None):
+    """divergence_rows before its sum over the vocabulary: one term per entry, the logits' shape
+    (what TRL's generalized_jsd_loss returns for reduction="none")."""
     if divergence in ("reverse_kl", "skew_reverse_kl"):
         forward = "kl" if divergence == "reverse_kl" else "skew_kl"
-        return divergence_rows(teacher_logits, student_logits, temperature, forward, mix, mask)
+        return divergence_terms(teacher_logits, student_logits, temperature, forward, mix, mask)
     if divergence == "kl" or (divergence in ("jsd", "skew_kl") and mix == 0):
-        return kl_rows(student_logits, teacher_logits, temperature, mask)
+        return kl_terms(student_logits, teacher_logits, temperature, mask)
     if divergence == "jsd" and mix == 1:
-        return kl_rows(teacher_logits, student_logits, temperature, mask)
+        return kl_terms(teacher_logits, student_logits, temperature, mask)
     acc = v.compute_dtype(student_logits, teacher_logits)
     s, t = _masked_inputs(student_logits, teacher_logits, mask)
     log_q = F.log_softmax(s.to(acc) / temperature, dim=-1)
@@ -110,7 +123,7 @@ def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl"
         # gradient is 0, as abs's (and the kernels') is.
         d = p - q
         sign = torch.where(d.isnan(), d, d.sign()).detach()
-        return 0.5 * (d * sign).sum(-1)
+        return 0.5 * d * sign
 
     # log M, M = mix P + (1 - mix) Q, from probabilities (logaddexp of the log-probabilities plus
     # log weights). Where P = Q = 0 (-inf logits in both) M is 0 and no term reads it: the inputs
@@ -125,15 +138,9 @@ def divergence_rows(student_logits, teacher_logits, temperature, divergence="kl"
     else:
         log_m = torch.logaddexp(lp + math.log(mix), lq + math.log1p(-mix))
     if divergence == "jsd":
-        rows = mix * _xlogy_ratio(p, log_p, log_m).sum(-1) + (1 - mix) * _xlogy_ratio(q, log_q, log_m).sum(-1)
-    elif divergence == "skew_kl":
-        rows = _xlogy_ratio(p, log_p, log_m).sum(-1)
-    else:
-        rows = None
-    if rows is not None:
-        # Near P = Q the terms cancel to rounding, which may land below 0: never return a negative
-        # divergence (ms-swift #10156), as the kernels clamp their rows (common/divergence.h). NaN stays.
-        return torch.where(rows < 0, torch.zeros((), dtype=rows.dtype, device=rows.device), rows)
+        return mix * _xlogy_ratio(p, log_p, log_m) + (1 - mix) * _xlogy_ratio(q, log_q, log_m)
+    if divergence == "skew_kl":
+        return _xlogy_ratio(p, log_p, log_m)
     raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
 
 

@@ -19,7 +19,7 @@ def test_bench_quick(tmp_path):
     assert doc["machine"]["torch"] and doc["machine"]["cpu_model"] and doc["machine"]["threads"] >= 1
     assert "kdfast_build_info" in doc["machine"]
     results = doc["results"]
-    for family in ("kl", "sparse", "relation", "feature", "fused_linear"):
+    for family in ("kl", "divergence", "sparse", "relation", "feature", "fused_linear"):
         ran = [r for r in results if r["family"] == family and r["status"] == "ok"]
         assert any(r["is_kdfast"] for r in ran), family
         assert any(not r["is_kdfast"] for r in ran), family
@@ -29,6 +29,6 @@ def test_bench_quick(tmp_path):
         assert any(r["speedup_of_kdfast"] for r in ran if not r["is_kdfast"]), family
     assert any(r["contender"] == "torch.compile" and r["status"] == "ok" for r in results)
     assert any(r["floor"] and r["loss"] is None for r in results if r["status"] == "ok")
-    for png in ("kl_vocab_cpu.png", "rkd_scaling_cpu.png", "fused_linear_tokens_cpu.png"):
+    for png in ("kl_vocab_cpu.png", "divergence_cpu.png", "rkd_scaling_cpu.png", "fused_linear_tokens_cpu.png"):
         assert (out / png).stat().st_size > 1000, png
     assert "| case" in proc.stdout  # the table was printed
