@@ -774,6 +774,11 @@ def main():
     log("== sparse_kl_div (top-k teacher) forward + backward")
     report["sparse"] = []
     bench_sparse(device, copy_gbps, budget, sparse_cases, iters, errors, report["sparse"], save)
+    log("== fused linear head (JSD from hidden states and LM heads) forward + backward")
+    report["fused_linear"] = []
+    bench_fused_linear(device, budget.less(30) if device.type == "cuda" else budget, errors, report["fused_linear"], save,
+                       cases=FUSED_LINEAR_CASES if device.type == "cuda" else [(64, 32, 48, 1000)],
+                       dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.selftest_cpu or (device.type == "cuda" and kdfast.native_available("cuda")):
         log("== kdfast CUDA configurations"
             + (" (selftest: the knobs do nothing on the CPU)" if args.selftest_cpu else ""))
