@@ -637,7 +637,13 @@ def test_modules_round_trip_after_use_and_on_float64():
 
 TRACED_MODULES = ["_validation.py", "functional.py", "reference.py", "nn.py", "_backend.py", "_ops.py"]
 # The tests whose job is bad input: test_errors.py and the cases below that it does not reach.
-RAISE_TESTS = ["tests/test_errors.py", "tests/test_hardening.py::test_bad_inputs_beyond_test_errors"]
+RAISE_TESTS = ["tests/test_errors.py", "tests/test_hardening.py::test_bad_inputs_beyond_test_errors",
+               "tests/ops/test_divergences.py::test_bad_mix_raises",
+               "tests/ops/test_divergences.py::test_shared_argument_errors",
+               "tests/ops/test_divergences.py::test_reference_unknown_divergence",
+               "tests/ops/test_sparse_kl.py::test_errors_name_the_argument",
+               "tests/ops/test_sparse_kl.py::test_bad_options",
+               "tests/ops/test_sparse_kl.py::test_bad_ids_in_a_later_row_are_found"]
 
 
 def _raise_sites():

@@ -670,3 +670,10 @@ def test_random_sweep(name, options):
         except AssertionError as e:
             raise AssertionError(f"case {i}: {dtype} lead={lead} V={V} T={T:.4g} {reduction} "
                                  f"mask={mask is not None}: {e}") from None
+
+
+def test_reference_unknown_divergence():
+    """reference.divergence_rows names the divergences it knows when given another."""
+    s = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        ref.divergence_rows(s, s.clone(), 1.0, "hellinger", 0.5)

@@ -373,6 +373,8 @@ def _good():
     (lambda s, lp, idx: (s, lp.long(), idx), TypeError, "teacher_topk_logprobs must be float"),
     (lambda s, lp, idx: (s.long(), lp, idx), TypeError, "student_logits must be float"),
     (lambda s, lp, idx: (s, lp, idx.tolist()), TypeError, "teacher_topk_indices must be a torch.Tensor"),
+    (lambda s, lp, idx: (s[:, :0], lp, idx), ValueError, "student_logits must have a non-empty vocabulary"),
+    (lambda s, lp, idx: (s, lp.to("meta"), idx), ValueError, "teacher_topk_logprobs is on meta"),
 ])
 def test_errors_name_the_argument(backend, bad, exc, match):
     args = bad(*_good())
