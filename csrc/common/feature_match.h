@@ -10,6 +10,7 @@
 // s / |s| still flows (and is 0 for a zero vector). A row needs one pass for <s, t>, |s|^2 and
 // |t|^2 and one more to write the gradients.
 #include <cmath>
+#include <cstdint>
 
 #include "common/macros.h"
 
@@ -31,20 +32,27 @@ struct CosineRow {
 
 // The row's sums taken over s / m_s and t / m_t: dot = <s, t> / (m_s m_t), ss = |s|^2 / m_s^2,
 // tt = |t|^2 / m_t^2, with m = 1 normally and the row's largest magnitude where the plain sums
-// overflow. w = the row's gradient weight.
+// overflow. w = the row's gradient weight. dim = the row's length.
 template <typename acc_t>
-KDFAST_HD CosineRow<acc_t> cosine_row(acc_t dot, acc_t ss, acc_t tt, acc_t m_s, acc_t m_t, acc_t eps, acc_t w) {
+KDFAST_HD CosineRow<acc_t> cosine_row(acc_t dot, acc_t ss, acc_t tt, acc_t m_s, acc_t m_t, acc_t eps, acc_t w,
+                                      int64_t dim) {
   using std::sqrt;
   const acc_t ls = m_s * sqrt(ss), lt = m_t * sqrt(tt);
   // Clamps and guards that let a NaN norm through: a NaN in a row makes its loss and every element
   // of both its gradients NaN (through scale on its own side, cross and self on the other).
   const acc_t ns = ls < eps ? eps : ls, nt = lt < eps ? eps : lt;
   // One norm at a time: the product of two large norms can overflow where c cannot.
-  const acc_t c = dot * (m_s / ns) * (m_t / nt);
+  acc_t c = dot * (m_s / ns) * (m_t / nt);
+  // In a one-element row, c depends on a side whose norm is unclamped only through its sign: that
+  // side's gradient is 0 exactly (which the factors below miss by a rounding: s * fl(1 / |s|) is
+  // not 1), and with both unclamped c is sign(s t) exactly.
+  const bool flat_s = dim == 1 && ls >= eps && ls > acc_t(0) && ls - ls == acc_t(0);
+  const bool flat_t = dim == 1 && lt >= eps && lt > acc_t(0) && lt - lt == acc_t(0);
+  if (flat_s && flat_t) c = dot < acc_t(0) ? acc_t(-1) : acc_t(1);
   CosineRow<acc_t> r;
   r.loss = acc_t(1) - c;
-  r.s = {w / ns, acc_t(-1) / nt, ls == acc_t(0) ? acc_t(0) : c / ls};
-  r.t = {w / nt, acc_t(-1) / ns, lt == acc_t(0) ? acc_t(0) : c / lt};
+  r.s = {w / ns, flat_s ? acc_t(0) : acc_t(-1) / nt, flat_s || ls == acc_t(0) ? acc_t(0) : c / ls};
+  r.t = {w / nt, flat_t ? acc_t(0) : acc_t(-1) / ns, flat_t || lt == acc_t(0) ? acc_t(0) : c / lt};
   return r;
 }
 

@@ -168,9 +168,9 @@ void cosine_grad_slice(const T* s, const T* t, int64_t n, const feature::CosineR
 }
 
 template <typename T>
-feature::CosineRow<acc_of<T>> cosine_coef(const Dots& d, double eps, acc_of<T> w) {
+feature::CosineRow<acc_of<T>> cosine_coef(const Dots& d, double eps, acc_of<T> w, int64_t dim) {
   using A = acc_of<T>;
-  const auto k = feature::cosine_row<double>(d.st, d.ss, d.tt, d.ms, d.mt, eps, static_cast<double>(w));
+  const auto k = feature::cosine_row<double>(d.st, d.ss, d.tt, d.ms, d.mt, eps, static_cast<double>(w), dim);
   return {static_cast<A>(k.loss), feature::side_as<A>(k.s), feature::side_as<A>(k.t)};
 }
 
@@ -213,7 +213,7 @@ void feature_typed(const FeatureArgs& p) {
         } else {
           Dots d = dots_slice(x.s, x.t, x.n);
           if (!d.finite()) d = dots_scaled(x.s, x.t, x.n);
-          const auto k = cosine_coef<T>(d, p.eps, W[r]);
+          const auto k = cosine_coef<T>(d, p.eps, W[r], D);
           L[r] = k.loss;
           if (want_grad) cosine_grad_slice(x.s, x.t, x.n, k, post, x.gs, x.gt);
         }
@@ -248,7 +248,7 @@ void feature_typed(const FeatureArgs& p) {
       L[r] = static_cast<A>(d.ss);
     } else {
       if (!d.finite()) d = dots_scaled(S + r * p.student_row_stride, Tt + r * p.teacher_row_stride, D);
-      coef[r] = cosine_coef<T>(d, p.eps, W[r]);
+      coef[r] = cosine_coef<T>(d, p.eps, W[r], D);
       L[r] = coef[r].loss;
     }
   }

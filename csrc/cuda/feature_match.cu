@@ -206,7 +206,7 @@ __device__ __forceinline__ feature::CosineRow<double> cosine_constants(const Par
     });
     st = warp_sum(st), ss = warp_sum(ss), tt = warp_sum(tt);
   }
-  return feature::cosine_row<double>(st, ss, tt, ms, mt, p.eps, w);
+  return feature::cosine_row<double>(st, ss, tt, ms, mt, p.eps, w, p.dim);
 }
 
 // The gradients of one slice of a cosine row (0 for a row of weight 0).

@@ -131,9 +131,15 @@ def test_row_widths(name, D, dtype):
     kdfast.set_backend("native")
     if name == "cosine_loss":
         s, t = data(5, D, dtype=dtype), data(5, D, dtype=dtype)
-        # D = 1: the exact gradient is 0, a difference of terms of size 1 / |s| (and 1 / |t|)
+        # D = 1: the float64 reference's gradient is rounding residue of terms of size 1 / |s|, 1 / |t|
         floor = float(max((1 / s.double().abs()).norm(), (1 / t.double().abs()).norm())) / 5 if D == 1 else 0.0
         check(name, s, t, reduction="mean", floor=floor)
+        if D == 1:  # a one-element row's cosine is the constant sign(s t): its gradients are exactly 0
+            s, t = s.requires_grad_(), t.requires_grad_()
+            out = kdfast.cosine_loss(s, t, reduction="none")
+            assert torch.equal(out.double(), 1 - torch.sign(s.double() * t.double()).squeeze(1))
+            out.sum().backward()
+            assert (s.grad == 0).all() and (t.grad == 0).all(), (s.grad, t.grad)
     elif name == "logit_mse":
         check(name, data(D, dtype=dtype), data(D, dtype=dtype), reduction="sum")
     else:
