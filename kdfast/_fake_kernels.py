@@ -9,7 +9,7 @@ from kdfast._validation import compute_dtype
 
 @torch.library.register_fake("kdfast::softmax_kl")
 def _softmax_kl_fake(student, teacher, inv_temperature, divergence, mix, row_weight, grad_student, grad_teacher, grad_scale=1.0):
-    return _row_op_fake(student, teacher, row_weight, grad_student, grad_teacher)
+    return _row_op_fake(student, teacher, row_weight, grad_student, grad_teacher, torch.float64)
 
 
 @torch.library.register_fake("kdfast::feature_match")
@@ -26,10 +26,11 @@ def _sparse_kl_fake(student, teacher_logprobs, indices, inv_temperature, tail, r
     return loss, gs, gt
 
 
-def _row_op_fake(student, teacher, row_weight, grad_student, grad_teacher):
-    """(loss per row in row_weight's dtype, gradient or empty, gradient or empty) of (rows, V) inputs."""
+def _row_op_fake(student, teacher, row_weight, grad_student, grad_teacher, loss_dtype=None):
+    """(loss per row in loss_dtype or row_weight's, gradient or empty, gradient or empty) of (rows, V)
+    inputs."""
     torch._check(student.dim() == 2 and student.shape == teacher.shape)
-    kl = row_weight.new_empty((student.shape[0],))
+    kl = row_weight.new_empty((student.shape[0],), dtype=loss_dtype or row_weight.dtype)
     gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
     gt = teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty((0,))
     return kl, gs, gt

@@ -67,7 +67,7 @@ class FusedLossFunction(torch.autograd.Function):
         if student.dtype == torch.float16 and student.device.type != "cpu":  # [B7]
             losses, _, _ = below_autograd(op, student, teacher, *params, weight, False, False)
             ctx.save_for_backward(student, teacher, weight)
-            return losses * weight
+            return _weighted(losses, weight)
         compiling = torch.compiler.is_compiling()
         if op in _SCALABLE and not compiling and student.device.type == "cpu" and student.dtype != torch.float16:
             ctx.key = (op, params, student.dtype)  # [B3] backward reads the upstream factor
@@ -79,7 +79,7 @@ class FusedLossFunction(torch.autograd.Function):
         else:  # [B1]
             ctx.save_for_backward(student, teacher, weight)
             ctx.buffers = (gs, gt)
-        return losses * weight
+        return _weighted(losses, weight)
 
     @staticmethod
     def backward(ctx, ratio):
@@ -183,10 +183,20 @@ def differentiable_grads(op, student, teacher, weight, params, ratio, want):
     return tuple(next(grads) if w else None for w in want)
 
 
+def _weighted(losses, weight):
+    """weight * losses in weight's dtype, in one op: softmax_kl's rows are float64 (a KL of float
+    logits may exceed FLT_MAX where the weighted row, T^2 / N KL, does not)."""
+    if losses.dtype == weight.dtype:
+        return losses * weight
+    if torch.compiler.is_compiling():
+        return (losses * weight).to(weight.dtype)
+    return torch.mul(losses, weight, out=torch.empty_like(weight))
+
+
 def fused_loss(op, student, teacher, weight, *params):
     """weight * op's per-row / per-group losses, differentiable; without grad mode
     (torch.no_grad, eval loops) no gradient is computed at all. (Function.apply cannot tell: its
     needs_input_grad follows requires_grad even under no_grad.)"""
     if torch.is_grad_enabled():
         return FusedLossFunction.apply(op, student, teacher, weight, *params)
-    return below_autograd(op, student, teacher, *params, weight, False, False)[0] * weight
+    return _weighted(below_autograd(op, student, teacher, *params, weight, False, False)[0], weight)

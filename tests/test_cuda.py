@@ -925,8 +925,7 @@ EMU_PATHS["chunks"]["KDFAST_CUDA_KL_CHUNK"] = "512"  # a few chunks per row (eac
 
 def _emu_softmax_kl(emu, s, t, inv_t, w, gs=True, gt=True):
     R, V = s.shape
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    kl = torch.full((R,), math.nan, dtype=acc)
+    kl = torch.full((R,), math.nan, dtype=torch.float64)  # the op's loss rows are float64 for every dtype
     G = torch.full((R, V), math.nan, dtype=s.dtype) if gs else None
     H = torch.full((R, V), math.nan, dtype=s.dtype) if gt else None
     emu.emu_softmax_kl_reload_knobs()  # the knobs as the test set them (the kernels read them once)
@@ -994,8 +993,7 @@ def test_emu_softmax_kl(emu, path_name, dtype, case, monkeypatch):
 
 def _emu_check_kl(emu, s, t, inv_t):
     """The emulated kernel against float64 on rows of weight 1, as check_kl does it: norm-wise within
-    the conditioning floors, the KL rounded to the accumulation type (inf exactly where it
-    overflows), the teacher gradient on rows whose KL is finite."""
+    the conditioning floors, the teacher gradient on rows whose KL is finite."""
     R = s.shape[0]
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     kl, gs, gt = _emu_softmax_kl(emu, s, t, inv_t, torch.ones(R, dtype=acc))
@@ -1003,8 +1001,8 @@ def _emu_check_kl(emu, s, t, inv_t):
     rows = ref.softmax_kl_div(sd, td, temperature=1 / inv_t, reduction="none")
     rows.sum().backward()
     vfloor, sfloor, tfloor = kl_floors(sd, td, 1 / inv_t)
-    want = overflow_as(rows.detach(), acc)
-    assert_close_scaled(kl, want, vfloor, 1e-10 if acc == torch.float64 else 2e-5, "loss")
+    # the op's loss rows are float64: a KL beyond FLT_MAX stays finite there
+    assert_close_scaled(kl, rows.detach(), vfloor, 1e-10 if acc == torch.float64 else 2e-5, "loss")
     gtol = GRAD_TOL[s.dtype] if s.dtype != torch.float32 else 2e-5
     inf_rows = ~torch.isfinite(vfloor).unsqueeze(-1).expand_as(gs)
     for got, want_g, floor, skip, what in ((gs, sd.grad, sfloor, None, "student gradient"),
@@ -1094,8 +1092,7 @@ def _emu_div(emu, s, t, inv_t, name, mix, w, gs=True, gt=True):
     if swap:
         s, t, gs, gt = t, s, gt, gs
     R, V = s.shape
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    loss = torch.full((R,), math.nan, dtype=acc)
+    loss = torch.full((R,), math.nan, dtype=torch.float64)  # the op's loss rows are float64 for every dtype
     G = torch.full((R, V), math.nan, dtype=s.dtype) if gs else None
     H = torch.full((R, V), math.nan, dtype=s.dtype) if gt else None
     emu.emu_softmax_kl_reload_knobs()
@@ -1468,6 +1465,25 @@ def test_emu_feature_match(emu, cosine, R, D, case, dtype):
     # the student gradient alone matches the one computed with both
     alone = _emu_feature_match(emu, s, t, cosine, 1e-8, w, gt=False)
     assert same_bits(alone[1], got[1]) and same_bits(alone[0], got[0])
+
+
+@dtype_params((torch.float32, torch.bfloat16, torch.float64))
+def test_emu_cosine_one_element_rows_exact(emu, dtype):
+    """A one-element row's cosine is the constant sign(s t): loss 0 or 2 and gradients exactly 0 (not
+    the rounding residue of s / |s| - t / |t|), as on the CPU; a side clamped at eps keeps its gradient."""
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(9, 1, generator=g, dtype=torch.float64) * 7).to(dtype)
+    t = (torch.randn(9, 1, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    s[8, 0] = 1e-9  # below eps: clamped norm, a real gradient
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    loss, gs, gt = _emu_feature_match(emu, s, t, True, 1e-8, torch.ones(9, dtype=acc))
+    sign = torch.sign(s.double() * t.double()).squeeze(1)
+    assert torch.equal(loss[:8].double(), (1 - sign)[:8])
+    assert (gs[:8] == 0).all() and (gt == 0).all(), (gs, gt)  # t's norm is unclamped in every row
+    assert gs[8, 0] != 0
+    cpu = torch.ops.kdfast.feature_match(s, t, True, 1e-8, torch.ones(9, dtype=acc), True, True)
+    assert all(same_bits(a, b) for a, b in zip(cpu, (loss, gs, gt))), "the CPU kernel agrees bit for bit"
+    check_feature_rows((loss, gs, gt), s, t, True, 1e-8, torch.ones(9, dtype=acc), skip_loss_rows=())
 
 
 # ----------------------------------------------------------------------------- top-k KL (emulation)

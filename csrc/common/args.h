@@ -18,7 +18,8 @@ struct RowPairArgs {
   int64_t rows, cols;
   int64_t student_row_stride, teacher_row_stride;  // in elements; 0 broadcasts one row
   const void* row_weight;  // rows, acc type (double for double input, else float); 0 skips a row
-  void* loss_rows;         // rows, acc type: unweighted loss, 0 on skipped rows
+  void* loss_rows;         // rows: unweighted loss, 0 on skipped rows; acc type, but double for softmax_kl
+                           // (a KL of float logits can exceed FLT_MAX where T^2 KL does not)
   void* grad_student;      // rows x cols contiguous, or null: row_weight * dL/ds (0 on skipped rows)
   void* grad_teacher;      // rows x cols contiguous, or null
   double grad_scale = 1;   // gradients times this, with the bits of a scale_rows_ pass after them

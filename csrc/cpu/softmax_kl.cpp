@@ -671,7 +671,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   const T* S = static_cast<const T*>(p.student);
   const T* Tt = static_cast<const T*>(p.teacher);
   const acc_t* W = static_cast<const acc_t*>(p.row_weight);
-  acc_t* KL = static_cast<acc_t*>(p.loss_rows);
+  double* KL = static_cast<double*>(p.loss_rows);
   T* GS = static_cast<T*>(p.grad_student);
   T* GT = static_cast<T*>(p.grad_teacher);
   const int64_t R = p.rows, V = p.cols;
@@ -727,7 +727,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
           float* et = want_grad ? scratch.data() + V : nullptr;
           float fms, fmt;
           RowStats st = row_online(s, t, V, u, es, et, bms, bmt, fms, fmt);
-          KL[r] = static_cast<float>(kl::row_value(st.zs, st.zt, st.a * inv_h));
+          KL[r] = kl::row_value(st.zs, st.zt, st.a * inv_h);
           if (want_grad && std::isnan(KL[r])) {
             nan_grad_row(gs, V), nan_grad_row(gt, V);
           } else if (want_grad) {
@@ -746,7 +746,7 @@ void softmax_kl_typed(const SoftmaxKLArgs& p) {
   const std::vector<acc_t>&ms = sp.ms, &mt = sp.mt;
   const std::vector<RowStats>& st = sp.st;
   for (int64_t r = 0; r < R; ++r) {
-    KL[r] = W[r] == acc_t(0) ? acc_t(0) : static_cast<acc_t>(kl::row_value(st[r].zs, st[r].zt, st[r].a * inv_h));
+    KL[r] = W[r] == acc_t(0) ? 0.0 : kl::row_value(st[r].zs, st[r].zt, st[r].a * inv_h);
   }
   if (!want_grad) return;
   sp.for_chunks([&](int64_t r, int64_t b, int64_t n) {
@@ -778,7 +778,7 @@ void divergence_typed(const SoftmaxKLArgs& p) {
   const T* S = static_cast<const T*>(p.student);
   const T* Tt = static_cast<const T*>(p.teacher);
   const acc_t* W = static_cast<const acc_t*>(p.row_weight);
-  acc_t* L = static_cast<acc_t*>(p.loss_rows);
+  double* L = static_cast<double*>(p.loss_rows);
   T* GS = static_cast<T*>(p.grad_student);
   T* GT = static_cast<T*>(p.grad_teacher);
   const int64_t R = p.rows, V = p.cols;
@@ -831,7 +831,7 @@ void divergence_typed(const SoftmaxKLArgs& p) {
         }
         const auto row = row_kernel(ms, mt, st.zs, st.zt);
         const DivStats ds = row.stats(s, t, V, c);
-        L[r] = static_cast<acc_t>(div::row_value(ds.f));
+        L[r] = div::row_value(ds.f);
         if (want_grad && std::isnan(L[r])) {
           nan_grad_row(gs, V), nan_grad_row(gt, V);
         } else if (want_grad) {
@@ -857,7 +857,7 @@ void divergence_typed(const SoftmaxKLArgs& p) {
     DivStats& d = ds[i / nchunk];
     d.f += cds[i].f, d.su += cds[i].su, d.sw += cds[i].sw;
   }
-  for (int64_t r = 0; r < R; ++r) L[r] = W[r] == acc_t(0) ? acc_t(0) : static_cast<acc_t>(div::row_value(ds[r].f));
+  for (int64_t r = 0; r < R; ++r) L[r] = W[r] == acc_t(0) ? 0.0 : static_cast<double>(div::row_value(ds[r].f));
   if (!want_grad) return;
   sp.for_chunks([&](int64_t r, int64_t b, int64_t n) {
     T* gs = GS ? GS + r * V + b : nullptr;

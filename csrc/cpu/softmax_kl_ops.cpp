@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& 
                                                               double grad_scale) {
   check_softmax_kl(s, t, inv_temperature, divergence, mix, row_weight, grad_scale);
   const int64_t R = s.size(0), V = s.size(1);
-  at::Tensor kl = at::empty({R}, row_weight.options());
+  at::Tensor kl = at::empty({R}, row_weight.options().dtype(at::kDouble));  // a KL of float logits may exceed FLT_MAX
   at::Tensor gs = grad_student ? empty_cpu_fast({R, V}, s.scalar_type()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? empty_cpu_fast({R, V}, t.scalar_type()) : at::empty({0}, t.options());
   if (R == 0) return {kl, gs, gt};

@@ -301,7 +301,7 @@ struct KLParams {
   double inv_t;
   double h;       // units of a, b and A: 2^-kl::scale_exponent(V, inv_t)
   const void* w;  // rows, acc type
-  void* kl;       // rows, acc type
+  void* kl;       // rows, double (a KL of float logits may exceed FLT_MAX)
   void* gs;       // rows x V contiguous, or null
   void* gt;
   int64_t row0;  // first row of this launch
@@ -414,7 +414,7 @@ template <typename T, typename A>
 __device__ __forceinline__ void zero_row(const KLParams& p, const GlobalSlice<T>& sl, int64_t row, int rank) {
   zero_fill(sl.gs, sl.n);
   zero_fill(sl.gt, sl.n);
-  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = A(0);
+  if (rank == 0 && threadIdx.x == 0) static_cast<double*>(p.kl)[row] = 0;
 }
 
 // The work of one CTA on its slice of a row once the slice is in shared memory (bs, bt as loaded
@@ -466,7 +466,7 @@ __device__ __forceinline__ void cluster_row(const KLParams& p, const GlobalSlice
   }
   block_reduce(sums, sh.red, AddOp());
   cluster_reduce(sums, sh.sum, C, rank, AddOp(), false);
-  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2], p.h));
+  if (rank == 0 && threadIdx.x == 0) static_cast<double*>(p.kl)[row] = kl_value(sums[0], sums[1], sums[2], p.h);
   if (!want_grad || nn == 0) return;
 
   const RowK<A> k = row_constants(w, f, inv_t, sums[0], sums[1], sums[2]);
@@ -564,7 +564,7 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
     if (full) {
       zero_fill(sl.gs, sl.n);
       zero_fill(sl.gt, sl.n);
-      if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = A(0);
+      if (threadIdx.x == 0) static_cast<double*>(p.kl)[row] = 0;
     }
     return;
   }
@@ -585,7 +585,7 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
     }
     return;
   }
-  if (threadIdx.x == 0) static_cast<A*>(p.kl)[row] = static_cast<A>(kl_value(sums[0], sums[1], sums[2], p.h));
+  if (threadIdx.x == 0) static_cast<double*>(p.kl)[row] = kl_value(sums[0], sums[1], sums[2], p.h);
   if (sl.gs == nullptr && sl.gt == nullptr) return;
   const RowK<A> k = row_constants(w, f, inv_t, sums[0], sums[1], sums[2]);
   sl.grads_from_global(k);
@@ -598,9 +598,9 @@ __global__ void kl_combine_kernel(KLParams p, int64_t nrows, int nchunk, const A
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= nrows) return;
   const int64_t row = p.row0 + i;
-  A* KL = static_cast<A*>(p.kl);
+  double* KL = static_cast<double*>(p.kl);
   if (static_cast<const A*>(p.w)[row] == A(0)) {
-    KL[row] = A(0);
+    KL[row] = 0;
     return;
   }
   const double ninf = -std::numeric_limits<double>::infinity();
@@ -628,7 +628,7 @@ __global__ void kl_combine_kernel(KLParams p, int64_t nrows, int nchunk, const A
       acc += f * ak + zk_t * (f * (dt - ds) * p.h);
     }
   }
-  KL[row] = static_cast<A>(kl_value(zs, zt, acc, p.h));
+  KL[row] = kl_value(zs, zt, acc, p.h);
   A* st = stats + i * 5;
   st[0] = static_cast<A>(rs), st[1] = static_cast<A>(rt);
   st[2] = static_cast<A>(zs), st[3] = static_cast<A>(zt), st[4] = static_cast<A>(acc);
@@ -880,11 +880,11 @@ __global__ void __launch_bounds__(kThreads) div_rows_kernel(KLParams p) {
   const int64_t row = p.row0 + blockIdx.x;
   const A w = static_cast<const A*>(p.w)[row];
   const GlobalSlice<T> sl(p, row, 0, p.V);
-  A* loss = static_cast<A*>(p.kl);
+  double* loss = static_cast<double*>(p.kl);
   if (w == A(0)) {
     zero_fill(sl.gs, sl.n);
     zero_fill(sl.gt, sl.n);
-    if (threadIdx.x == 0) loss[row] = A(0);
+    if (threadIdx.x == 0) loss[row] = 0;
     return;
   }
   A mz[4] = {neg_inf<A>(), neg_inf<A>(), A(0), A(0)};
@@ -948,9 +948,9 @@ template <typename A>
 __global__ void div_combine_stats_kernel(KLParams p, int64_t nrows, int nchunk, const A* part, A* stats) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= nrows) return;
-  A* loss = static_cast<A*>(p.kl);
+  double* loss = static_cast<double*>(p.kl);
   if (static_cast<const A*>(p.w)[p.row0 + i] == A(0)) {
-    loss[p.row0 + i] = A(0);
+    loss[p.row0 + i] = 0;
     return;
   }
   const A* q = part + i * nchunk * 3;
@@ -1023,7 +1023,7 @@ __global__ void __launch_bounds__(kThreads) div_cluster_kernel(KLParams p, int C
   block_reduce(st, sh.red, AddOp());
   cluster_reduce(st, slots_st, C, rank, AddOp(), false);
   const A v = div_finish(r, dc.k, x.w, dc.inv_t, st);
-  if (rank == 0 && threadIdx.x == 0) static_cast<A*>(p.kl)[x.row] = v;
+  if (rank == 0 && threadIdx.x == 0) static_cast<double*>(p.kl)[x.row] = v;
   if (sl.n == 0 || (sl.gs == nullptr && sl.gt == nullptr)) return;
   if (sl.vec) {
     pass_div_grad<D, P>(bs, bt, sl.o, sl.n, r, sl.gs ? sl.gs - sl.o : nullptr, sl.gt ? sl.gt - sl.o : nullptr);

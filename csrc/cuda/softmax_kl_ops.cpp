@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor&
   TORCH_CHECK(s.is_cuda(), "softmax_kl: expected CUDA tensors, got ", s.device());
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t R = s.size(0), V = s.size(1);
-  at::Tensor kl = at::empty({R}, row_weight.options());
+  at::Tensor kl = at::empty({R}, row_weight.options().dtype(at::kDouble));  // a KL of float logits may exceed FLT_MAX
   at::Tensor gs = grad_student ? at::empty({R, V}, s.options()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? at::empty({R, V}, t.options()) : at::empty({0}, t.options());
   if (R == 0) return {kl, gs, gt};

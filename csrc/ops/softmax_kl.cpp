@@ -105,7 +105,8 @@ void check_softmax_kl_shard(const char* name, const at::Tensor& s, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // Per-row temperature softmax-KL, or another divergence of the family. Returns (kl_rows, grad_student, grad_teacher): kl_rows is the
-  // unweighted KL of each row (0 where row_weight is 0), and each gradient is
+  // unweighted KL of each row (0 where row_weight is 0), in float64 for every input dtype (the KL of
+  // float logits reaches 2 FLT_MAX / T, where T^2 KL is still a float), and each gradient is
   // grad_scale * row_weight[r] * dKL_r/d(input) when asked for, else an empty tensor; the product
   // with grad_scale is rounded as a scale_rows_ pass after the op would round it. Leading dims are
   // flattened by the caller; the last dim must have unit stride.
