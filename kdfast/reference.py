@@ -133,8 +133,10 @@ def divergence_terms(student_logits, teacher_logits, temperature, divergence="kl
     lp, lq = torch.where(both_zero, zero, log_p), torch.where(both_zero, zero, log_q)
     if mix == 1:
         # M = P (skew KL at alpha = 1: KL(P||P) = 0). The student still enters, as in the kernels'
-        # M = 1 P + 0 Q: its NaN propagates (never hidden) and it gets a (zero) gradient, not None.
-        log_m = torch.where(lq.isnan(), lq, lp)
+        # M = 1 P + 0 Q: its NaN propagates (never hidden), it gets a (zero) gradient, not None, and
+        # in a NaN row (a teacher without mass) a NaN one, as at every alpha < 1 (0 x its finite
+        # log-probabilities carries the row's NaN back to it).
+        log_m = torch.where(lq.isnan(), lq, lp) + 0 * torch.where(lq.isfinite(), lq, zero)
     else:
         log_m = torch.logaddexp(lp + math.log(mix), lq + math.log1p(-mix))
     if divergence == "jsd":

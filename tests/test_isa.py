@@ -127,6 +127,22 @@ def test_isa_equal_distributions_give_exact_zeros(cpu_isa, dtype, V):
         assert (g == 0).all(), f"max |gradient| {g.abs().max().item():.3g}"
 
 
+@pytest.mark.parametrize("want", ["both", "student", "teacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("V", [7, 5000, 70001])
+def test_isa_tvd_equal_rows_zero_subgradient(cpu_isa, dtype, V, want):
+    """TVD's gradient is a sign of P - Q: a student equal to the teacher must give P = Q exactly and
+    the zero subgradient (the reference's sign(0) = 0), whichever gradients are asked for (an FMA
+    contracted into P - Q made it a full +-1 term when one side was asked alone)."""
+    s = (torch.randn(3, V, dtype=torch.float64) * 3).to(dtype)
+    s1, t1 = s.clone().requires_grad_(want != "teacher"), s.clone().requires_grad_(want != "student")
+    out = kdfast.tv_distance(s1, t1, temperature=1.7, reduction="sum")
+    out.backward()
+    assert out == 0, out
+    for g in (s1.grad, t1.grad):
+        assert g is None or (g == 0).all(), f"max |gradient| {g.abs().max().item():.3g}"
+
+
 # Chunk and block bounds of the CPU kernels: online-softmax blocks of 2048 on the row path, split
 # chunks of 32768 (rows < 16, V >= 65536).
 EDGE_POSITIONS = {5000: [0, 2047, 2048, 4095, 4096, 4999],

@@ -576,7 +576,8 @@ struct DivRowDouble {
     const double lz = -std::log(izs) + std::log(izt);
     for (int64_t i = 0; i < n; ++i) {
       const double a = (s[i] - ms) * invt, b = (t[i] - mt) * invt;
-      const double q = std::exp(a) * izs, p = std::exp(b) * izt;
+      // rounded on their own (kl::mul_rn): equal rows give P = Q exactly, so TVD's sign is 0
+      const double q = kl::mul_rn(std::exp(a), izs), p = kl::mul_rn(std::exp(b), izt);
       double f, uu, w;
       div::terms<D, div::ScalarOps<double>>(p, q, (b - a) + lz, k, f, uu, w);
       fn(i, p, q, f, uu, w);

@@ -676,8 +676,9 @@ struct DivRow {
   A su, sw;      // pass (2)'s sums
   A gcs, gct;    // row_weight / T * cq, * cp
   bool nan;      // the row's value is NaN: NaN gradients throughout
-  __device__ __forceinline__ A q(A x) const { return ex2((x - rs) * c) * izs; }
-  __device__ __forceinline__ A p(A x) const { return ex2((x - rt) * c) * izt; }
+  // Rounded on their own (kl::mul_rn): equal logits and sums give P = Q exactly, so TVD's sign is 0.
+  __device__ __forceinline__ A q(A x) const { return kl::mul_rn(ex2((x - rs) * c), izs); }
+  __device__ __forceinline__ A p(A x) const { return kl::mul_rn(ex2((x - rt) * c), izt); }
   // log(P/Q) of an element from its logits (div::terms; JSD reads it)
   __device__ __forceinline__ A lpq(A xs, A xt) const { return ((xt - rt) - (xs - rs)) * inv_t + lz; }
 };

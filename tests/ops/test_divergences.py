@@ -677,3 +677,24 @@ def test_reference_unknown_divergence():
     s = torch.randn(2, 5)
     with pytest.raises(ValueError, match="divergence must be one of"):
         ref.divergence_rows(s, s.clone(), 1.0, "hellinger", 0.5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_skew_alpha_one_nan_row_gives_nan_gradients(backend, reverse):
+    """Skew KL at alpha = 1 is KL(P||P) = 0 whatever the other side, but a row without mass on the
+    mixing side is NaN, and a NaN row sends NaN to both sides, as at every alpha < 1 (the reference
+    gave it zero gradients); the other rows get exact zeros."""
+    if backend == "native" and not kdfast.native_available():
+        pytest.skip("native extension not built")
+    kdfast.set_backend(backend)
+    ni = -math.inf
+    mixing = torch.tensor([[0.3, ni, 2.0], [ni, ni, ni]], dtype=torch.float64)
+    other = torch.tensor([[ni, 2.4, 11.0], [1.0, 7.3, ni]], dtype=torch.float64)
+    s, t = (mixing, other) if reverse else (other, mixing)
+    s, t = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = kdfast.skew_kl_div(s, t, alpha=1.0, reverse=reverse, reduction="none")
+    out.sum().backward()
+    assert out[0] == 0 and out[1].isnan()
+    for g in (s.grad, t.grad):
+        assert (g[0] == 0).all() and g[1].isnan().all(), g
