@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils._pytree
+import torch.utils._python_dispatch
 
 import kdfast
 from kdfast import distributed as kdd, reference
@@ -103,9 +106,15 @@ def _head_reference(hs, ws, bs, ht, wt, bt, labels, kw):
     return rows.sum() if kw["reduction"] == "sum" else rows.sum() / keep.sum()
 
 
+# tokens per chunk of the fused head's cases, in turn: the default (one chunk here), single tokens,
+# and sizes that do not divide the 8 tokens (a short last chunk)
+HEAD_CHUNKS = (None, 3, 1, 5, 8, 2)
+
+
 def _check_fused_head(group, seed, V):
     """kdfast.distributed.fused_linear_distill_loss on weight and bias slices against the full head:
-    loss, the hidden states' full gradients, the slices' gradients (student and teacher)."""
+    loss, the hidden states' full gradients, the slices' gradients (student and teacher), with the
+    chunk sizes of HEAD_CHUNKS in turn (and every one of them on two cases)."""
     start, stop = kdd.vocab_range(V, group)
     g = torch.Generator().manual_seed(seed)
     d = dict(dtype=torch.float64)
@@ -118,7 +127,11 @@ def _check_fused_head(group, seed, V):
              for r in ("mean", "sum", "none") for hw in (0.0, 0.7)]
     cases += [dict(divergence="reverse_kl", reduction="mean", hard_weight=0.3, temperature=2.0, student_softcap=3.0,
                    teacher_softcap=4.0, soft_weight=0.5), dict(divergence="jsd", beta=0.2, reduction="mean"),
-              dict(divergence="skew_kl", alpha=0.4, reduction="sum", hard_weight=1.0)]
+              dict(divergence="skew_kl", alpha=0.4, reduction="sum", hard_weight=1.0),
+              dict(divergence="kl", reduction="mean", hard_weight=0.5, soft_weight=0.0)]
+    cases = [dict(kw, chunk_size=HEAD_CHUNKS[i % len(HEAD_CHUNKS)]) for i, kw in enumerate(cases)]
+    cases += [dict(divergence=dv, reduction=r, hard_weight=0.4, chunk_size=c, student_softcap=5.0)
+              for dv, r in (("kl", "none"), ("jsd", "mean")) for c in HEAD_CHUNKS]
     for kw in cases:
         ref_in = [x.clone().requires_grad_() for x in full]
         want = _head_reference(*ref_in[:3], *ref_in[3:], labels, kw)
@@ -144,12 +157,71 @@ def _check_fused_head(group, seed, V):
     bad = labels.clone()
     bad[1, 1] = V
     try:
-        kdd.fused_linear_distill_loss(loc[0], loc[1], loc[3], loc[4], labels=bad, hard_weight=1.0, group=group)
+        kdd.fused_linear_distill_loss(loc[0], loc[1], loc[3], loc[4], labels=bad, hard_weight=1.0, chunk_size=3,
+                                      group=group)
     except ValueError as e:
         assert "labels" in str(e), e
     else:
         raise AssertionError("an out-of-range label was accepted")
     return n
+
+
+class _PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensor storages created under it and alive at once (what a tracking
+    allocator sees above the inputs, gradients included; scratch inside an op is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = st.nbytes()
+                    self.now += st.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(st, self._free, key)
+        return out
+
+
+def _check_fused_head_memory(group):
+    """The fused head's memory above its inputs, forward and backward, scales with the chunk of
+    tokens, not with tokens x V_local: one chunk's (chunk x V_local) buffers, the O(tokens x H)
+    hidden gradients and O(tokens) per-row numbers."""
+    world = dist.get_world_size(group)
+    H, V_local = 4, 3000
+    start, stop = kdd.vocab_range(V_local * world, group)
+
+    def peak(N, chunk, divergence):
+        g = torch.Generator().manual_seed(N)
+        hs, ht = (torch.randn(N, H, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+        ws, wt = (torch.randn(V_local * world, H, generator=g, dtype=torch.float64)[start:stop].clone()
+                  .requires_grad_() for _ in range(2))
+        labels = torch.randint(0, V_local * world, (N,), generator=g)
+        with _PeakMemory() as m:
+            kdd.fused_linear_distill_loss(hs, ws, ht, wt, divergence=divergence, labels=labels, hard_weight=0.5,
+                                          chunk_size=chunk, group=group).backward()
+        return m.peak
+
+    logits = 8 * V_local  # bytes of one token's float64 logits slice
+    N, C = 64, 4
+    for divergence in ("kl", "jsd"):
+        small, big, more_tokens = peak(N, C, divergence), peak(N, 4 * C, divergence), peak(2 * N, C, divergence)
+        what = (f"fused head memory {divergence}: {N} tokens chunk {C} {small} B, chunk {4 * C} {big} B, "
+                f"{2 * N} tokens {more_tokens} B")
+        # N x V_local logits would be 1.5 MB each; a chunk needs a few (C x V_local) buffers
+        assert small < 12 * C * logits + 2 * N * 8 * (H + 16) + 2 * V_local * 8 * H, what
+        assert big - small > 2 * 3 * C * logits, what  # the (chunk x V_local) buffers grow with the chunk
+        assert more_tokens - small < 2 * N * 8 * (H + 16), what  # more tokens: only O(tokens) more
+    print(what) if os.environ.get("KDFAST_TEST_VERBOSE") else None
+    return 1
 
 
 def _check_dtensor(mesh, mesh_dim, seed, V):
@@ -236,6 +308,7 @@ def _worker(rank, world, init_file, queue, backend="gloo"):
             if world == 3:  # V = 2 over 3 ranks: the last slice is empty
                 n += _check_losses(None, 4, 2, torch.float64)
             n += _check_fused_head(None, 6, 10)
+            n += _check_fused_head_memory(None)
             from torch.distributed.device_mesh import init_device_mesh
             _check_dtensor(init_device_mesh("cpu", (world,)), 0, 5, 11)
             if world == 2:
