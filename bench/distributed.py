@@ -17,7 +17,8 @@ bytes of the tensors handed to all_reduce / all_gather, forward and backward), c
 torch.distributed's collectives. Writes bench/results/<machine-tag>/distributed.json and prints a
 table.
 
-    python -m bench --only distributed [--rows 2048 --vocab 32000 --repeats 5]
+    python -m bench --only distributed
+    python -m bench.distributed [--rows 2048 --vocab 32000 --hidden 512 --repeats 5 --head-only]
 """
 import argparse
 import json
@@ -113,7 +114,7 @@ def _worker(rank, init_file, args, queue):
         t = torch.randn(args.rows, V, generator=g) * 3
         counter = _Counter()
         out = {}
-        for key, fn in _methods().items():
+        for key, fn in ({} if args.head_only else _methods()).items():
             times, byts, value = [], None, None
             for i in range(args.repeats + 1):
                 s = s0.clone().requires_grad_()
@@ -178,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hidden", type=int, default=512, help="hidden width of the fused-head cases")
+    ap.add_argument("--head-only", action="store_true", help="only the fused-head cases")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)

@@ -9,6 +9,8 @@ reduction "mean" and "sum" the forward computes every gradient and backward only
 the upstream scalar: the cost is the four products of the GEMM floor plus one streaming pass.
 reduction="none" has a per-token upstream gradient, unknown in forward: its forward computes the
 losses alone and backward runs the chunks again with those weights (two more GEMMs, the logits).
+The per-chunk loss and logit-gradient step is a head object (LocalHead here; kdfast.distributed's
+runs it on vocabulary slices of column-parallel heads), the rest of the loop is shared.
 """
 import torch
 
