@@ -355,9 +355,12 @@ def _worker(rank, world, init_file, queue, backend="gloo"):
             dist.destroy_process_group()
 
 
-def _context():
+def _context(backend):
     """A fork server that has imported torch, kdfast and this module once: each rank is a fork of
-    it instead of a fresh interpreter (process start-up dominated these tests)."""
+    it instead of a fresh interpreter (process start-up dominated these tests). NCCL: spawn, as
+    importing this module asks CUDA for its devices, after which a fork may not use CUDA."""
+    if backend == "nccl":
+        return mp.get_context("spawn")
     try:
         ctx = mp.get_context("forkserver")
     except ValueError:  # no fork server on this platform
@@ -370,7 +373,7 @@ def _context():
 def _run_groups(worlds, backend, timeout=240):
     """One process group per world size, all at once: {world: {check: [(rank, error, cases)]}};
     a rank that stopped early reports its error under the check it was in."""
-    ctx = _context()
+    ctx = _context(backend)
     queue = ctx.Queue()
     results = {w: {} for w in worlds}
     with tempfile.TemporaryDirectory() as d:
