@@ -322,6 +322,7 @@ GLOO_CHECKS = {
         ("losses_masked_vocab", lambda g: _check_losses(g, 2, 13, F64, neg_inf=True)),
         ("losses_empty_slice", lambda g: _check_losses(g, 4, 2, F64)),  # V = 2 over 3 ranks
         ("fused_head", lambda g: _check_fused_head(g, 6, 10)),
+        ("fused_head_empty_slice", lambda g: _check_fused_head(g, 8, 2)),
         ("dtensor", lambda g: _check_dtensor(_mesh(3), 0, 5, 11))],
     4: [("losses_tp_groups", lambda g: _check_losses(g, 100 + _data(g), 7, F64)),
         ("fused_head_tp_groups", lambda g: _check_fused_head(g, 200 + _data(g), 9)),
