@@ -52,7 +52,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.only and "distributed" in args.only:
         from bench import distributed
-        return distributed.main((["--rows", "64", "--vocab", "1000", "--repeats", "1"] if args.quick else [])
+        return distributed.main((["--rows", "64", "--vocab", "1000", "--hidden", "16", "--repeats", "1"] if args.quick else [])
                                 + (["--json", args.json] if args.json else []))
     t0 = time.perf_counter()
     settings = harness.Settings.for_mode("full" if args.full else "quick" if args.quick else "default")

@@ -8,12 +8,17 @@ and runs one forward and backward (student gradient) of the loss over the full v
               divergence's elementwise terms, a differentiable all_reduce(SUM) of the row sums
   allgather   all_gather the logits (differentiable for the student), then kdfast's single-device
               fused loss on the full rows, and the gradient's slice taken back
+and the column-parallel fused head (fused-kl, fused-jsd): kdfast.distributed.fused_linear_distill_loss
+from replicated hidden states (rows x --hidden) and each rank's V/2 x hidden weight slices of both
+heads (gradients of the student's hidden states and weight), with its peak memory above the inputs
+(VmHWM, as bench/memory_probe.py measures it, in one extra step after the timed ones).
 Reports the median time of a step on rank 0 and the collective payload per rank and step (the
 bytes of the tensors handed to all_reduce / all_gather, forward and backward), counted by wrapping
 torch.distributed's collectives. Writes bench/results/<machine-tag>/distributed.json and prints a
 table.
 
-    python -m bench --only distributed [--rows 2048 --vocab 32000 --repeats 5]
+    python -m bench --only distributed
+    python -m bench.distributed [--rows 2048 --vocab 32000 --hidden 512 --repeats 5 --head-only]
 """
 import argparse
 import json
@@ -109,7 +114,7 @@ def _worker(rank, init_file, args, queue):
         t = torch.randn(args.rows, V, generator=g) * 3
         counter = _Counter()
         out = {}
-        for key, fn in _methods().items():
+        for key, fn in ({} if args.head_only else _methods()).items():
             times, byts, value = [], None, None
             for i in range(args.repeats + 1):
                 s = s0.clone().requires_grad_()
@@ -125,15 +130,56 @@ def _worker(rank, init_file, args, queue):
                 del s, loss
             out["/".join(key)] = {"median_s": statistics.median(times), "min_s": min(times),
                                   "bytes_per_rank": byts, "loss": value}
+        out.update(_fused_head(args, counter))
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
+
+
+def _fused_head(args, counter):
+    """The column-parallel fused head: time, payload and (one more step) peak memory above inputs."""
+    from bench import memory_probe as mp_
+    from kdfast import distributed as kdd
+    g = torch.Generator().manual_seed(0)  # the hidden states are replicated: the same on every rank
+    hs, ht = (torch.randn(args.rows, args.hidden, generator=g) for _ in range(2))
+    g.manual_seed(1 + dist.get_rank())
+    ws, wt = (torch.randn(args.vocab // WORLD, args.hidden, generator=g) / args.hidden ** 0.5 for _ in range(2))
+    out = {}
+    for loss in ("kl", "jsd"):
+        def step():
+            h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+            dist.barrier()
+            t0 = time.perf_counter()
+            value = kdd.fused_linear_distill_loss(h, w, ht, wt, divergence=loss)
+            value.backward()
+            return time.perf_counter() - t0, float(value)
+        times = []
+        for i in range(args.repeats + 1):
+            before = counter.bytes
+            dt, value = step()
+            byts = counter.bytes - before
+            if i:
+                times.append(dt)
+        libc = mp_._libc()
+        if libc is not None:  # big blocks from mmap, so freed memory leaves and new memory shows as RSS
+            libc.mallopt(mp_._M_MMAP_THRESHOLD, 64 * 1024)
+        mp_._release_caches(libc)
+        base = mp_._status_bytes("VmRSS")
+        peak = None
+        if mp_._reset_peak():
+            step()
+            peak = mp_._status_bytes("VmHWM") - base
+        out[f"fused-{loss}/kdfast"] = {"median_s": statistics.median(times), "min_s": min(times),
+                                       "bytes_per_rank": byts, "loss": value, "peak_bytes": peak}
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench --only distributed")
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=512, help="hidden width of the fused-head cases")
+    ap.add_argument("--head-only", action="store_true", help="only the fused-head cases")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
@@ -152,17 +198,19 @@ def main(argv=None):
     cpu = f"{harness.cpu_model()}, {os.cpu_count()} cores, {WORLD} gloo ranks x 1 thread"
     print(f"vocab-parallel losses, {args.rows} x {args.vocab} fp32 ({args.vocab // WORLD} per rank), forward + "
           f"backward; {cpu}")
-    print(f"{'loss':5} {'method':10} {'median ms':>10} {'min ms':>8} {'bytes/rank':>12} {'vs kdfast':>9}  loss value")
+    print(f"{'loss':9} {'method':10} {'median ms':>10} {'min ms':>8} {'bytes/rank':>12} {'vs kdfast':>9}  loss value"
+          f"  (fused: hidden {args.hidden}, peak MB above inputs)")
     for key, r in res.items():
         loss, method = key.split("/")
         base = res[f"{loss}/kdfast"]["median_s"]
-        print(f"{loss:5} {method:10} {r['median_s'] * 1e3:10.1f} {r['min_s'] * 1e3:8.1f} {r['bytes_per_rank']:12,d} "
-              f"{r['median_s'] / base:8.2f}x  {r['loss']:.6f}")
+        peak = f"  {r['peak_bytes'] / 2**20:.1f} MB" if r.get("peak_bytes") is not None else ""
+        print(f"{loss:9} {method:10} {r['median_s'] * 1e3:10.1f} {r['min_s'] * 1e3:8.1f} {r['bytes_per_rank']:12,d} "
+              f"{r['median_s'] / base:8.2f}x  {r['loss']:.6f}{peak}")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", harness.machine_tag(info),
                                      "distributed.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"cpu": cpu, "rows": args.rows, "vocab": args.vocab, "world": WORLD, "results": res,
+        json.dump({"cpu": cpu, "rows": args.rows, "vocab": args.vocab, "hidden": args.hidden, "world": WORLD, "results": res,
                    "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, f, indent=1)
     print(f"JSON: {path}")
 

@@ -57,8 +57,10 @@ def _check_side(hidden, weight, bias, side):
 
 def check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, divergence,
           beta, alpha, temperature, labels, ignore_index, hard_weight, soft_weight, reduction, student_softcap,
-          teacher_softcap, chunk_size):
-    """Validated Options; raises TypeError / ValueError naming the argument."""
+          teacher_softcap, chunk_size, vocab=None):
+    """Validated Options; raises TypeError / ValueError naming the argument. vocab: the full
+    vocabulary the labels index (None: the weights'; kdfast.distributed passes its group's, the
+    weights being slices of it)."""
     _check_side(student_hidden, student_weight, student_bias, "student")
     _check_side(teacher_hidden, teacher_weight, teacher_bias, "teacher")
     if teacher_hidden.device != student_hidden.device:
@@ -67,7 +69,8 @@ def check(student_hidden, student_weight, teacher_hidden, teacher_weight, studen
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"student_weight has vocabulary {student_weight.shape[0]} (dim 0) but teacher_weight has "
                          f"{teacher_weight.shape[0]}; they must match")
-    if student_weight.shape[0] == 0:
+    vocab = student_weight.shape[0] if vocab is None else vocab
+    if vocab == 0:
         raise ValueError("student_weight has an empty vocabulary (dim 0 is 0)")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
@@ -89,7 +92,7 @@ def check(student_hidden, student_weight, teacher_hidden, teacher_weight, studen
         raise ValueError(f"hard_weight={hard_weight} needs labels (the hard cross-entropy's targets); pass labels "
                          "or set hard_weight=0")
     if labels is not None:
-        _check_labels(labels, student_hidden, student_weight.shape[0], ignore_index)
+        _check_labels(labels, student_hidden, vocab, ignore_index)
     return Options(DIVERGENCES.index(divergence), mix, temperature, ignore_index, hard_weight, soft_weight,
                    reduction, _check_softcap(student_softcap, "student_softcap"),
                    _check_softcap(teacher_softcap, "teacher_softcap"), chunk_size)

@@ -34,12 +34,13 @@ Every rank of the group must call with the same rows (the same leading shape, ma
 reduction and divergence): rows are replicated across a tensor-parallel group, only the vocabulary
 is split.
 """
+import dataclasses
 import math
 
 import torch
 import torch.distributed as dist
 
-from kdfast import _backend, _ops, _validation as v, reference
+from kdfast import _backend, _fused_linear_args, _ops, _validation as v, fused_linear, reference
 
 __all__ = ["softmax_kl_div", "kd_loss", "generalized_jsd", "reverse_kl_div", "skew_kl_div", "tv_distance",
            "vocab_range"]
@@ -256,6 +257,10 @@ def _check_local(student, teacher, group):
     v.check_pair(student, teacher, "student_logits", "teacher_logits")
     if student.dim() == 0:
         raise ValueError("student_logits must have at least one dimension (the vocabulary slice)")
+    _check_group(group)
+
+
+def _check_group(group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("kdfast.distributed needs an initialised process group "
                            "(torch.distributed.init_process_group, or launch with torchrun)")
@@ -377,77 +382,122 @@ def dtensor_divergence(student, teacher, temperature, reduction, mask, divergenc
 
 # ---------------------------------------------------------------- column-parallel LM heads
 
-class _CopyToGroup(torch.autograd.Function):
-    """Identity forward; backward all-reduces (sums) the gradient over the group: an input every
-    rank of the group reads (the hidden states of a column-parallel head) gets its full gradient on
-    every rank (Megatron's copy_to_tensor_model_parallel_region)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-def copy_to_group(x, group=None):
-    """x unchanged; in backward its gradient is summed over the group (1 all_reduce of x's size)."""
-    return _CopyToGroup.apply(x, group)
+def _ce_stats(z, owned, idx, acc):
+    """(4, rows) cross-entropy statistics of a vocabulary slice of logits: the row maxima, the
+    sums of exp relative to them, the label's logit where this slice holds it (else 0), and
+    whether it does."""
+    rows, V = z.shape
+    zero = torch.zeros((), dtype=acc, device=z.device)
+    stats = torch.empty((4, rows), dtype=acc, device=z.device)
+    for r0, r1 in _chunks(rows, V):
+        x = z[r0:r1].to(acc)
+        m = _local_max(x)
+        stats[0, r0:r1] = m
+        stats[1, r0:r1] = torch.exp(x - _ref(m)[:, None]).sum(-1)
+    picked = z.gather(1, idx[:, None])[:, 0].to(acc) if V else torch.zeros(rows, dtype=acc, device=z.device)
+    stats[2] = torch.where(owned, picked, zero)
+    stats[3] = owned.to(acc)
+    return stats
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of a vocabulary slice of logits (rows, V_local), whose columns are the
-    global ids start .. start + V_local, against global label ids; rows not in keep give 0.
-    1 round trip in forward (an all_gather of 4 numbers per row: max, sum, the label's logit if this
-    slice holds it, and whether it does), none in backward."""
+def _ce_merge(g, keep):
+    """(world, 4, rows) gathered _ce_stats -> (log-sum-exp over the full vocabulary, the
+    cross-entropy (0 where not keep)); a kept label no slice holds is an error on every rank."""
+    if bool(((g[:, 3].sum(0) != 1) & keep).any()):
+        raise ValueError("labels: a label is neither ignore_index nor a vocabulary id in [0, V) of the group's "
+                         "full vocabulary")
+    st = _merge_stats(g[:, [0, 0, 1, 1]], 1.0)  # (a merge of one side)
+    lz = st[0] + torch.log(st[2])
+    return lz, torch.where(keep, lz - g[:, 2].sum(0), torch.zeros((), dtype=lz.dtype, device=lz.device))
 
-    @staticmethod
-    def forward(ctx, z, labels, keep, start, group):
-        acc = v.compute_dtype(z)
-        rows, V = z.shape
-        zero = torch.zeros((), dtype=acc, device=z.device)
-        local = labels - start
-        owned = keep & (local >= 0) & (local < V)
-        idx = torch.where(owned, local, torch.zeros_like(local))
-        stats = torch.empty((4, rows), dtype=acc, device=z.device)
-        for r0, r1 in _chunks(rows, V):
-            x = z[r0:r1].to(acc)
-            m = _local_max(x)
-            stats[0, r0:r1] = m
-            stats[1, r0:r1] = torch.exp(x - _ref(m)[:, None]).sum(-1)
-        picked = z.gather(1, idx[:, None])[:, 0].to(acc) if V else torch.zeros(rows, dtype=acc, device=z.device)
-        stats[2] = torch.where(owned, picked, zero)
-        stats[3] = owned.to(acc)
-        g = _all_gather_rows(stats, group)
-        found = g[:, 3].sum(0)
-        if bool(((found != 1) & keep).any()):
-            raise ValueError("labels: a label is neither ignore_index nor a vocabulary id in [0, V) of the group's "
-                             "full vocabulary")
-        st = _merge_stats(g[:, [0, 0, 1, 1]], 1.0)  # (a merge of one side)
-        lz = st[0] + torch.log(st[2])  # log-sum-exp over the full vocabulary
-        ce = torch.where(keep, lz - g[:, 2].sum(0), zero)
-        ctx.save_for_backward(z, lz, idx, owned, keep)
-        return ce
 
-    @staticmethod
-    def backward(ctx, grad_rows):
-        z, lz, idx, owned, keep = ctx.saved_tensors
-        acc = lz.dtype
-        coef = torch.where(keep, grad_rows.to(acc), torch.zeros((), dtype=acc, device=lz.device))
-        g = torch.exp(z.to(acc) - lz[:, None]) * coef[:, None]
-        rows = torch.arange(z.shape[0], device=z.device)[owned]
-        g[rows, idx[owned]] -= coef[owned]
-        return g.to(z.dtype), None, None, None, None
+class _ShardHead(fused_linear.LocalHead):
+    """The per-chunk step of the chunked fused head (kdfast/fused_linear.py) on vocabulary slices:
+    per chunk of tokens, 1 all_gather of the soft statistics and the cross-entropy's together
+    (O(chunk) numbers), 1 all_reduce of the term sums for JSD, skew KL and TVD; then the slice's
+    logit gradients from the global per-row numbers. Those numbers are kept (O(tokens)), so a
+    backward that runs the chunks again (reduction "none", retain_graph) needs no collective but the
+    hidden states' all_reduce (reduce_grads)."""
+
+    def __init__(self, N, start, divergence, mix, soft, hard, acc, device, group):
+        self.swap, self.kind = _roles(divergence, mix)
+        self.mix, self.start, self.group, self.N, self.replay = mix, start, group, N, False
+        kl = self.kind == _KL
+        self.state = torch.empty((5 if kl else 4, N), dtype=acc, device=device) if soft else None
+        self.sums = torch.empty((0 if kl else 3, N), dtype=acc, device=device) if soft else None
+        self.lz = torch.empty(N, dtype=acc, device=device) if hard else None
+        self.ce = torch.empty(N, dtype=acc, device=device) if hard else None
+
+    def __call__(self, zs, zt, sl, w, labels, o, want_s, want_t, acc):
+        inv_t, zero = 1.0 / o.temperature, torch.zeros((), dtype=acc, device=zs.device)
+        x = y = keep = owned = idx = None
+        if zt is not None:
+            common = torch.promote_types(zs.dtype, zt.dtype)
+            x, y = (zt.to(common), zs.to(common)) if self.swap else (zs.to(common), zt.to(common))
+        if self.ce is not None:
+            lab = labels[sl]
+            keep = lab != o.ignore_index
+            local = lab - self.start
+            owned = keep & (local >= 0) & (local < zs.shape[1])
+            idx = torch.where(owned, local, torch.zeros_like(local))
+        if not self.replay:
+            self._exchange(zs, x, y, sl, keep, owned, idx, inv_t, acc)
+            self.replay = sl.stop == self.N  # the per-row numbers of every token are kept
+        losses, gs, gt = torch.zeros(zs.shape[0], dtype=acc, device=zs.device), None, None
+        if zt is not None:
+            state, sums = self.state[:, sl].contiguous(), self.sums[:, sl].contiguous()
+            d = state[4] + torch.log(state[2]) - torch.log(state[3]) if self.kind == _KL else torch.clamp(sums[0], min=0)
+            losses = o.soft_weight * torch.where(w != 0, d, zero)
+            want_x, want_y = (want_t, want_s) if self.swap else (want_s, want_t)
+            if want_x or want_y:
+                gx, gy = _shard_grads(x, y, inv_t, state, sums, (w * o.soft_weight).to(acc), self.kind, self.mix,
+                                      want_x, want_y, acc)
+                gs, gt = (gy, gx) if self.swap else (gx, gy)
+                gs = None if gs is None else gs.to(zs.dtype)
+                gt = None if gt is None else gt.to(zt.dtype)
+        if want_s and gs is None:
+            gs = torch.zeros_like(zs)
+        if self.ce is not None:
+            losses += o.hard_weight * self.ce[sl]
+            if want_s:  # hard_weight * w * (softmax - onehot), the softmax from the full log-sum-exp
+                hw = (w * o.hard_weight).to(acc)
+                p = torch.exp(zs.to(acc) - self.lz[sl, None]).mul_(hw[:, None])
+                rows = torch.arange(zs.shape[0], device=zs.device)[owned]
+                p[rows, idx[owned]] -= hw[owned]
+                gs.add_(p)
+        return losses, gs, gt
+
+    def _exchange(self, zs, x, y, sl, keep, owned, idx, inv_t, acc):
+        """The collectives of a chunk: its per-row global numbers into state, sums, lz, ce."""
+        parts = []
+        if x is not None:
+            parts.append(_shard_stats(x, y, inv_t, self.kind == _KL, acc))
+        if self.ce is not None:
+            parts.append(_ce_stats(zs, owned, idx, acc))
+        g = _all_gather_rows(torch.cat(parts), self.group)  # round 1
+        if x is not None:
+            k = self.state.shape[0]
+            state = _merge_stats(g[:, :k], inv_t)
+            self.state[:, sl] = state
+            if self.kind != _KL:
+                sums = _shard_term_sums(x, y, inv_t, state, self.kind, self.mix, acc)
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)  # round 2
+                self.sums[:, sl] = sums
+            g = g[:, k:]
+        if self.ce is not None:
+            self.lz[sl], self.ce[sl] = _ce_merge(g, keep)
+
+    def reduce_grads(self, grads):
+        for i in (0, 3):  # the hidden states: replicated inputs, their gradient is the group's sum
+            if grads[i] is not None:
+                dist.all_reduce(grads[i], op=dist.ReduceOp.SUM, group=self.group)
+        return grads
 
 
 def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                               teacher_bias=None, divergence="kl", beta=0.5, alpha=0.1, temperature=1.0, labels=None,
                               ignore_index=-100, hard_weight=0.0, soft_weight=1.0, reduction="mean",
-                              student_softcap=None, teacher_softcap=None, group=None):
+                              student_softcap=None, teacher_softcap=None, chunk_size=None, group=None):
     """The distillation loss of column-parallel LM heads: each rank holds the rows start .. stop of
     both heads' weights (V_local x H, as nn.Linear.weight, contiguous slices in rank order; the
     biases' matching slices) and the full hidden states (replicated over the group). Per token:
@@ -456,92 +506,54 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     logits against labels (global vocabulary ids); tokens labelled ignore_index count nowhere;
     reduction "mean" (over counted tokens), "sum" or "none". Softcap c: logits c tanh(z / c).
 
-    Every rank gets the full loss, its weight and bias slices' gradients and the hidden states'
-    full gradient. Collectives: forward 1 or 2 round trips for the soft term as the logits losses
-    (O(tokens) numbers) plus 1 for the hard term; backward 1 all_reduce of the hidden states'
-    gradient (tokens x H, the inherent cost of a column-parallel layer) per hidden input that needs one.
-
-    This version forms the slice's logits (tokens x V_local) whole and lets autograd keep them; the
-    chunked single-device fused kernel (kdfast.fused_linear_distill_loss) does not yet run the
-    per-shard passes.
+    Runs as kdfast.fused_linear_distill_loss does, in chunks of tokens (chunk_size; default from
+    the largest slice, the same on every rank): a chunk's logits slice (chunk x V_local), the
+    per-shard passes write its logit gradients, multiplied at once into the weight and hidden-state
+    gradients, so memory stays O(chunk x V_local) and, for "mean" and "sum", backward recomputes
+    nothing. Every rank gets the full loss, its weight and bias slices' gradients and the hidden
+    states' full gradient. Collectives: 1 all_gather of one number (the slice widths); per chunk, 1
+    round trip (an all_gather of 5 numbers per token for KL, its reverse and the endpoints, 4 for the
+    others, plus 4 with the hard term) and for JSD, skew KL and TVD a second (an all_reduce of 3);
+    backward 1 all_reduce of the hidden states' gradient (tokens x H, the inherent cost of a
+    column-parallel layer) per hidden input that needs one.
     """
-    divergences = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
-    if divergence not in divergences:
-        raise ValueError(f"divergence must be one of {', '.join(divergences)}, got {divergence!r}")
-    for x, name in ((student_hidden, "student_hidden"), (student_weight, "student_weight"),
-                    (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight")):
-        v.check_tensor(x, name)
-    if student_weight.dim() != 2 or teacher_weight.dim() != 2 or student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"student_weight {tuple(student_weight.shape)} and teacher_weight "
-                         f"{tuple(teacher_weight.shape)} must be (V_local, H) slices of equal V_local")
-    if student_hidden.shape[-1] != student_weight.shape[1] or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
-        raise ValueError("student_hidden / teacher_hidden must end in their weight's width H")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                         f"{tuple(teacher_hidden.shape)} must have the same tokens")
-    v.check_reduction(reduction, v.REDUCTIONS)
-    temperature = v.check_positive(temperature, "temperature")
-    hard_weight = v.check_nonnegative(hard_weight, "hard_weight")
-    soft_weight = v.check_nonnegative(soft_weight, "soft_weight")
-    if hard_weight != 0 and labels is None:
-        raise ValueError("hard_weight != 0 needs labels")
-    lead = student_hidden.shape[:-1]
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError("labels must be an integer tensor of global vocabulary ids")
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)}, got {tuple(labels.shape)}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("kdfast.distributed needs an initialised process group "
-                           "(torch.distributed.init_process_group, or launch with torchrun)")
-    acc = v.compute_dtype(student_hidden, teacher_hidden)
-
-    def logits(h, w, b, cap):
-        if h.requires_grad:
-            h = copy_to_group(h, group)
-        z = torch.nn.functional.linear(h.reshape(-1, h.shape[-1]).to(acc), w.to(acc),
-                                       None if b is None else b.to(acc))
-        return z if cap is None else cap * torch.tanh(z / cap)
-
-    zs = logits(student_hidden, student_weight, student_bias, student_softcap)
-    zt = logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)
-    flat = None if labels is None else labels.reshape(-1)
-    keep = None if flat is None else flat != ignore_index
-    mix = beta if divergence == "jsd" else alpha if divergence.startswith("skew") else 0.0
-    rows = None
-    if soft_weight != 0:
-        rows = soft_weight * _divergence_rows(zs, zt, temperature, keep, divergence, mix, group)
-    if hard_weight != 0:
-        start = _slice_start(zs.shape[1], group, zs.device)
-        ce = _VocabParallelCrossEntropy.apply(zs, flat.to(torch.long), keep, start, group)
-        rows = hard_weight * ce if rows is None else rows + hard_weight * ce
-    if rows is None:
-        rows = zs.sum(-1) * 0
-    if reduction == "none":
-        out = rows.reshape(lead)
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        count = rows.numel() if keep is None else keep.sum().clamp(min=1).to(acc)
-        out = rows.sum() / count if rows.numel() else rows.sum()
-    return out.to(v.result_dtype(student_hidden, teacher_hidden))
+    _check_group(group)
+    sizes = _slice_sizes(student_weight, group)
+    o = _fused_linear_args.check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                 teacher_bias, divergence, beta, alpha, temperature, labels, ignore_index, hard_weight,
+                                 soft_weight, reduction, student_softcap, teacher_softcap, chunk_size,
+                                 vocab=sum(sizes))
+    N = math.prod(student_hidden.shape[:-1])
+    o = dataclasses.replace(o, chunk_size=chunk_size or fused_linear.default_chunk_size(N, max(sizes),
+                                                                                        student_hidden.device))
+    head = _ShardHead(N, sum(sizes[:dist.get_rank(group)]), reference.DIVERGENCES[o.divergence], o.mix,
+                      o.soft_weight != 0, o.hard_weight != 0, v.compute_dtype(student_hidden, teacher_hidden),
+                      student_hidden.device, group)
+    return fused_linear.run_chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                    teacher_bias, labels, o, head)
 
 
-def _slice_start(v_local, group, device):
-    """The first global vocabulary id of this rank's slice (an exclusive prefix sum of the slice
-    widths: one all_gather of one number)."""
-    mine = torch.tensor([v_local], dtype=torch.long, device=device)
+def _slice_sizes(weight, group):
+    """Every rank's slice width, in group rank order (one all_gather of one number)."""
+    v.check_tensor(weight, "student_weight")
+    mine = torch.tensor([weight.shape[0] if weight.dim() == 2 else 0], dtype=torch.long, device=weight.device)
     sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, mine, group=group)
-    return int(sum(s.item() for s in sizes[:dist.get_rank(group)]))
+    return [int(s.item()) for s in sizes]
 
 
-def _divergence_rows(s, t, temperature, keep, divergence, mix, group):
-    """Per-row divergence of vocabulary slices (rows, V_local), masked rows 0 (autograd)."""
-    # the reverse forms and the endpoints are KL or skew KL with the roles swapped (as the op does)
+def _roles(divergence, mix):
+    """(swap, kind): the reverse forms and the endpoints are KL or skew KL with the roles swapped
+    (as the op does)."""
     swap = divergence in ("reverse_kl", "skew_reverse_kl") or (divergence == _JSD and mix == 1)
     kind = {"reverse_kl": _KL, "skew_reverse_kl": _SKEW}.get(divergence, divergence)
     if kind in (_JSD, _SKEW) and mix in (0, 1) and not (kind == _SKEW and mix == 1):
         kind = _KL
+    return swap, kind
+
+
+def _divergence_rows(s, t, temperature, keep, divergence, mix, group):
+    """Per-row divergence of vocabulary slices (rows, V_local), masked rows 0 (autograd)."""
+    swap, kind = _roles(divergence, mix)
     x, y = (t, s) if swap else (s, t)
     return _VocabParallelDivergence.apply(_rows(x), _rows(y), keep, group, 1.0 / temperature, kind, mix)

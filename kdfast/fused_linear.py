@@ -9,6 +9,8 @@ reduction "mean" and "sum" the forward computes every gradient and backward only
 the upstream scalar: the cost is the four products of the GEMM floor plus one streaming pass.
 reduction="none" has a per-token upstream gradient, unknown in forward: its forward computes the
 losses alone and backward runs the chunks again with those weights (two more GEMMs, the logits).
+The per-chunk loss and logit-gradient step is a head object (LocalHead here; kdfast.distributed's
+runs it on vocabulary slices of column-parallel heads), the rest of the loop is shared.
 """
 import torch
 
@@ -60,10 +62,43 @@ def _add_hard_(g, z, labels, keep, hw, acc):
     return ce
 
 
-def _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, want):
+class LocalHead:
+    """The per-chunk step of _chunks on one device: the fused softmax_kl op (soft term and its
+    logit gradients) and the hard cross-entropy on the chunk's full-vocabulary logits.
+    kdfast.distributed subclasses it for vocabulary slices."""
+
+    def __call__(self, zs, zt, sl, w, labels, o, want_s, want_t, acc):
+        """(per-token losses soft_weight * D + hard_weight * CE (acc), the logit gradients of
+        sum(w * losses) for the student and the teacher (None where not wanted)) of the chunk sl;
+        zt is None when soft_weight is 0. Before the softcaps' chain factors."""
+        gs = gt = None
+        if zt is not None:
+            common = torch.promote_types(zs.dtype, zt.dtype)
+            rows, gs, gt = below_autograd(torch.ops.kdfast.softmax_kl, zs.to(common), zt.to(common),
+                                          1.0 / o.temperature, o.divergence, o.mix, w * o.soft_weight, want_s, want_t)
+            losses = rows * o.soft_weight
+            gs = gs.to(zs.dtype) if want_s else None
+            gt = gt.to(zt.dtype) if want_t else None
+        else:
+            losses = torch.zeros(zs.shape[0], dtype=acc, device=zs.device)
+            gs = torch.zeros_like(zs) if want_s else None
+        if o.hard_weight != 0:
+            lab = labels[sl]
+            keep = lab != o.ignore_index
+            ce = _add_hard_(gs, zs, lab, keep, w * o.hard_weight, acc)
+            losses += o.hard_weight * torch.where(keep, ce, torch.zeros((), dtype=acc, device=ce.device))
+        return losses, gs, gt
+
+    def reduce_grads(self, grads):
+        """The six input gradients in backward, before they are returned (the distributed head sums
+        the hidden states' over its group here)."""
+        return grads
+
+
+def _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, want, head):
     """Per-token losses soft_weight * D + hard_weight * CE (float acc, unweighted; tokens of weight
     0 give 0 soft loss) and, for each input in want (hs, Ws, bs, ht, Wt, bt), the gradient of
-    sum(weights * losses), or None."""
+    sum(weights * losses), or None. head: the per-chunk step (LocalHead)."""
     N, V = hs.shape[0], Ws.shape[0]
     acc = v.compute_dtype(hs, ht)
     want_s, want_t = any(want[:3]), any(want[3:])
@@ -84,32 +119,16 @@ def _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, want):
     C = min(o.chunk_size or default_chunk_size(N, V, hs.device), max(N, 1))
     zs_buf = torch.empty((C, V), dtype=hs.dtype, device=hs.device)
     zt_buf = torch.empty((C, V), dtype=ht.dtype, device=ht.device) if soft else None
-    common = torch.promote_types(hs.dtype, ht.dtype)
     for start in range(0, N, C):
         sl = slice(start, min(N, start + C))
-        w = weights[sl]
         zs = _logits(hs[sl], Ws, bs, o.student_softcap, zs_buf)
-        gs = None
-        if soft:
-            zt = _logits(ht[sl], Wt, bt, o.teacher_softcap, zt_buf)
-            sw = w * o.soft_weight
-            rows, gs, gt = below_autograd(torch.ops.kdfast.softmax_kl, zs.to(common), zt.to(common),
-                                          1.0 / o.temperature, o.divergence, o.mix, sw, want_s, want_t)
-            losses[sl] = rows * o.soft_weight
-            gs = gs.to(zs.dtype) if want_s else None
-            if want_t:
-                gt = gt.to(zt.dtype)
-                if o.teacher_softcap is not None:
-                    _chain_softcap_(gt, zt, o.teacher_softcap)
-                _backprop(gt, ht[sl], Wt, gt_out, sl)
-        elif want_s:
-            gs = torch.zeros_like(zs)
-        if o.hard_weight != 0:
-            lab = labels[sl]
-            keep = lab != o.ignore_index
-            ce = _add_hard_(gs, zs, lab, keep, w * o.hard_weight, acc)
-            losses[sl] += o.hard_weight * torch.where(keep, ce, torch.zeros((), dtype=acc, device=ce.device))
-        if want_s:
+        zt = _logits(ht[sl], Wt, bt, o.teacher_softcap, zt_buf) if soft else None
+        losses[sl], gs, gt = head(zs, zt, sl, weights[sl], labels, o, want_s, want_t, acc)
+        if gt is not None:
+            if o.teacher_softcap is not None:
+                _chain_softcap_(gt, zt, o.teacher_softcap)
+            _backprop(gt, ht[sl], Wt, gt_out, sl)
+        if gs is not None:
             if o.student_softcap is not None:
                 _chain_softcap_(gs, zs, o.student_softcap)
             _backprop(gs, hs[sl], Ws, gs_out, sl)
@@ -134,39 +153,68 @@ def _backprop(g, h, W, out, sl):
 
 
 class FusedLinearDistillFunction(torch.autograd.Function):
-    """Autograd of the chunked head. forward(hs, Ws, bs, ht, Wt, bt, labels, weights, o) returns
+    """Autograd of the chunked head. forward(hs, Ws, bs, ht, Wt, bt, labels, weights, o, head) returns
     sum(weights * losses) (reduction mean/sum: weights hold the reduction's factor, 0 for ignored
     tokens) or the per-token losses (reduction none: weights are 1 for counted tokens, else 0)."""
 
     @staticmethod
-    def forward(ctx, hs, Ws, bs, ht, Wt, bt, labels, weights, o):
-        ctx.o, ctx.want = o, tuple(ctx.needs_input_grad[:6])
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, labels, weights, o, head):
+        ctx.o, ctx.head, ctx.want = o, head, tuple(ctx.needs_input_grad[:6])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, labels, weights)
         ctx.grads = None
         if o.reduction == "none":
-            return _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, (False,) * 6)[0]
-        losses, ctx.grads = _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, ctx.want)
+            return _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, (False,) * 6, head)[0]
+        losses, ctx.grads = _chunks(hs, Ws, bs, ht, Wt, bt, labels, weights, o, ctx.want, head)
         return (losses * weights).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, upstream):
         if upstream is None:
-            return (None,) * 9
+            return (None,) * 10
         grads, ctx.grads = ctx.grads, None  # handed over at most once: they become .grad
         hs, Ws, bs, ht, Wt, bt, labels, weights = ctx.saved_tensors
         if ctx.o.reduction == "none":
             w = (upstream.to(weights.dtype) * weights).contiguous()
-            grads = _chunks(hs, Ws, bs, ht, Wt, bt, labels, w, ctx.o, ctx.want)[1]
+            grads = _chunks(hs, Ws, bs, ht, Wt, bt, labels, w, ctx.o, ctx.want, ctx.head)[1]
         elif grads is None:  # a second backward (retain_graph=True): computed again at this scalar
             w = upstream.to(weights.dtype) * weights
-            grads = _chunks(hs, Ws, bs, ht, Wt, bt, labels, w, ctx.o, ctx.want)[1]
+            grads = _chunks(hs, Ws, bs, ht, Wt, bt, labels, w, ctx.o, ctx.want, ctx.head)[1]
         elif upstream.device.type != "cpu" or float(upstream) != 1.0:
             for g in grads:
                 if g is not None:
                     g.mul_(upstream.to(g.dtype))
-        return (*grads, None, None, None)
+        return (*ctx.head.reduce_grads(grads), None, None, None, None)
+
+
+def run_chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, o,
+                head):
+    """The loss of validated inputs (Options o) through the chunks with the per-chunk step head:
+    the reduction's token weights, autograd when an input requires grad, the result's shape and dtype."""
+    lead = student_hidden.shape[:-1]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    acc = v.compute_dtype(hs, ht)
+    N = hs.shape[0]
+    if labels is None:
+        keep, labels2, count = torch.ones(N, dtype=acc, device=hs.device), None, float(N)
+    else:
+        labels2 = labels.reshape(-1).long()
+        keep = (labels2 != o.ignore_index).to(acc)
+        count = keep.sum()
+    if o.reduction == "mean":
+        weights = keep / (count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1.0))
+    else:
+        weights = keep
+    tensors = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out = FusedLinearDistillFunction.apply(*tensors, labels2, weights, o, head)
+    else:
+        losses = _chunks(*tensors, labels2, weights, o, (False,) * 6, head)[0]
+        out = losses if o.reduction == "none" else (losses * weights).sum()
+    out = out.reshape(lead) if o.reduction == "none" else out
+    return out.to(v.result_dtype(student_hidden, teacher_hidden))
 
 
 def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
@@ -190,26 +238,5 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
             teacher_bias=teacher_bias, divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
             labels=labels, ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
             reduction=reduction, student_softcap=student_softcap, teacher_softcap=teacher_softcap)
-    lead = student_hidden.shape[:-1]
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
-    acc = v.compute_dtype(hs, ht)
-    N = hs.shape[0]
-    if labels is None:
-        keep, labels2, count = torch.ones(N, dtype=acc, device=hs.device), None, float(N)
-    else:
-        labels2 = labels.reshape(-1).long()
-        keep = (labels2 != ignore_index).to(acc)
-        count = keep.sum()
-    if reduction == "mean":
-        weights = keep / (count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1.0))
-    else:
-        weights = keep
-    tensors = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out = FusedLinearDistillFunction.apply(*tensors, labels2, weights, o)
-    else:
-        losses = _chunks(*tensors, labels2, weights, o, (False,) * 6)[0]
-        out = losses if reduction == "none" else (losses * weights).sum()
-    out = out.reshape(lead) if reduction == "none" else out
-    return out.to(v.result_dtype(student_hidden, teacher_hidden))
+    return run_chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       labels, o, LocalHead())

@@ -4,14 +4,19 @@ slices, DTensor, DDP and the torchrun example. One spawn per world size runs man
 file stays within CI's time (process start-up dominates)."""
 import math
 import os
+import queue as queue_module
 import subprocess
 import sys
 import tempfile
+import time
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils._pytree
+import torch.utils._python_dispatch
 
 import kdfast
 from kdfast import distributed as kdd, reference
@@ -103,9 +108,15 @@ def _head_reference(hs, ws, bs, ht, wt, bt, labels, kw):
     return rows.sum() if kw["reduction"] == "sum" else rows.sum() / keep.sum()
 
 
+# tokens per chunk of the fused head's cases, in turn: the default (one chunk here), single tokens,
+# and sizes that do not divide the 8 tokens (a short last chunk)
+HEAD_CHUNKS = (None, 3, 1, 5, 8, 2)
+
+
 def _check_fused_head(group, seed, V):
     """kdfast.distributed.fused_linear_distill_loss on weight and bias slices against the full head:
-    loss, the hidden states' full gradients, the slices' gradients (student and teacher)."""
+    loss, the hidden states' full gradients, the slices' gradients (student and teacher), with the
+    chunk sizes of HEAD_CHUNKS in turn (and every one of them on two cases)."""
     start, stop = kdd.vocab_range(V, group)
     g = torch.Generator().manual_seed(seed)
     d = dict(dtype=torch.float64)
@@ -118,7 +129,11 @@ def _check_fused_head(group, seed, V):
              for r in ("mean", "sum", "none") for hw in (0.0, 0.7)]
     cases += [dict(divergence="reverse_kl", reduction="mean", hard_weight=0.3, temperature=2.0, student_softcap=3.0,
                    teacher_softcap=4.0, soft_weight=0.5), dict(divergence="jsd", beta=0.2, reduction="mean"),
-              dict(divergence="skew_kl", alpha=0.4, reduction="sum", hard_weight=1.0)]
+              dict(divergence="skew_kl", alpha=0.4, reduction="sum", hard_weight=1.0),
+              dict(divergence="kl", reduction="mean", hard_weight=0.5, soft_weight=0.0)]
+    cases = [dict(kw, chunk_size=HEAD_CHUNKS[i % len(HEAD_CHUNKS)]) for i, kw in enumerate(cases)]
+    cases += [dict(divergence=dv, reduction=r, hard_weight=0.4, chunk_size=c, student_softcap=5.0)
+              for dv, r in (("kl", "none"), ("jsd", "mean")) for c in HEAD_CHUNKS]
     for kw in cases:
         ref_in = [x.clone().requires_grad_() for x in full]
         want = _head_reference(*ref_in[:3], *ref_in[3:], labels, kw)
@@ -144,7 +159,8 @@ def _check_fused_head(group, seed, V):
     bad = labels.clone()
     bad[1, 1] = V
     try:
-        kdd.fused_linear_distill_loss(loc[0], loc[1], loc[3], loc[4], labels=bad, hard_weight=1.0, group=group)
+        kdd.fused_linear_distill_loss(loc[0], loc[1], loc[3], loc[4], labels=bad, hard_weight=1.0, chunk_size=3,
+                                      group=group)
     except ValueError as e:
         assert "labels" in str(e), e
     else:
@@ -152,25 +168,85 @@ def _check_fused_head(group, seed, V):
     return n
 
 
+class _PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensor storages created under it and alive at once (what a tracking
+    allocator sees above the inputs, gradients included; scratch inside an op is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = st.nbytes()
+                    self.now += st.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(st, self._free, key)
+        return out
+
+
+def _check_fused_head_memory(group):
+    """The fused head's memory above its inputs, forward and backward, scales with the chunk of
+    tokens, not with tokens x V_local: one chunk's (chunk x V_local) buffers, the O(tokens x H)
+    hidden gradients and O(tokens) per-row numbers."""
+    world = dist.get_world_size(group)
+    H, V_local = 4, 3000
+    start, stop = kdd.vocab_range(V_local * world, group)
+
+    def peak(N, chunk, divergence):
+        g = torch.Generator().manual_seed(N)
+        hs, ht = (torch.randn(N, H, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+        ws, wt = (torch.randn(V_local * world, H, generator=g, dtype=torch.float64)[start:stop].clone()
+                  .requires_grad_() for _ in range(2))
+        labels = torch.randint(0, V_local * world, (N,), generator=g)
+        with _PeakMemory() as m:
+            kdd.fused_linear_distill_loss(hs, ws, ht, wt, divergence=divergence, labels=labels, hard_weight=0.5,
+                                          chunk_size=chunk, group=group).backward()
+        return m.peak
+
+    logits = 8 * V_local  # bytes of one token's float64 logits slice
+    N, C = 64, 4
+    for divergence in ("kl", "jsd"):
+        small, big, more_tokens = peak(N, C, divergence), peak(N, 4 * C, divergence), peak(2 * N, C, divergence)
+        what = (f"fused head memory {divergence}: {N} tokens chunk {C} {small} B, chunk {4 * C} {big} B, "
+                f"{2 * N} tokens {more_tokens} B")
+        # N x V_local logits would be 1.5 MB each; a chunk needs a few (C x V_local) buffers
+        assert small < 12 * C * logits + 2 * N * 8 * (H + 16) + 2 * V_local * 8 * H, what
+        assert big - small > 2 * 3 * C * logits, what  # the (chunk x V_local) buffers grow with the chunk
+        assert more_tokens - small < 2 * N * 8 * (H + 16), what  # more tokens: only O(tokens) more
+    print(what) if os.environ.get("KDFAST_TEST_VERBOSE") else None
+    return 1
+
+
 def _check_dtensor(mesh, mesh_dim, seed, V):
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     placements = [Replicate()] * mesh.ndim
     placements[mesh_dim] = Shard(2)  # the vocabulary dim of (2, 3, V)
     s, t, mask, _ = _inputs(seed, V)
-    for name, kw in (("kd_loss", {}), ("generalized_jsd", {"beta": 0.4}), ("tv_distance", {}),
-                     ("skew_kl_div", {"alpha": 0.2, "reverse": True})):
-        for m in (None, mask):
-            want, gs, gt = _run(getattr(reference, name), s, t, dict(kw, reduction="mean", mask=m), None)
-            ds = distribute_tensor(s, mesh, placements).requires_grad_()
-            dt = distribute_tensor(t, mesh, placements).requires_grad_()
-            out = getattr(kdfast, name)(ds, dt, reduction="mean", mask=m, **kw)
-            assert not isinstance(out, DTensor), "the loss comes back as a plain full value"
-            out.backward()
-            what = f"DTensor {name} {kw} mask={m is not None}"
-            _close(out, want, what, 1e-10, 1e-12)
-            for g, ref in ((ds.grad, gs), (dt.grad, gt)):
-                assert isinstance(g, DTensor) and tuple(g.placements) == tuple(placements), what
-                _close(g.full_tensor(), ref, what + " grad", 1e-10, 1e-12)
+    n = 0
+    # one and two round trips, with and without a mask (the losses themselves: _check_losses)
+    for name, kw, m in (("kd_loss", {}, None), ("generalized_jsd", {"beta": 0.4}, mask), ("tv_distance", {}, None),
+                        ("skew_kl_div", {"alpha": 0.2, "reverse": True}, mask)):
+        want, gs, gt = _run(getattr(reference, name), s, t, dict(kw, reduction="mean", mask=m), None)
+        ds = distribute_tensor(s, mesh, placements).requires_grad_()
+        dt = distribute_tensor(t, mesh, placements).requires_grad_()
+        out = getattr(kdfast, name)(ds, dt, reduction="mean", mask=m, **kw)
+        assert not isinstance(out, DTensor), "the loss comes back as a plain full value"
+        out.backward()
+        what = f"DTensor {name} {kw} mask={m is not None}"
+        _close(out, want, what, 1e-10, 1e-12)
+        for g, ref in ((ds.grad, gs), (dt.grad, gt)):
+            assert isinstance(g, DTensor) and tuple(g.placements) == tuple(placements), what
+            _close(g.full_tensor(), ref, what + " grad", 1e-10, 1e-12)
+        n += 1
     # a DTensor sharded on a row dim is not a vocabulary split: refused, naming the argument
     ds = distribute_tensor(s, mesh, [Shard(0) if i == mesh_dim else Replicate() for i in range(mesh.ndim)])
     try:
@@ -179,6 +255,7 @@ def _check_dtensor(mesh, mesh_dim, seed, V):
         assert "student_logits" in str(e), e
     else:
         raise AssertionError("a row-sharded DTensor was accepted")
+    return n
 
 
 def _check_ddp(seed):
@@ -208,81 +285,201 @@ def _check_ddp(seed):
             opt.step()
         for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
             _close(p.detach(), q.detach(), f"DDP step {step} {name}", 1e-12, 1e-13)
+    return steps
+
+
+def _mesh(*shape):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", shape)
+
+
+def _tp(world):
+    """This rank's tensor-parallel group: the default group, or at world size 4 one of two groups of
+    2 (TP inside DP; every rank creates both, as new_group requires)."""
+    if world != 4:
+        return None
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    return groups[dist.get_rank() // 2]
+
+
+def _data(g):
+    """A seed per TP group: the groups of world size 4 each have their own data."""
+    return dist.get_rank() // dist.get_world_size(g) if g is not None else 0
+
+
+F64, F32 = torch.float64, torch.float32
+# world size -> (check, function of the TP group returning its number of cases), run in this order
+# by every rank of one process group per world size
+GLOO_CHECKS = {
+    2: [("losses", lambda g: _check_losses(g, 1, 11, F64) + _check_losses(g, 1, 2, F64)),  # uneven; 1 per rank
+        ("losses_masked_vocab", lambda g: _check_losses(g, 2, 13, F64, neg_inf=True)),
+        ("losses_fp32", lambda g: _check_losses(g, 3, 50, F32, rtol=2e-5, atol=2e-6)),
+        ("fused_head", lambda g: _check_fused_head(g, 6, 10)),
+        ("fused_head_memory", _check_fused_head_memory),
+        ("dtensor", lambda g: _check_dtensor(_mesh(2), 0, 5, 11)),
+        ("ddp", lambda g: _check_ddp(7))],
+    3: [("losses", lambda g: _check_losses(g, 1, 11, F64)),  # uneven slices
+        ("losses_masked_vocab", lambda g: _check_losses(g, 2, 13, F64, neg_inf=True)),
+        ("losses_empty_slice", lambda g: _check_losses(g, 4, 2, F64)),  # V = 2 over 3 ranks
+        ("fused_head", lambda g: _check_fused_head(g, 6, 10)),
+        ("fused_head_empty_slice", lambda g: _check_fused_head(g, 8, 2)),
+        ("dtensor", lambda g: _check_dtensor(_mesh(3), 0, 5, 11))],
+    4: [("losses_tp_groups", lambda g: _check_losses(g, 100 + _data(g), 7, F64)),
+        ("fused_head_tp_groups", lambda g: _check_fused_head(g, 200 + _data(g), 9)),
+        ("dtensor_2d_mesh", lambda g: _check_dtensor(_mesh(2, 2), 1, 7, 9))],
+}
+NCCL_CHECKS = [  # the lent GPU machine (bench/gpu_check.sh): the PyTorch passes on CUDA
+    ("losses", lambda g: _check_losses(g, 1, 1000, F64, device=f"cuda:{dist.get_rank()}")),
+    ("losses_masked_vocab", lambda g: _check_losses(g, 2, 13, F64, neg_inf=True, device=f"cuda:{dist.get_rank()}"))]
 
 
 def _worker(rank, world, init_file, queue, backend="gloo"):
+    """Runs the checks of its world size in order, reporting each (world, rank, check, error, cases);
+    stops at the first failure (the others would wait on its collectives), then ends with "done"."""
+    check = "init_process_group"
     try:
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
         torch.set_num_threads(1)
-        n = 0
-        if backend == "nccl":  # the lent GPU machine (bench/gpu_check.sh): the PyTorch passes on CUDA
+        if backend == "nccl":
             torch.cuda.set_device(rank)
-            n += _check_losses(None, 1, 1000, torch.float64, device=f"cuda:{rank}")
-            n += _check_losses(None, 2, 13, torch.float64, neg_inf=True, device=f"cuda:{rank}")
-        elif world == 4:  # two tensor-parallel groups of 2 (TP inside DP): each group its own data
-            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-            group = groups[rank // 2]
-            n += _check_losses(group, 100 + rank // 2, 7, torch.float64)
-            n += _check_fused_head(group, 200 + rank // 2, 9)
-            from torch.distributed.device_mesh import init_device_mesh
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-            _check_dtensor(mesh, 1, 7, 9)
-        else:
-            n += _check_losses(None, 1, 11, torch.float64)  # uneven slices
-            n += _check_losses(None, 2, 13, torch.float64, neg_inf=True)
-            if world == 2:
-                n += _check_losses(None, 1, world, torch.float64)  # one entry per rank
-                n += _check_losses(None, 3, 50, torch.float32, rtol=2e-5, atol=2e-6)
-            if world == 3:  # V = 2 over 3 ranks: the last slice is empty
-                n += _check_losses(None, 4, 2, torch.float64)
-            n += _check_fused_head(None, 6, 10)
-            from torch.distributed.device_mesh import init_device_mesh
-            _check_dtensor(init_device_mesh("cpu", (world,)), 0, 5, 11)
-            if world == 2:
-                _check_ddp(7)
+        group = _tp(world) if backend == "gloo" else None
+        for check, fn in (GLOO_CHECKS[world] if backend == "gloo" else NCCL_CHECKS):
+            queue.put((world, rank, check, None, fn(group)))
+        check = "barrier"
         dist.barrier()
-        queue.put((rank, None, n))
-    except BaseException as e:  # report, then let the others finish or fail
+        queue.put((world, rank, "done", None, 1))
+    except BaseException:  # report, then let the others finish or fail
         import traceback
-        queue.put((rank, traceback.format_exc(), 0))
+        queue.put((world, rank, check, traceback.format_exc(), 0))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_vocab_parallel_matches_single_process(world):
-    _spawn(world, "gloo")
+def _context(backend):
+    """A fork server that has imported torch, kdfast and this module once: each rank is a fork of
+    it instead of a fresh interpreter (process start-up dominated these tests). NCCL: spawn, as
+    importing this module asks CUDA for its devices, after which a fork may not use CUDA."""
+    if backend == "nccl":
+        return mp.get_context("spawn")
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:  # no fork server on this platform
+        return mp.get_context("spawn")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor",
+                                "torch.nn.parallel", "torch._dynamo", "kdfast", "kdfast.distributed", __name__])
+    return ctx
+
+
+def _run_groups(worlds, backend, timeout=240):
+    """One process group per world size, all at once: {world: {check: [(rank, error, cases)]}};
+    a rank that stopped early reports its error under the check it was in."""
+    ctx = _context(backend)
+    queue = ctx.Queue()
+    results = {w: {} for w in worlds}
+    with tempfile.TemporaryDirectory() as d:
+        procs = [ctx.Process(target=_worker, args=(r, w, os.path.join(d, f"init{w}"), queue, backend))
+                 for w in worlds for r in range(w)]
+        for p in procs:
+            p.start()
+        pending = {(w, r) for w in worlds for r in range(w)}
+        deadline = time.monotonic() + timeout
+        try:
+            while pending and time.monotonic() < deadline:
+                try:
+                    world, rank, check, error, n = queue.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue_module.Empty:
+                    break
+                results[world].setdefault(check, []).append((rank, error, n))
+                if error is not None:  # its group cannot finish: the others wait on this rank
+                    pending -= {(world, r) for r in range(world)}
+                elif check == "done":
+                    pending.discard((world, rank))
+        finally:
+            for p in procs:
+                p.join(timeout=0 if pending else 30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    return results
+
+
+def _assert_check(results, world, check):
+    got = results[world].get(check, [])
+    errors = [e for entries in results[world].values() for _, e, _ in entries if e]  # what stopped the group
+    assert not any(e for _, e, _ in got), [e for _, e, _ in got if e][0]
+    ranks = sorted(r for r, _, _ in got)
+    assert ranks == list(range(world)), (f"world {world} {check}: ran on ranks {ranks} only; "
+                                         f"{errors[0] if errors else 'timed out or died'}")
+    assert all(n > 0 for _, _, n in got), got
+
+
+def _launch(tmp, name, cmd, extra_env=None):
+    """A subprocess of the repository's Python, its output in files (not pipes: nobody reads them
+    while it runs)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
+    out, err = open(tmp / f"{name}.out", "w+"), open(tmp / f"{name}.err", "w+")
+    return subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=out, stderr=err, text=True), out, err
+
+
+def _finish(launched, timeout=240):
+    """(returncode, stdout, stderr) of a _launch."""
+    proc, out, err = launched
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.seek(0)
+    err.seek(0)
+    return proc.returncode, out.read(), err.read()
+
+
+@pytest.fixture(scope="module")
+def started(request, tmp_path_factory):
+    """What the selected tests of this module wait on, started at once so that their process
+    start-ups (which dominate them) overlap: the torchrun example and the distributed bench's quick
+    run as subprocesses, and meanwhile the gloo process groups of world sizes 2, 3 and 4 here."""
+    wanted = {item.originalname for item in request.session.items if item.module is request.module}
+    tmp = tmp_path_factory.mktemp("distributed")
+    runs = {}
+    if "test_torchrun_example" in wanted:
+        runs["torchrun"] = _launch(tmp, "torchrun", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                                     "2", os.path.join(REPO, "examples", "tp_distill.py"), "--steps",
+                                                     "3"], {"OMP_NUM_THREADS": "1"})
+    if "test_bench_distributed_quick" in wanted:
+        runs["bench_json"] = tmp / "bench.json"
+        runs["bench"] = _launch(tmp, "bench", ["-m", "bench", "--only", "distributed", "--quick", "--json",
+                                               str(runs["bench_json"])])
+    try:
+        if "test_vocab_parallel_matches_single_process" in wanted:
+            runs["gloo"] = _run_groups(sorted(GLOO_CHECKS), "gloo")
+        yield runs
+    finally:
+        for name in ("torchrun", "bench"):
+            if name in runs and runs[name][0].poll() is None:
+                runs[name][0].kill()
+                runs[name][0].wait()
+
+
+@pytest.mark.parametrize("world,check", [(w, c) for w, checks in GLOO_CHECKS.items() for c, _ in checks])
+def test_vocab_parallel_matches_single_process(started, world, check):
+    """One row of the table the process groups of world sizes 2, 3 and 4 (two TP groups of 2) fill
+    (they run at once, in the module's fixture): every rank passed this check."""
+    gloo_runs = started["gloo"]
+    _assert_check(gloo_runs, world, check)
+    if check == GLOO_CHECKS[world][-1][0]:
+        _assert_check(gloo_runs, world, "done")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
 def test_vocab_parallel_nccl():
     """NCCL on the machine's GPUs (world size 1 on one GPU): every loss against the reference."""
-    _spawn(torch.cuda.device_count(), "nccl")
-
-
-def _spawn(world, backend):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as d:
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(d, "init"), queue, backend))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        results = []
-        try:
-            for _ in range(world):
-                results.append(queue.get(timeout=240))
-                if results[-1][1] is not None:
-                    break
-        finally:
-            for p in procs:
-                p.join(timeout=5 if results and results[-1][1] else 60)
-                if p.is_alive():
-                    p.kill()
-    errors = [e for _, e, _ in results if e]
-    assert not errors, errors[0]
-    assert len(results) == world and all(n > 80 for _, _, n in results), results
+    world = torch.cuda.device_count()
+    results = _run_groups([world], "nccl")
+    for check, _ in NCCL_CHECKS + [("done", None)]:
+        _assert_check(results, world, check)
 
 
 def test_not_initialised_is_an_error():
@@ -293,13 +490,11 @@ def test_not_initialised_is_an_error():
         kdd.kd_loss(s, s)
 
 
-def test_torchrun_example():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(REPO, "examples", "tp_distill.py"), "--steps", "3"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "step 3" in proc.stdout and "matches single-process" in proc.stdout, proc.stdout
+def test_torchrun_example(started):
+    """torchrun --nproc-per-node 2 examples/tp_distill.py --steps 3 (started by the fixture)."""
+    code, out, err = _finish(started["torchrun"])
+    assert code == 0, out + err
+    assert "step 3" in out and "matches single-process" in out, out
 
 
 # ---------------------------------------------------------------- the per-shard ops (one process)
@@ -390,16 +585,14 @@ def test_shard_ops_opcheck():
                                                                     coef, True, True))
 
 
-def test_bench_distributed_quick(tmp_path):
-    """`python -m bench --only distributed --quick` runs its 2 gloo ranks end to end: every method
-    ran, the three formulations agree on the loss, and kdfast moves O(rows) bytes."""
-    js = tmp_path / "d.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "distributed", "--quick", "--json", str(js)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_bench_distributed_quick(started):
+    """`python -m bench --only distributed --quick` (started by the fixture) runs its 2 gloo ranks end
+    to end: every method ran, the three formulations agree on the loss, and kdfast moves O(rows)
+    bytes; the fused head's cases ran."""
+    code, out, err = _finish(started["bench"])
+    assert code == 0, out[-3000:] + err[-3000:]
     import json
-    doc = json.loads(js.read_text())
+    doc = json.loads(started["bench_json"].read_text())
     res, rows = doc["results"], doc["rows"]
     for loss in ("kl", "jsd"):
         base = res[f"{loss}/kdfast"]
@@ -407,3 +600,5 @@ def test_bench_distributed_quick(tmp_path):
             assert abs(res[f"{loss}/{method}"]["loss"] - base["loss"]) <= 1e-4 * abs(base["loss"]), (loss, method)
         assert base["bytes_per_rank"] <= 8 * 4 * rows  # a few fp32 numbers per row
         assert res[f"{loss}/allgather"]["bytes_per_rank"] >= 2 * 4 * rows * doc["vocab"] // 2
+    for loss in ("fused-kl", "fused-jsd"):
+        assert res[f"{loss}/kdfast"]["loss"] > 0, loss
