@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/divergence.h"
@@ -664,6 +665,28 @@ SplitRows<T> split_rows(const SoftmaxKLArgs& p, const Units& u, int64_t nchunk) 
   return sp;
 }
 
+// The row kernel of divergence D for element type T: plain double loops, or the float vector row.
+template <Divergence D, typename T, typename acc_t>
+auto make_div_row(acc_t ms, acc_t mt, double zs, double zt, const div::Params<acc_t>& k, acc_t invt, const Units& u) {
+  if constexpr (std::is_same<T, double>::value) {
+    return DivRowDouble<D>{ms, mt, invt, 1.0 / zs, 1.0 / zt, k};
+  } else {
+    return DivRow<D>(ms, mt, zs, zt, k, u);
+  }
+}
+
+// f(std::integral_constant<Divergence, D>{}) for the kernel divergence d (KL, JSD, SkewKL or TVD:
+// the glue reduced every other kind to these).
+template <typename F>
+void with_divergence(Divergence d, const F& f) {
+  switch (d) {
+    case Divergence::JSD: return f(std::integral_constant<Divergence, Divergence::JSD>{});
+    case Divergence::SkewKL: return f(std::integral_constant<Divergence, Divergence::SkewKL>{});
+    case Divergence::TVD: return f(std::integral_constant<Divergence, Divergence::TVD>{});
+    default: return f(std::integral_constant<Divergence, Divergence::KL>{});
+  }
+}
+
 // ---- driver ----
 
 template <typename T>
@@ -790,11 +813,7 @@ void divergence_typed(const SoftmaxKLArgs& p) {
   const Units u(kl::scale_exponent(V, p.inv_temperature), static_cast<float>(p.inv_temperature));
   const bool stream = streams_output(R * V, sizeof(T));
   auto row_kernel = [&](acc_t ms, acc_t mt, double zs, double zt) {
-    if constexpr (kDouble) {
-      return DivRowDouble<D>{ms, mt, invt, 1.0 / zs, 1.0 / zt, k};
-    } else {
-      return DivRow<D>(ms, mt, zs, zt, k, u);
-    }
+    return make_div_row<D, T>(ms, mt, zs, zt, k, invt, u);
   };
   // The gradient coefficients of a row: weight / T times the divergence's factors.
   const acc_t cs = invt * k.cq, ct = invt * k.cp;
@@ -877,12 +896,13 @@ void divergence_typed(const SoftmaxKLArgs& p) {
 
 template <typename T>
 void softmax_kl_any(const SoftmaxKLArgs& p) {
-  switch (p.divergence) {
-    case Divergence::JSD: return divergence_typed<Divergence::JSD, T>(p);
-    case Divergence::SkewKL: return divergence_typed<Divergence::SkewKL, T>(p);
-    case Divergence::TVD: return divergence_typed<Divergence::TVD, T>(p);
-    default: return softmax_kl_typed<T>(p);  // KL (the glue reduced every other kind to these)
-  }
+  with_divergence(p.divergence, [&](auto d) {
+    if constexpr (d() == Divergence::KL) {
+      softmax_kl_typed<T>(p);
+    } else {
+      divergence_typed<d(), T>(p);
+    }
+  });
 }
 
 }  // namespace
@@ -1007,23 +1027,14 @@ void shard_div_typed(const ShardArgs& p) {
                     stream);
         }
       };
-      if constexpr (kDouble) {
-        run(DivRowDouble<D>{st.ms, st.mt, invt, 1.0 / st.zs, 1.0 / st.zt, k});
-      } else {
-        run(DivRow<D>(st.ms, st.mt, st.zs, st.zt, k, u));
-      }
+      run(make_div_row<D, T>(st.ms, st.mt, st.zs, st.zt, k, invt, u));
     }
   });
 }
 
 template <typename T>
 void shard_pass_any(const ShardArgs& p) {
-  switch (p.divergence) {
-    case Divergence::JSD: return shard_div_typed<Divergence::JSD, T>(p);
-    case Divergence::SkewKL: return shard_div_typed<Divergence::SkewKL, T>(p);
-    case Divergence::TVD: return shard_div_typed<Divergence::TVD, T>(p);
-    default: return shard_div_typed<Divergence::KL, T>(p);
-  }
+  with_divergence(p.divergence, [&](auto d) { shard_div_typed<d(), T>(p); });
 }
 
 }  // namespace
