@@ -1346,7 +1346,13 @@ def _shard_run(ops, s, t, widths, inv_t, kind, mix, coef):
     else:
         sums = sum(ops.softmax_kl_shard_sums(x, y, inv_t, kind, mix, st) for x, y in sl)
         value = torch.clamp(sums[0], min=0)
-    grads = [ops.softmax_kl_shard_grads(x, y, inv_t, kind, mix, st, sums, coef, True, True) for x, y in sl]
+    grads = []
+    for x, y in sl:
+        # freed NaN blocks of the gradients' size first: an element a kernel fails to write then shows
+        # (the allocator would otherwise hand back a block holding an earlier run's right answer)
+        poison = [torch.full(x.shape, math.nan, dtype=x.dtype) for _ in range(4)]
+        del poison
+        grads.append(ops.softmax_kl_shard_grads(x, y, inv_t, kind, mix, st, sums, coef, True, True))
     return value, torch.cat([g[0] for g in grads], 1), torch.cat([g[1] for g in grads], 1), stats
 
 
@@ -1389,7 +1395,7 @@ def test_emu_shard_ops(emu_shard, div, dtype, path_name, monkeypatch):
     for k, v in EMU_PATHS[path_name].items():
         monkeypatch.setenv(k, v)
     name, mix, kind, swap = SHARD_DIVS[div]
-    s, t, coef = _shard_case(div, dtype)
+    s, t, coef = _shard_case(div, dtype, seed=3 if path_name == "auto" else 4)
     x, y = (t, s) if swap else (s, t)
     got = _shard_run(emu_shard, x, y, SHARD_WIDTHS, 0.7, kind, mix, coef)
     cpu = _shard_run(torch.ops.kdfast, x, y, SHARD_WIDTHS, 0.7, kind, mix, coef)
