@@ -1,7 +1,8 @@
 """GPU benchmarks for bench/gpu_check.sh: device copy bandwidth, the fused softmax-KL (forward plus
 backward) against eager PyTorch, torch.compile and Liger-Kernel, the divergence family's generalized
 JSD (against TRL's formula, its torch.compile and LigerJSD) and reverse KL, a sweep of kdfast's CUDA
-kernel configurations, rkd_loss at N = 8192, the feature losses and the top-k KL (sparse_kl_div).
+kernel configurations, rkd_loss at N = 8192, the feature losses, the top-k KL (sparse_kl_div) and the
+vocab-parallel KL and JSD's per-shard ops (kdfast.distributed on a world-size-1 NCCL group).
 Writes bench/results/gpu-<GPU name>.json (and a copy to
 $OUT when set) and prints a short table last.
 
@@ -560,6 +561,75 @@ def bench_sparse(device, copy_gbps, budget, cases, iters, errors, results, save)
     return results
 
 
+# ----------------------------------------------------------------------------- vocab-parallel losses (issue 19)
+
+# (rows, V_local, dtype): one rank's slice of a vocabulary split over a tensor-parallel group
+SHARD_CASES = [(8192, 16032, torch.bfloat16), (2048, 32000, torch.float32), (256, 64128, torch.bfloat16)]
+
+
+def bench_shard_ops(device, copy_gbps, budget, cases, iters, errors, results, save):
+    """kdfast.distributed's softmax_kl_div and generalized_jsd (beta 0.5) at T on one rank's slice,
+    forward plus student backward, in a world-size-1 process group (NCCL on the GPU, gloo on the CPU;
+    its collectives carry O(rows) numbers): the fused per-shard ops (torch.ops.kdfast.softmax_kl_shard_*)
+    against the plain-PyTorch per-shard passes they replace (kdfast.distributed's fallback). GB/s
+    against the byte floor of the slice (both inputs read, the gradient written)."""
+    import tempfile
+
+    import torch.distributed as dist
+    from kdfast import distributed as kdd
+    own = not dist.is_initialized()
+    if own:
+        try:
+            fd, init = tempfile.mkstemp(prefix="kdfast-gpu-check-pg-")
+            os.close(fd)
+            os.unlink(init)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init}",
+                                    rank=0, world_size=1)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"vocab-parallel: no process group: {type(e).__name__}: {e}"[:300])
+            return results
+    losses = {"kl": lambda s, t: kdd.softmax_kl_div(s, t, temperature=T),
+              "jsd0.5": lambda s, t: kdd.generalized_jsd(s, t, beta=0.5, temperature=T)}
+    use_ops = kdd._use_ops
+
+    @contextlib.contextmanager
+    def passes():  # the PyTorch per-shard passes, in forward and backward
+        kdd._use_ops = lambda x: False
+        try:
+            yield
+        finally:
+            kdd._use_ops = use_ops
+    try:
+        for rows, V, dtype in cases:
+            s, t = kl_inputs(rows, V, dtype, device)
+            nbytes = s.numel() * 3 * s.element_size()
+            for name, fn in losses.items():
+                case = f"vp {name} {rows}x{V} {DT[dtype]}"
+                if budget.left() < 15:
+                    errors.append(f"{case}: skipped, out of time")
+                    continue
+                row = {"case": case, "rows": rows, "V_local": V, "bytes_floor": nbytes, "contenders": {},
+                       "uses_ops": bool(use_ops(s))}
+                try:
+                    got = fn(s, t)
+                    with passes():
+                        row["loss_relerr_vs_passes"] = relerr(got, fn(s, t))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"{case}: {type(e).__name__}: {e}"[:300])
+                _time_contenders(row, case, {"kdfast": fn}, (s, t), nbytes, device, iters, copy_gbps, errors)
+                with passes():
+                    _time_contenders(row, case, {"pytorch passes": fn}, (s, t), nbytes, device, iters, copy_gbps,
+                                     errors)
+                results.append(row)
+                save()
+            del s, t
+            free_memory(device)
+    finally:
+        if own:
+            dist.destroy_process_group()
+    return results
+
+
 # ----------------------------------------------------------------------------- report
 
 def fmt_table(report):
@@ -590,7 +660,7 @@ def fmt_table(report):
     if cfgs:
         lines.append("kdfast kernel configurations (ms): " + "; ".join(
             f"{c['case']} {c['config']}: " + (f"{c['ms']:.3f}" if "ms" in c else "error") for c in cfgs))
-    for row in report.get("feature", []) + report.get("sparse", []):
+    for row in report.get("feature", []) + report.get("sparse", []) + report.get("distributed", []):
         k = row["contenders"].get("kdfast", {})
         for name, c in row["contenders"].items():
             if "ms" in c:
@@ -774,6 +844,11 @@ def main():
     log("== sparse_kl_div (top-k teacher) forward + backward")
     report["sparse"] = []
     bench_sparse(device, copy_gbps, budget, sparse_cases, iters, errors, report["sparse"], save)
+    log("== vocab-parallel KL and JSD (kdfast.distributed, world size 1): per-shard ops vs PyTorch passes")
+    report["distributed"] = []
+    bench_shard_ops(device, copy_gbps, budget.less(60) if device.type == "cuda" else budget,
+                    SHARD_CASES if device.type == "cuda" else [(64, 1000, torch.float32)], iters, errors,
+                    report["distributed"], save)
     log("== fused linear head (JSD from hidden states and LM heads) forward + backward")
     report["fused_linear"] = []
     bench_fused_linear(device, budget.less(30) if device.type == "cuda" else budget, errors, report["fused_linear"], save,

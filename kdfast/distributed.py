@@ -26,9 +26,10 @@ of the per-row global numbers the forward already holds (log Z_a, log Z_b, KL, S
     others: dD/ds = cq Q (u - SU) / T,   dD/dt = cp P (w - SW) / T.
 
 The per-shard passes (statistics, term sums, gradients) are the single-device kernel's own row
-passes, exposed as the ops torch.ops.kdfast.softmax_kl_shard_stats, _sums and _grads (CPU). On
-other devices (CUDA: no kernels for them yet), or with kdfast.set_backend("reference"), they run in
-plain PyTorch, row chunk by row chunk (O(chunk x V_local) temporaries).
+passes, exposed as the ops torch.ops.kdfast.softmax_kl_shard_stats, _sums and _grads (CPU and
+CUDA). On other devices, without the compiled extension (or its CUDA kernels), or with
+kdfast.set_backend("reference"), they run in plain PyTorch, row chunk by row chunk (O(chunk x
+V_local) temporaries).
 
 Every rank of the group must call with the same rows (the same leading shape, mask, temperature,
 reduction and divergence): rows are replicated across a tensor-parallel group, only the vocabulary
@@ -67,12 +68,13 @@ def vocab_range(vocab_size, group=None, rank=None):
 # logits M_s, M_t, sums Z_s = sum exp((s - M_s) / T), Z_t relative to them and, for KL, A / Z_t with
 # A = sum exp((t - M_t) / T) ((t - M_t) - (s - M_s)) / T. The statistics pass gives it for the
 # slice (relative to the slice's maxima); _merge_stats makes the row's global one; the term-sums and
-# gradient passes read the global one. On the CPU the fused ops torch.ops.kdfast.softmax_kl_shard_*
-# run them (csrc/cpu/softmax_kl.cpp); elsewhere the plain-PyTorch versions below, row chunk by
-# row chunk (O(chunk x V_local) temporaries), which are also the reference for the ops' tests.
+# gradient passes read the global one. On CPU and CUDA the fused ops torch.ops.kdfast.softmax_kl_shard_*
+# run them (csrc/cpu/softmax_kl.cpp, csrc/cuda/softmax_kl.cu); elsewhere the plain-PyTorch versions
+# below, row chunk by row chunk (O(chunk x V_local) temporaries), which are also the reference for the
+# ops' tests.
 
 def _use_ops(x):
-    return x.device.type == "cpu" and _ops.LOADED and _backend.use_native(x.device)
+    return x.device.type in ("cpu", "cuda") and _ops.LOADED and _backend.use_native(x.device)
 
 
 def _chunks(rows, V):

@@ -1303,6 +1303,180 @@ def test_emu_scale_rows_many_long_rows(emu):
     torch.testing.assert_close(g, want.float())
 
 
+# ---- the per-shard ops of kdfast.distributed: their CUDA glue (csrc/cuda/softmax_kl_shard_ops.cpp) on CPU tensors
+
+@pytest.fixture(scope="module")
+def emu_shard(emu, tmp_path_factory):
+    """The per-shard ops' CUDA glue, csrc/cuda/softmax_kl_shard_ops.cpp itself, built with g++ as a torch
+    extension (csrc/cuda/emu/softmax_kl_shard_ops_emu.cpp) linked to the emulated kernels of `emu`:
+    softmax_kl_shard_stats, _sums and _grads as the CUDA ops compute them, on CPU tensors."""
+    return _emu_glue_extension(emu, tmp_path_factory, "kdfast_emu_shard_ops", "softmax_kl_shard_ops_emu.cpp")
+
+
+# The divergences as kdfast.distributed hands them to the ops: (reference name, mix, kernel kind, swap).
+SHARD_DIVS = {"kl": ("kl", 0.0, 0, False), "reverse_kl": ("reverse_kl", 0.0, 0, True),
+              "jsd0.5": ("jsd", 0.5, 2, False), "jsd0.9": ("jsd", 0.9, 2, False),
+              "skew0.1": ("skew_kl", 0.1, 3, False), "skew1.0": ("skew_kl", 1.0, 3, False),
+              "skew_rev0.1": ("skew_reverse_kl", 0.1, 3, True), "tvd": ("tvd", 0.0, 5, False)}
+SHARD_DIVS_FEW = ("kl", "jsd0.9", "skew_rev0.1", "tvd")
+# Uneven slices of a row's vocabulary (ranks in order): empty, width 1, widths that are no multiple of
+# any vector width, slices starting at every offset within 16 bytes, and one long enough for chunks.
+SHARD_WIDTHS = (0, 1, 7, 33, 6, 1001, 1)
+
+
+def _shard_run(ops, s, t, widths, inv_t, kind, mix, coef):
+    """kdfast.distributed's passes over the slices of (s, t) of the given widths, one rank each, with the
+    collectives done in place (the statistics stacked and merged, the term sums added): the loss rows, the
+    whole rows' gradients (the slices' put side by side) and the slices' statistics. ops: a namespace with
+    the three ops (torch.ops.kdfast or the emulated CUDA glue)."""
+    from kdfast import distributed as kdd
+    edges = [0]
+    for w in widths:
+        edges.append(edges[-1] + w)
+    sl = [(s[:, a:b], t[:, a:b]) for a, b in zip(edges, edges[1:])]
+    kl = kind == 0
+    stats = [ops.softmax_kl_shard_stats(x, y, inv_t, kl) for x, y in sl]
+    state = kdd._merge_stats(torch.stack(stats), inv_t)
+    st = state if kl else state[:4].contiguous()
+    if kl:
+        sums, value = torch.empty(0, dtype=state.dtype), state[4] + torch.log(state[2]) - torch.log(state[3])
+    else:
+        sums = sum(ops.softmax_kl_shard_sums(x, y, inv_t, kind, mix, st) for x, y in sl)
+        value = torch.clamp(sums[0], min=0)
+    grads = []
+    for x, y in sl:
+        # freed NaN blocks of the gradients' size first: an element a kernel fails to write then shows
+        # (the allocator would otherwise hand back a block holding an earlier run's right answer)
+        poison = [torch.full(x.shape, math.nan, dtype=x.dtype) for _ in range(4)]
+        del poison
+        grads.append(ops.softmax_kl_shard_grads(x, y, inv_t, kind, mix, st, sums, coef, True, True))
+    return value, torch.cat([g[0] for g in grads], 1), torch.cat([g[1] for g in grads], 1), stats
+
+
+def _shard_case(div, dtype, layout="rows", seed=3):
+    """Rows over sum(SHARD_WIDTHS) entries as _div_rows makes them (NaN left out: see
+    test_emu_shard_nan), the leading slices of row 0 without mass on both sides, and coef 0 on row 1.
+    Layout: "rows", slices of whole rows (row stride the full width: not contiguous); "teacher_offset",
+    the teacher at another offset within 16 bytes than the student (the scalar walk)."""
+    name, mix, kind, swap = SHARD_DIVS[div]
+    V = sum(SHARD_WIDTHS)
+    s, t, coef = _div_rows(V, dtype, seed=seed)
+    s[1, 0] = 0.5
+    s[0, :41], t[0, :41] = NINF, NINF
+    if kind == 0:  # KL: a student -inf under teacher mass is an infinite divergence; -inf on both sides instead
+        s[2], t[4] = t[2], s[4]
+    if layout == "teacher_offset":
+        base = torch.empty(6 * V + 3, dtype=dtype)
+        base[3:].view(6, V).copy_(t)
+        t = base[3:].view(6, V)
+    return s, t, coef
+
+
+def _normwise_close(a, b, tol, floor=1e-6):
+    return (a.double() - b.double()).norm() <= tol * max(b.double().norm().item(), floor)
+
+
+@pytest.mark.parametrize("path_name", ["auto", "chunks"])
+@dtype_params(ALL_DTYPES)
+@pytest.mark.parametrize("div", list(SHARD_DIVS))
+def test_emu_shard_ops(emu_shard, div, dtype, path_name, monkeypatch):
+    """The CUDA per-shard ops (glue and kernels) run as kdfast.distributed runs them on uneven slices
+    (one of width 0, one of 1, widths no multiple of the vector width, rows not contiguous, slices of a
+    row without mass, -inf patterns, huge logits, a row of coef 0): the full-vocabulary loss and
+    gradients against float64 autograd, and the same against the CPU ops; the slices' maxima exactly
+    as the CPU's. chunks: the gradient pass in (row, chunk) blocks of 512."""
+    if (dtype in (torch.float16, torch.float64) or path_name == "chunks") and div not in SHARD_DIVS_FEW:
+        pytest.skip("slow in emulation: fp32 and bf16 cover every divergence")
+    if path_name == "chunks" and dtype != torch.float32:
+        pytest.skip("slow in emulation: fp32 covers this path")
+    for k, v in EMU_PATHS[path_name].items():
+        monkeypatch.setenv(k, v)
+    name, mix, kind, swap = SHARD_DIVS[div]
+    s, t, coef = _shard_case(div, dtype, seed=3 if path_name == "auto" else 4)
+    x, y = (t, s) if swap else (s, t)
+    got = _shard_run(emu_shard, x, y, SHARD_WIDTHS, 0.7, kind, mix, coef)
+    cpu = _shard_run(torch.ops.kdfast, x, y, SHARD_WIDTHS, 0.7, kind, mix, coef)
+    for g, c in zip(got[3], cpu[3]):  # the maxima are exact; the sums as the CPU's within rounding
+        assert g.dtype == c.dtype and g.shape == c.shape
+        assert torch.equal(g[:2], c[:2]), (g[:2], c[:2])
+        torch.testing.assert_close(g[2:], c[2:], rtol=1e-10 if dtype == torch.float64 else 2e-5, atol=0)
+    value, gx, gy = got[:3]
+    gs, gt = (gy, gx) if swap else (gx, gy)
+    want = _div_reference(s, t, 0.7, name, mix, coef)
+    # (the reference zeroes coef-0 rows' values; the ops give every row its value)
+    keep = coef != 0
+    _check_div((torch.where(keep, value, 0.0), gs, gt), want, dtype, coef, gfloor=_grad_floor(s, t, 0.7, coef))
+    assert torch.isfinite(value[~keep]).all()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    gtol = GRAD_TOL[dtype] if dtype != torch.float32 else 2e-5
+    assert _normwise_close(value, cpu[0], tol, 1e-3), (value, cpu[0])
+    for g, c in zip(got[1:3], cpu[1:3]):
+        assert _normwise_close(g, c, gtol, _grad_floor(s, t, 0.7, coef)), (g, c)
+
+
+@pytest.mark.parametrize("div", ["kl", "jsd0.5", "skew_rev0.1", "tvd"])
+def test_emu_shard_ops_teacher_offset(emu_shard, div):
+    """Student and teacher slices at different offsets within 16 bytes (the scalar walk) give what
+    aligned copies give."""
+    name, mix, kind, swap = SHARD_DIVS[div]
+    s, t, coef = _shard_case(div, torch.float32, layout="teacher_offset")
+    assert t.storage_offset() % 4 != s.storage_offset() % 4
+    got = _shard_run(emu_shard, s, t, SHARD_WIDTHS, 1.3, kind, mix, coef)
+    want = _shard_run(emu_shard, s, t.contiguous(), SHARD_WIDTHS, 1.3, kind, mix, coef)
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("div", ["kl", "jsd0.5", "tvd"])
+@dtype_params((torch.float32, torch.float64))
+def test_emu_shard_ops_no_rows(emu_shard, div, dtype):
+    """0 rows: outputs of the CPU ops' shapes and dtypes, nothing launched."""
+    name, mix, kind, swap = SHARD_DIVS[div]
+    s = torch.empty(0, 9, dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    st = emu_shard.softmax_kl_shard_stats(s, s, 1.0, kind == 0)
+    assert st.shape == (5 if kind == 0 else 4, 0) and st.dtype == acc
+    sums = torch.empty(0, dtype=acc)
+    if kind != 0:
+        sums = emu_shard.softmax_kl_shard_sums(s, s, 1.0, kind, mix, st)
+        assert sums.shape == (3, 0) and sums.dtype == acc
+    gs, gt = emu_shard.softmax_kl_shard_grads(s, s, 1.0, kind, mix, st, sums, torch.empty(0, dtype=acc), True, True)
+    assert gs.shape == (0, 9) and gt.shape == (0, 9) and gs.dtype == dtype
+
+
+@pytest.mark.parametrize("div", ["kl", "jsd0.5", "skew0.1", "tvd"])
+def test_emu_shard_nan(emu_shard, div):
+    """A NaN logit in one slice makes its row's loss NaN on every slice's gradients' row (the NaN reaches
+    the merged sums); the other rows are finite and as the CPU ops give them."""
+    name, mix, kind, swap = SHARD_DIVS[div]
+    s, t, coef = _shard_case(div, torch.float32)
+    s[3, 45] = math.nan  # in the slice of width 6
+    got = _shard_run(emu_shard, s, t, SHARD_WIDTHS, 1.0, kind, mix, coef)
+    cpu = _shard_run(torch.ops.kdfast, s, t, SHARD_WIDTHS, 1.0, kind, mix, coef)
+    assert got[0][3].isnan() and cpu[0][3].isnan()
+    ok = torch.arange(6) != 3
+    for g, c in zip(got[:3], cpu[:3]):
+        assert g[3].isnan().any()
+        assert torch.isfinite(g[ok]).all()
+        assert _normwise_close(g[ok], c[ok], 2e-5)
+
+
+def test_emu_shard_ops_bad_input(emu_shard):
+    """The CUDA glue runs the shared checks, naming the argument."""
+    s = torch.randn(3, 5)
+    st = emu_shard.softmax_kl_shard_stats(s, s, 1.0, True)
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_sums: divergence"):
+        emu_shard.softmax_kl_shard_sums(s, s, 1.0, 1, 0.0, st[:4].contiguous())
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_sums: KL needs no term sums"):
+        emu_shard.softmax_kl_shard_sums(s, s, 1.0, 0, 0.0, st)
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_grads: coef"):
+        emu_shard.softmax_kl_shard_grads(s, s, 1.0, 0, 0.0, st, torch.empty(0), torch.ones(2), True, False)
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_stats: inv_temperature"):
+        emu_shard.softmax_kl_shard_stats(s, s, 0.0, False)
+    with pytest.raises(RuntimeError, match="softmax_kl_shard_stats: expected CUDA tensors"):
+        emu_shard.softmax_kl_shard_stats(s.to("meta"), s.to("meta"), 1.0, False)
+
+
 # ---- the relation ops: their CUDA glue itself (csrc/cuda/rkd_ops.cpp) on CPU tensors
 
 @pytest.fixture(scope="module")
@@ -1310,13 +1484,19 @@ def emu_glue(emu, tmp_path_factory):
     """The relation ops' CUDA glue, csrc/cuda/rkd_ops.cpp itself, built with g++ as a torch extension
     (csrc/cuda/emu/rkd_ops_emu.cpp) linked to the emulated kernels of `emu`: rkd, pairwise_distances and
     pairwise_distances_backward, as the CUDA ops compute them, on CPU tensors."""
+    return _emu_glue_extension(emu, tmp_path_factory, "kdfast_emu_rkd_ops", "rkd_ops_emu.cpp")
+
+
+def _emu_glue_extension(emu, tmp_path_factory, name, source):
+    """A CUDA op's glue built for the emulation (csrc/cuda/emu/<source>) with g++ as a torch extension,
+    linked to the emulated kernels of `emu`."""
     from torch.utils import cpp_extension
     lib_dir, lib = os.path.split(emu.path)
     return cpp_extension.load(
-        name="kdfast_emu_rkd_ops", sources=[os.path.join(REPO, "csrc", "cuda", "emu", "rkd_ops_emu.cpp")],
+        name=name, sources=[os.path.join(REPO, "csrc", "cuda", "emu", source)],
         extra_cflags=["-O1", "-DKDFAST_CUDA_EMULATE", "-I" + os.path.join(REPO, "csrc"), "-I" + _cuda_include()],
         extra_ldflags=["-L" + lib_dir, "-l:" + lib, "-Wl,-rpath," + lib_dir],
-        build_directory=str(tmp_path_factory.mktemp("emu_glue")))
+        build_directory=str(tmp_path_factory.mktemp(name)))
 
 
 def _rkd_reference(s, t, dw, aw, squared, eps=1e-12, delta=1.0):

@@ -37,6 +37,26 @@ struct SoftmaxKLArgs : RowPairArgs {
   double mix = 0;  // JSD: beta; skew KL: alpha (the weight of the first argument in the mixture)
 };
 
+// The per-shard passes of the vocab-parallel losses (kdfast/distributed.py; ops softmax_kl_shard_*):
+// a slice of each row's vocabulary (rows x cols, unit stride along cols). Accumulation-type arrays
+// are (k, rows) row-major.
+struct ShardArgs {
+  DType dtype;
+  const void* student;
+  const void* teacher;
+  int64_t rows, cols, student_row_stride, teacher_row_stride;
+  double inv_temperature;
+  Divergence divergence;  // KL, JSD (0 < mix < 1), SkewKL (mix > 0) or TVD
+  double mix;
+  bool with_a;           // stats: also A; passes: state holds A / Z_t (KL)
+  const void* state;     // passes: (4 or 5, rows) global maxima (raw logits), sums relative to them, A / Z_t
+  const void* coef;      // gradients: (rows) upstream weight of each row
+  const void* row_sums;  // gradients of JSD, skew, TVD: (3, rows) F, SU, SW
+  void* out;             // stats: (4 or 5, rows) slice maxima, sums relative to them (and A); sums: (3, rows)
+  void* grad_student;    // gradient pass: rows x cols contiguous, or null
+  void* grad_teacher;
+};
+
 // Feature matching per row (see csrc/common/feature_match.h): squared error or cosine distance
 // over the cols features of a row.
 struct FeatureArgs : RowPairArgs {

@@ -22,6 +22,7 @@ inline int64_t rows_per_task(int64_t row_len, int64_t min_elems) {
 using kernel::DType;
 using kernel::FeatureArgs;
 using kernel::RowPairArgs;
+using kernel::ShardArgs;
 using kernel::SoftmaxKLArgs;
 using kernel::SparseKLArgs;
 
@@ -82,25 +83,6 @@ struct AngleArgs {
   double loss;          // out: sum of Huber values
   double* grad_d2_s;    // in/out or null: d loss / d D2_s (not symmetrised) is added; n x n
   double* grad_d2_t;
-};
-
-// The per-shard passes of the vocab-parallel losses (kdfast/distributed.py): a slice of each row's
-// vocabulary (rows x cols, unit stride along cols). Accumulation-type arrays are (k, rows) row-major.
-struct ShardArgs {
-  DType dtype;
-  const void* student;
-  const void* teacher;
-  int64_t rows, cols, student_row_stride, teacher_row_stride;
-  double inv_temperature;
-  kernel::Divergence divergence;  // KL, JSD (0 < mix < 1), SkewKL (mix > 0) or TVD
-  double mix;
-  bool with_a;               // stats: also A; passes: state holds A / Z_t (KL)
-  const void* state;         // passes: (4 or 5, rows) global maxima (raw logits), sums relative to them, A / Z_t
-  const void* coef;          // gradients: (rows) upstream weight of each row
-  const void* row_sums;      // gradients of JSD, skew, TVD: (3, rows) F, SU, SW
-  void* out;                 // stats: (4 or 5, rows) slice maxima, sums relative to them (and A); sums: (3, rows)
-  void* grad_student;        // gradient pass: rows x cols contiguous, or null
-  void* grad_teacher;
 };
 
 // The kernel table of one ISA build; the main library selects one at import (csrc/kdfast.cpp).

@@ -65,11 +65,13 @@ __device__ __forceinline__ int align_off(const T* p) {
 // operand's base is 16-byte aligned and shares the offset o; with P == 1, o is 0 and the bases are
 // the slices themselves. A group wholly inside [o, o + n) is "full"; the first and last may not be.
 // Positions outside the slice in a partial group lie in the same 16-byte granules as slice elements,
-// so reading them is safe; their values are never used and nothing is stored there.
+// so reading them is safe; their values are never used and nothing is stored there. An empty slice
+// has no groups (its granule may not be memory at all: an empty tensor's null data pointer).
 
 struct Span {
   int64_t o, end, groups;
-  __device__ __forceinline__ Span(int64_t o_, int64_t n, int P) : o(o_), end(o_ + n), groups((o_ + n + P - 1) / P) {}
+  __device__ __forceinline__ Span(int64_t o_, int64_t n, int P)
+      : o(o_), end(o_ + n), groups(n > 0 ? (o_ + n + P - 1) / P : 0) {}
   __device__ __forceinline__ bool full(int64_t j0, int P) const { return j0 >= o && j0 + P <= end; }
   __device__ __forceinline__ bool valid(int64_t j) const { return j >= o && j < end; }
 };

@@ -28,6 +28,13 @@ cudaError_t softmax_kl(const kernel::SoftmaxKLArgs& a, void* workspace, cudaStre
 cudaError_t scale_rows(kernel::DType dtype, void* grad, int64_t rows, int64_t vocab, const void* ratio,
                        int64_t ratio_stride, cudaStream_t stream);
 
+// The per-shard passes of the vocab-parallel losses (kernel::ShardArgs contract, as the CPU's
+// cpu::Kernels::softmax_kl_shard_stats / _pass), on `stream`: the statistics of each row's slice, or
+// from the rows' global state its term sums (no gradient pointer; not KL) or its gradients. Never
+// synchronise with the host.
+cudaError_t softmax_kl_shard_stats(const kernel::ShardArgs& a, cudaStream_t stream);
+cudaError_t softmax_kl_shard_pass(const kernel::ShardArgs& a, cudaStream_t stream);
+
 // Feature matching (kernel::FeatureArgs contract). Squared error over rows longer than one chunk writes
 // rows x feature_match_chunks(a) partial sums (acc type) into `partial` instead of loss_rows, for
 // the caller to sum per row; otherwise `partial` is unused. `workspace` holds

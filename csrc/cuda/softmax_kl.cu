@@ -308,14 +308,21 @@ struct KLParams {
   div::Params<double> dk;  // the other divergences' constants (div::params), cast to acc on the device
 };
 
+// The gradient constants of a row of weight w from its frame, softmax sums and shift = A / Z_t.
 template <typename A>
-__device__ __forceinline__ RowK<A> row_constants(A w, const Frame<A>& f, A inv_t, A zs, A zt, A acc) {
+__device__ __forceinline__ RowK<A> grad_constants(A w, const Frame<A>& f, A inv_t, A zs, A zt, A shift) {
   RowK<A> k{f};
   k.coef = w * inv_t;
   k.coef_t = k.coef * A(kLn2) * f.inv_h;
   k.izs = A(1) / zs;
   k.izt = A(1) / zt;
-  k.shift = acc / zt;
+  k.shift = shift;
+  return k;
+}
+
+template <typename A>
+__device__ __forceinline__ RowK<A> row_constants(A w, const Frame<A>& f, A inv_t, A zs, A zt, A acc) {
+  RowK<A> k = grad_constants(w, f, inv_t, zs, zt, acc / zt);
   // A row whose KL is NaN gets NaN gradients throughout (kl::grad_teacher passes a NaN coef even
   // where p_t = 0), whatever its maxima skipped.
   if (kl::nan_row(zs, zt, acc)) k.coef = k.coef_t = std::numeric_limits<A>::quiet_NaN();
@@ -548,13 +555,30 @@ __global__ void __launch_bounds__(kThreads) kl_cluster_kernel(KLParams p, int C,
   cluster_row(p, x.sl, x.row, x.w, C, x.rank, x.bs, x.bt, smem + 2 * raw_bytes, raw_bytes, cache, sh, waited);
 }
 
+// The block-wide maxima m = {m_s, m_t} of a slice and its sums {Z_s, Z_t, A} relative to them, in
+// the units of the frame it returns; every thread gets them.
+template <typename T, typename A>
+__device__ __forceinline__ Frame<A> slice_max_sums(const KLParams& p, const GlobalSlice<T>& sl, A* red, A (&m)[2],
+                                                   A (&sums)[3]) {
+  constexpr int P = vec_elems<T>();
+  m[0] = m[1] = neg_inf<A>();
+  if (sl.vec) pass_max<P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, m[0], m[1]);
+  else pass_max<1>(sl.s, sl.t, 0, sl.n, m[0], m[1]);
+  block_reduce(m, red, MaxOp());
+  const Frame<A> f(m[0], m[1], static_cast<A>(p.inv_t), static_cast<A>(p.h));
+  sums[0] = sums[1] = sums[2] = A(0);
+  if (sl.vec) pass_sum<P, false>(sl.s - sl.o, sl.t - sl.o, (A*)nullptr, (A*)nullptr, sl.o, sl.n, f, sums[0], sums[1], sums[2]);
+  else pass_sum<1, false>(sl.s, sl.t, (A*)nullptr, (A*)nullptr, 0, sl.n, f, sums[0], sums[1], sums[2]);
+  block_reduce(sums, red, AddOp());
+  return f;
+}
+
 // Fallback, one block per (row, chunk). full: the chunk is the whole row; the block writes the KL
 // and the gradients. Otherwise it writes its chunk's maxima and sums to part[(row, chunk)].
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t chunk, bool full,
                                                            typename Elem<T>::acc* part) {
   using A = typename Elem<T>::acc;
-  constexpr int P = vec_elems<T>();
   KD_SHARED(A, red, [32 * 3]);
   const int64_t row = p.row0 + blockIdx.x;
   const int64_t v0 = static_cast<int64_t>(blockIdx.y) * chunk;
@@ -568,16 +592,9 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p, int64_t c
     }
     return;
   }
-  A m[2] = {neg_inf<A>(), neg_inf<A>()};
-  if (sl.vec) pass_max<P>(sl.s - sl.o, sl.t - sl.o, sl.o, sl.n, m[0], m[1]);
-  else pass_max<1>(sl.s, sl.t, 0, sl.n, m[0], m[1]);
-  block_reduce(m, red, MaxOp());
+  A m[2], sums[3];
+  const Frame<A> f = slice_max_sums(p, sl, red, m, sums);
   const A inv_t = static_cast<A>(p.inv_t);
-  const Frame<A> f(m[0], m[1], inv_t, static_cast<A>(p.h));
-  A sums[3] = {A(0), A(0), A(0)};
-  if (sl.vec) pass_sum<P, false>(sl.s - sl.o, sl.t - sl.o, (A*)nullptr, (A*)nullptr, sl.o, sl.n, f, sums[0], sums[1], sums[2]);
-  else pass_sum<1, false>(sl.s, sl.t, (A*)nullptr, (A*)nullptr, 0, sl.n, f, sums[0], sums[1], sums[2]);
-  block_reduce(sums, red, AddOp());
   if (!full) {
     if (threadIdx.x == 0) {
       A* q = part + ((row - p.row0) * gridDim.y + blockIdx.y) * 5;
@@ -1033,6 +1050,79 @@ __global__ void __launch_bounds__(kThreads) div_cluster_kernel(KLParams p, int C
   }
 }
 
+// ------------------------------------------------------------------ per-shard passes
+//
+// The vocab-parallel losses (kdfast/distributed.py) run a row's passes on each rank's slice of its
+// vocabulary, merging per-row numbers over the ranks between them (ops softmax_kl_shard_*, glue:
+// csrc/cuda/softmax_kl_shard_ops.cpp; CPU twins at the end of csrc/cpu/softmax_kl.cpp). The state
+// and sums arrays are (k, rows) in the acc type: value k of row r at [k * rows + r]. p.w holds the
+// gradient pass's coef, p.kl the output of the other two. The reductions (statistics, term sums)
+// take one block per row; the gradients, which need none, (row, chunk) blocks where the plan cuts
+// long rows. Every row is computed (a coef of 0 gives 0 times the terms, as on the CPU).
+
+// Statistics: the slice's maxima of the raw logits (-inf where a side has no mass; a NaN logit is
+// skipped by them and reaches the sums), Z_s, Z_t relative to them and, with_a, A in natural units.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) shard_stats_kernel(KLParams p, bool with_a) {
+  using A = typename Elem<T>::acc;
+  KD_SHARED(A, red, [32 * 3]);
+  const int64_t row = p.row0 + blockIdx.x, R = p.rows;
+  const GlobalSlice<T> sl(p, row, 0, p.V);
+  A m[2], sums[3];
+  slice_max_sums(p, sl, red, m, sums);
+  if (threadIdx.x != 0) return;
+  A* out = static_cast<A*>(p.kl);
+  out[row] = m[0], out[R + row] = m[1], out[2 * R + row] = sums[0], out[3 * R + row] = sums[1];
+  if (with_a) out[4 * R + row] = static_cast<A>(static_cast<double>(sums[2]) * kLn2 / p.h);
+}
+
+// A row's DivRow from the global state: maxima and softmax sums of the whole row.
+template <typename A>
+__device__ __forceinline__ DivRow<A> shard_div_row(const DivConsts<A>& dc, const A* state, int64_t R, int64_t row) {
+  return div_row(dc.k, dc.c, dc.inv_t, {state[row], state[R + row], state[2 * R + row], state[3 * R + row]});
+}
+
+// Term sums (JSD, skew KL, TVD): F, SU, SW over the slice.
+template <Divergence D, typename T>
+__global__ void __launch_bounds__(kThreads) shard_sums_kernel(KLParams p, const typename Elem<T>::acc* state) {
+  using A = typename Elem<T>::acc;
+  KD_SHARED(A, red, [32 * 3]);
+  const DivConsts<A> dc = div_consts<A>(p);
+  const int64_t row = p.row0 + blockIdx.x, R = p.rows;
+  const GlobalSlice<T> sl(p, row, 0, p.V);
+  A st[3] = {A(0), A(0), A(0)};
+  slice_stats<D>(sl, shard_div_row(dc, state, R, row), st);
+  block_reduce(st, red, AddOp());
+  if (threadIdx.x != 0) return;
+  A* out = static_cast<A*>(p.kl);
+  out[row] = st[0], out[R + row] = st[1], out[2 * R + row] = st[2];
+}
+
+// Gradients of chunk blockIdx.y of the slice: KL from the state (its fifth row A / Z_t in natural
+// units), the others from the state and the global F, SU, SW in `sums`.
+template <Divergence D, typename T>
+__global__ void __launch_bounds__(kThreads) shard_grad_kernel(KLParams p, int64_t chunk,
+                                                              const typename Elem<T>::acc* state,
+                                                              const typename Elem<T>::acc* sums) {
+  using A = typename Elem<T>::acc;
+  const int64_t row = p.row0 + blockIdx.x, R = p.rows;
+  const GlobalSlice<T> sl(p, row, static_cast<int64_t>(blockIdx.y) * chunk, chunk);
+  if (sl.n == 0) return;
+  const A w = static_cast<const A*>(p.w)[row];
+  if constexpr (D == Divergence::KL) {
+    const A inv_t = static_cast<A>(p.inv_t);
+    const Frame<A> f(state[row], state[R + row], inv_t, static_cast<A>(p.h));
+    // A / Z_t in the kernel's units (base 2, units of h); in double, as the statistics' A
+    const A shift = static_cast<A>(static_cast<double>(state[4 * R + row]) * kLog2e * p.h);
+    sl.grads_from_global(grad_constants(w, f, inv_t, state[2 * R + row], state[3 * R + row], shift));
+  } else {
+    const DivConsts<A> dc = div_consts<A>(p);
+    DivRow<A> r = shard_div_row(dc, state, R, row);
+    div_finish(r, dc.k, w, dc.inv_t, {sums[row], sums[R + row], sums[2 * R + row]});
+    slice_div_grad<D>(sl, r);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scale_rows_kernel(T* grad, int64_t V, int64_t row0, int64_t chunk,
                                                               const typename Elem<T>::acc* ratio,
@@ -1344,14 +1434,17 @@ size_t workspace_for(const Plan& pl, int64_t rows, int64_t values) {
   return static_cast<size_t>(nr * (pl.nchunk + 1) * values) * sizeof(A);
 }
 
-KLParams to_params(const SoftmaxKLArgs& a) {
-  KLParams p;
+// The launch parameters of a call on a student / teacher pair (SoftmaxKLArgs or ShardArgs), with its
+// per-row weights w and per-row output kl.
+template <typename Args>
+KLParams to_params(const Args& a, const void* w, void* kl) {
+  KLParams p{};
   p.s = a.student, p.t = a.teacher;
   p.s_stride = a.student_row_stride, p.t_stride = a.teacher_row_stride;
   p.rows = a.rows, p.V = a.cols;
   p.inv_t = a.inv_temperature;
   p.h = std::ldexp(1.0, -kl::scale_exponent(a.cols, a.inv_temperature));
-  p.w = a.row_weight, p.kl = a.loss_rows;
+  p.w = w, p.kl = kl;
   p.gs = a.grad_student, p.gt = a.grad_teacher;
   p.row0 = 0;
   return p;
@@ -1390,7 +1483,7 @@ cudaError_t run_div(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream
     return cudaSuccess;
   }
   log_plan(a, pl, kn);
-  KLParams p = to_params(a);
+  KLParams p = to_params(a, a.row_weight, a.loss_rows);
   p.dk = div::params<double>(a.divergence, a.mix);
   const bool want_grad = a.grad_student != nullptr || a.grad_teacher != nullptr;
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
@@ -1451,7 +1544,7 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
     return cudaSuccess;
   }
   log_plan(a, pl, kn);
-  KLParams p = to_params(a);
+  KLParams p = to_params(a, a.row_weight, a.loss_rows);
   for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
     const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
     p.row0 = r0;
@@ -1478,7 +1571,75 @@ cudaError_t run(const SoftmaxKLArgs& a, void* workspace, cudaStream_t stream, si
   return cudaSuccess;
 }
 
+// p.w: the gradient pass's coef; p.kl: the statistics' or term sums' output.
+KLParams shard_params(const kernel::ShardArgs& a) {
+  KLParams p = to_params(a, a.coef, a.out);
+  if (a.divergence != Divergence::KL) p.dk = div::params<double>(a.divergence, a.mix);
+  return p;
+}
+
+// The term sums (no gradient pointer; not KL) or the gradients of a slice.
+template <Divergence D, typename T>
+cudaError_t run_shard_pass(const kernel::ShardArgs& a, cudaStream_t stream) {
+  using A = typename Elem<T>::acc;
+  const bool grads = a.grad_student != nullptr || a.grad_teacher != nullptr;
+  if (!grads && D == Divergence::KL) return cudaErrorInvalidValue;
+  Plan pl;
+  if (grads) {  // the global-memory plan's chunks: the gradients need no reduction across them
+    int dev = 0;
+    DeviceInfo d;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = device_info(dev, d);
+    if (e != cudaSuccess) return e;
+    pl = global_plan(a.rows, a.cols, d, knobs());
+  }
+  KLParams p = shard_params(a);
+  const A* state = static_cast<const A*>(a.state);
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
+    const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
+    p.row0 = r0;
+    if (grads) {
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr), static_cast<unsigned>(pl.nchunk)), kThreads, 0, stream,
+                shard_grad_kernel<D, T>)(p, pl.chunk, state, static_cast<const A*>(a.row_sums));
+    } else if constexpr (D != Divergence::KL) {
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr)), kThreads, 0, stream, shard_sums_kernel<D, T>)(p, state);
+    }
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace
+
+cudaError_t softmax_kl_shard_stats(const kernel::ShardArgs& a, cudaStream_t stream) {
+  return by_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    KLParams p = shard_params(a);
+    for (int64_t r0 = 0; r0 < a.rows; r0 += kMaxRowsPerLaunch) {
+      const int64_t nr = std::min(a.rows - r0, kMaxRowsPerLaunch);
+      p.row0 = r0;
+      KD_LAUNCH(dim3(static_cast<unsigned>(nr)), kThreads, 0, stream, shard_stats_kernel<T>)(p, a.with_a);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  });
+}
+
+cudaError_t softmax_kl_shard_pass(const kernel::ShardArgs& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.cols == 0) return cudaSuccess;
+  return by_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    switch (a.divergence) {
+      case Divergence::KL: return run_shard_pass<Divergence::KL, T>(a, stream);
+      case Divergence::JSD: return run_shard_pass<Divergence::JSD, T>(a, stream);
+      case Divergence::SkewKL: return run_shard_pass<Divergence::SkewKL, T>(a, stream);
+      case Divergence::TVD: return run_shard_pass<Divergence::TVD, T>(a, stream);
+      default: return cudaErrorInvalidValue;  // the caller swaps the inputs for the reverse forms
+    }
+  });
+}
 
 void softmax_kl_reload_knobs() {
   const Knobs k = read_knobs();

@@ -29,10 +29,9 @@ inline void check_row_inputs(const char* op, const at::Tensor& s, const at::Tens
               ": row_weight must be a contiguous ", acc, " vector of length rows");
 }
 
-// Kernel arguments for outputs already allocated (gs / gt are ignored unless asked for).
-inline void set_row_pair(kernel::RowPairArgs& a, const at::Tensor& s, const at::Tensor& t, const at::Tensor& w,
-                         at::Tensor& loss, at::Tensor& gs, at::Tensor& gt, bool grad_student, bool grad_teacher,
-                         double grad_scale) {
+// The pair's element type, data, shape and row strides in kernel arguments (RowPairArgs, ShardArgs).
+template <typename Args>
+inline void set_pair(Args& a, const at::Tensor& s, const at::Tensor& t) {
   a.dtype = to_kernel_dtype(s.scalar_type());
   a.student = s.data_ptr();
   a.teacher = t.data_ptr();
@@ -40,6 +39,13 @@ inline void set_row_pair(kernel::RowPairArgs& a, const at::Tensor& s, const at::
   a.cols = s.size(1);
   a.student_row_stride = s.stride(0);
   a.teacher_row_stride = t.stride(0);
+}
+
+// Kernel arguments for outputs already allocated (gs / gt are ignored unless asked for).
+inline void set_row_pair(kernel::RowPairArgs& a, const at::Tensor& s, const at::Tensor& t, const at::Tensor& w,
+                         at::Tensor& loss, at::Tensor& gs, at::Tensor& gt, bool grad_student, bool grad_teacher,
+                         double grad_scale) {
+  set_pair(a, s, t);
   a.row_weight = w.data_ptr();
   a.loss_rows = loss.data_ptr();
   a.grad_student = grad_student ? gs.data_ptr() : nullptr;

@@ -3,6 +3,8 @@
 // math: csrc/common/softmax_kl.h; autograd and fake kernels: kdfast/.
 #include "ops/softmax_kl.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -101,8 +103,74 @@ void check_softmax_kl_shard(const char* name, const at::Tensor& s, const at::Ten
   }
 }
 
+namespace {
+
+kernel::ShardArgs shard_args(const at::Tensor& s, const at::Tensor& t, double inv_temperature, int64_t divergence,
+                             double mix) {
+  kernel::ShardArgs a{};
+  set_pair(a, s, t);
+  a.inv_temperature = inv_temperature;
+  a.divergence = static_cast<Divergence>(divergence);
+  a.mix = mix;
+  return a;
+}
+
+}  // namespace
+
+ShardCall shard_stats_call(const at::Tensor& s, const at::Tensor& t, double inv_temperature, bool with_a) {
+  check_softmax_kl_shard("softmax_kl_shard_stats", s, t, inv_temperature, 0, 0.0, at::Tensor(), at::Tensor(),
+                         at::Tensor());
+  ShardCall c;
+  const int64_t R = s.size(0);
+  c.out = at::empty({with_a ? 5 : 4, R}, s.options().dtype(acc_type(s.scalar_type())));
+  if (R == 0) return c;  // (an empty slice still has its rows: maxima -inf, sums 0, from the kernel)
+  c.a = shard_args(s, t, inv_temperature, 0, 0.0);
+  c.a.with_a = with_a;
+  c.a.out = c.out.data_ptr();
+  c.run = true;
+  return c;
+}
+
+ShardCall shard_sums_call(const at::Tensor& s, const at::Tensor& t, double inv_temperature, int64_t divergence,
+                          double mix, const at::Tensor& state) {
+  check_softmax_kl_shard("softmax_kl_shard_sums", s, t, inv_temperature, divergence, mix, state, at::Tensor(),
+                         at::Tensor());
+  TORCH_CHECK(divergence != static_cast<int64_t>(Divergence::KL),
+              "softmax_kl_shard_sums: KL needs no term sums (its value comes from the statistics)");
+  ShardCall c;
+  c.out = at::zeros({3, s.size(0)}, state.options());
+  if (s.size(0) == 0 || s.size(1) == 0) return c;
+  c.a = shard_args(s, t, inv_temperature, divergence, mix);
+  c.a.state = state.data_ptr();
+  c.a.out = c.out.data_ptr();
+  c.run = true;
+  return c;
+}
+
+ShardCall shard_grads_call(const at::Tensor& s, const at::Tensor& t, double inv_temperature, int64_t divergence,
+                           double mix, const at::Tensor& state, const at::Tensor& row_sums, const at::Tensor& coef,
+                           bool grad_student, bool grad_teacher, at::Tensor (*empty_like_rows)(const at::Tensor&)) {
+  const bool kl = divergence == static_cast<int64_t>(Divergence::KL);
+  check_softmax_kl_shard("softmax_kl_shard_grads", s, t, inv_temperature, divergence, mix, state,
+                         kl ? at::Tensor() : row_sums, coef);
+  ShardCall c;
+  c.grad_student = grad_student ? empty_like_rows(s) : at::empty({0}, s.options());
+  c.grad_teacher = grad_teacher ? empty_like_rows(t) : at::empty({0}, t.options());
+  if (s.size(0) == 0 || s.size(1) == 0 || !(grad_student || grad_teacher)) return c;
+  c.a = shard_args(s, t, inv_temperature, divergence, mix);
+  c.a.with_a = kl;
+  c.a.state = state.data_ptr();
+  c.a.row_sums = kl ? nullptr : row_sums.data_ptr();
+  c.a.coef = coef.data_ptr();
+  c.a.grad_student = grad_student ? c.grad_student.data_ptr() : nullptr;
+  c.a.grad_teacher = grad_teacher ? c.grad_teacher.data_ptr() : nullptr;
+  c.run = true;
+  return c;
+}
+
 }  // namespace kdfast
 
+#if !defined(KDFAST_CUDA_EMULATE)  // (the emulation build of the CUDA glue includes this file for its checks)
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // Per-row temperature softmax-KL, or another divergence of the family. Returns (kl_rows, grad_student, grad_teacher): kl_rows is the
   // unweighted KL of each row (0 where row_weight is 0), in float64 for every input dtype (the KL of
@@ -120,7 +188,7 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def("scale_rows_(Tensor(a!) grad, Tensor ratio) -> ()");
   // The per-shard passes of the vocab-parallel losses (kdfast/distributed.py), on a slice (rows,
   // V_local) of each row's vocabulary; results in the accumulation dtype (double for double, else
-  // float). CPU only for now: kdfast.distributed runs its PyTorch passes on other devices.
+  // float). CPU and CUDA kernels (csrc/{cpu,cuda}/softmax_kl_shard_ops.cpp).
   // stats: (4, rows) slice maxima m_s, m_t of the raw logits, Z_s = sum exp((s - m_s) / T), Z_t
   // likewise, and with with_a a fifth row A = sum exp((t - m_t) / T) ((t - m_t) - (s - m_s)) / T (a
   // term with exp 0 is 0; a slice row without mass has maximum -inf, sums 0 and reference 0).
@@ -134,3 +202,4 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def("softmax_kl_shard_grads(Tensor student, Tensor teacher, float inv_temperature, int divergence, float mix, "
         "Tensor state, Tensor row_sums, Tensor coef, bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
 }
+#endif

@@ -27,4 +27,23 @@ void check_softmax_kl_shard(const char* name, const at::Tensor& s, const at::Ten
                             int64_t divergence, double mix, const at::Tensor& state, const at::Tensor& row_sums,
                             const at::Tensor& coef);
 
+// One call of a per-shard op, checked and prepared for a device's kernel (cpu::Kernels or
+// csrc/cuda/kernels.h): outputs allocated on the inputs' device, arguments set. run is false where
+// the kernel has nothing to do (no rows, an empty slice, no gradient asked for): the outputs are
+// then already final.
+struct ShardCall {
+  kernel::ShardArgs a{};
+  at::Tensor out;                          // stats, sums
+  at::Tensor grad_student, grad_teacher;   // grads (empty where not asked for)
+  bool run = false;
+};
+ShardCall shard_stats_call(const at::Tensor& s, const at::Tensor& t, double inv_temperature, bool with_a);
+ShardCall shard_sums_call(const at::Tensor& s, const at::Tensor& t, double inv_temperature, int64_t divergence,
+                          double mix, const at::Tensor& state);
+// empty_like_rows(x): an uninitialised contiguous tensor of x's shape and dtype on x's device (the
+// device's fastest allocation).
+ShardCall shard_grads_call(const at::Tensor& s, const at::Tensor& t, double inv_temperature, int64_t divergence,
+                           double mix, const at::Tensor& state, const at::Tensor& row_sums, const at::Tensor& coef,
+                           bool grad_student, bool grad_teacher, at::Tensor (*empty_like_rows)(const at::Tensor&));
+
 }  // namespace kdfast
