@@ -466,3 +466,45 @@ def test_nonfinite_point_nan_gradients(fn, value, module):
     want1 = value_and_grads(f_want, s[1:], t[1:])
     for a, b in zip(got1, want1):
         assert relerr(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("module", [kdfast, ref], ids=["native", "reference"])
+def test_infinite_side_nan_angle(module):
+    """Two points, one with an inf coordinate: the only side is infinite, its unit vector inf / inf
+    is NaN in float64, and so is the angle loss (native once took 1 / inf = 0 as a zero-length side
+    and returned 0)."""
+    s = torch.randn(2, 4, dtype=torch.float64)
+    s[0, 1] = float("inf")
+    t = torch.randn(2, 3, dtype=torch.float64)
+    assert oracle("rkd_angle_loss", s, t).isnan()
+    assert module.rkd_angle_loss(s, t).isnan() and module.rkd_angle_loss(s.float(), t.float()).isnan()
+
+
+@pytest.mark.parametrize("module", [kdfast, ref], ids=["native", "reference"])
+def test_nan_upstream_reaches_clamped_distances(module):
+    """eps = 1 (squared) clamps some teacher distances; a NaN student point makes the loss NaN and the
+    upstream of every teacher distance NaN: float64's clamp passes NaN * 0, so every teacher
+    gradient is NaN, the points whose distances are all clamped included."""
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    s[4, 0] = float("nan")
+    t = torch.randn(9, 4, generator=g, dtype=torch.float64) * 0.3  # squared sides ~0.7: many below eps
+    kw = dict(squared=True, eps=1.0)
+    _, _, wt = value_and_grads(lambda a, b: oracle("rkd_distance_loss", a, b, **kw), s, t)
+    got, _, gt = value_and_grads(lambda a, b: module.rkd_distance_loss(a, b, **kw), s, t)
+    assert got.isnan() and wt.isnan().any()
+    assert gt.isnan().all()
+
+
+def test_float64_far_point_beyond_1e6():
+    """float64, far:near 1e9 with the cluster near the origin: the differences of the inputs are
+    exact, so the distances hold float64 accuracy. Centring first (the far point moves the mean by
+    ~1e9 x spread) rounded the cluster's coordinates by eps * 1e9 x spread: relative errors ~1e-7.
+    (The angle term's law of cosines still loses eps * far / near there: not held to this.)"""
+    for seed in range(2):
+        s = far_point_set(1e9, seed=seed, dtype=torch.float64)
+        t = _teacher_for(1e3, seed).double()
+        for fn in ["rkd_distance_loss"]:
+            want, ws, wt = value_and_grads(lambda a, b: oracle(fn, a, b), s, t)
+            got, gs, gt = value_and_grads(getattr(kdfast, fn), s, t)
+            assert relerr(got, want) < 1e-10, (fn, relerr(got, want))
