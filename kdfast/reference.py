@@ -343,9 +343,17 @@ def _pdist(x, squared, eps):
     return d.masked_fill(eye, 0)
 
 
-def _normalize_by_positive_mean(d):
+def _normalize_by_positive_mean(d, x):
+    """d / the mean of d's positive entries per group, for the distances d of the points x. A group
+    with no positive distance (all points equal, eps = 0) has no psi: 0 / 0, NaN values, and NaN
+    gradients for all its points, as float64 has for a NaN loss elsewhere (the zero-length sides of
+    _pdist pass no gradient, so the 0 / 0 alone would leave them 0)."""
     pos = d > 0
-    mean = (d * pos).sum((-1, -2), keepdim=True) / pos.sum((-1, -2), keepdim=True).clamp(min=1)
+    count = pos.sum((-1, -2), keepdim=True)
+    mean = (d * pos).sum((-1, -2), keepdim=True) / count.clamp(min=1)
+    undefined = torch.where(count == 0, math.nan, 0.0).to(x.dtype)
+    # 0 (NaN where undefined) that depends on every point: a gradient of 0 (NaN where undefined)
+    mean = mean + (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) * undefined).sum((-1, -2), keepdim=True)
     return d / mean
 
 
@@ -355,9 +363,10 @@ def pairwise_distances(x, *, squared=False, normalize=True, eps=1e-12):
     by the mean of its positive entries (RKD's psi)."""
     v.check_points(x, "x")
     eps = v.check_nonnegative(eps, "eps")
-    d = _pdist(x.to(v.compute_dtype(x)), squared, eps)
+    xc = x.to(v.compute_dtype(x))
+    d = _pdist(xc, squared, eps)
     if normalize:
-        d = _normalize_by_positive_mean(d)
+        d = _normalize_by_positive_mean(d, xc)
     return d.to(v.result_dtype(x))
 
 
@@ -368,8 +377,9 @@ def rkd_distance_loss(student, teacher, *, delta=1.0, squared=False, eps=1e-12):
     delta = v.check_positive(delta, "delta")
     eps = v.check_nonnegative(eps, "eps")
     acc = v.compute_dtype(student, teacher)
-    ds = _normalize_by_positive_mean(_pdist(student.to(acc), squared, eps))
-    dt = _normalize_by_positive_mean(_pdist(teacher.to(acc), squared, eps))
+    s, t = student.to(acc), teacher.to(acc)
+    ds = _normalize_by_positive_mean(_pdist(s, squared, eps), s)
+    dt = _normalize_by_positive_mean(_pdist(t, squared, eps), t)
     loss = F.huber_loss(ds, dt, reduction="none", delta=delta).mean((-1, -2))
     return loss.mean().to(v.result_dtype(student, teacher))
 

@@ -17,8 +17,7 @@ import fuzz_losses  # noqa: E402
 @needs_native
 def test_fuzz_fixed_seed():
     """150 cases of seed 0 (about 15 s on two busy threads): no disagreement with float64 beyond
-    dtype tolerance, no crash, no changed input, outside the classes listed in fuzz_losses.KNOWN
-    (the two relation classes still open there: rkd_all_duplicates, relation_nonfinite)."""
+    dtype tolerance, no crash, no changed input, outside the classes listed in fuzz_losses.KNOWN."""
     res = fuzz_losses.fuzz(seed=0, cases=150, excuse=["all"])
     assert res["cases"] == 150
     assert set(res["per_loss"]) == set(fuzz_losses.LOSSES)  # every loss was drawn

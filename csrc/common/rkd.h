@@ -16,6 +16,7 @@
 // The caller scales each group by a power of 2 (exact) so that its largest centred coordinate
 // lies in [0.5, 1): any finite input then has finite D2, and the eps clamps are scaled with it.
 #include <cmath>
+#include <limits>
 
 #include "common/macros.h"
 
@@ -43,19 +44,34 @@ KDFAST_HD void split_h(double d2, double q, acc_t& hi, acc_t& lo) {
 }
 
 // 1 / max(|x_j - x_i|, eps) as F.normalize divides, and 0 for a zero-length side, so that every
-// triplet with such a side has cosine 0 (and no gradient).
+// triplet with such a side has cosine 0 (and no gradient). NaN for a NaN or infinite side (only a
+// NaN or inf point gives one: the points are scaled into [-1, 1)), so that its cosines and their
+// gradients are NaN, as float64's unit vector inf / inf is.
 KDFAST_HD double inv_side(double d2, double eps) {
   using std::sqrt;
   if (d2 <= 0.0) return 0.0;
+  if (!(d2 <= std::numeric_limits<double>::max())) return std::numeric_limits<double>::quiet_NaN();
   const double n = sqrt(d2);
-  return 1.0 / (n > eps ? n : eps);
+  return 1.0 / (n < eps ? eps : n);
 }
 
 // Whether a side's length is above its eps clamp (below it, the side is a constant eps and
-// carries no gradient).
+// carries no gradient). A NaN side is not clamped: its NaN reaches the gradient.
 KDFAST_HD bool side_unclamped(double d2, double eps) {
   using std::sqrt;
-  return d2 > 0.0 && sqrt(d2) > eps;
+  return !(d2 <= 0.0) && !(sqrt(d2) <= eps);
+}
+
+// d loss / d D2 of one off-diagonal distance entry max(D2, eps2) (or its square root) whose
+// upstream gradient is gd: 0 where clamped, unless gd is NaN (float64's clamp passes NaN * 0);
+// NaN where D2 is NaN or inf (only from a NaN or inf point: no gradient there could look fine;
+// float64's is NaN or inf in the point's coordinates) or where psi is undefined (a group with no
+// positive distance: 0 / 0).
+KDFAST_HD double pdist_grad_d2(double d2, double dist, double gd, double eps2, bool squared, bool undefined) {
+  if (undefined || gd != gd || !(d2 <= std::numeric_limits<double>::max()))
+    return std::numeric_limits<double>::quiet_NaN();
+  if (!(d2 > eps2)) return 0.0;
+  return squared ? gd : gd / (2 * dist);
 }
 
 template <typename acc_t>

@@ -124,7 +124,7 @@ void pdist_impl(PdistArgs& p) {
           d = p.squared ? v : std::sqrt(v);
         }
         D[i * n + j] = d;
-        if (d > 0) s += d, ++c;
+        if (!(d <= 0)) s += d, ++c;  // a NaN distance makes the mean NaN, as torch's sum
       }
       rsum[i] = s, rcnt[i] = c;
     }
@@ -147,13 +147,15 @@ void pdist_backward_impl(const PdistBackwardArgs& p) {
     k = acc / (p.mean * p.mean * static_cast<double>(p.pos_count));
   }
   const double inv_mean = p.normalize ? 1.0 / p.mean : 1.0;
+  // psi is undefined where the mean is NaN (no positive distance: 0 / 0; or a NaN distance): NaN
+  // values, and NaN gradients for all the group's points (not gradients that look fine)
+  const bool undefined = p.normalize && std::isnan(p.mean);
   at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t ij = i * n + j;
         const double gd = gout[ij] * inv_mean - (D[ij] > 0 ? k : 0.0);
-        // Only unclamped off-diagonal entries depend on D2.
-        if (j != i && D2[ij] > p.eps) M[ij] += p.squared ? gd : gd / (2 * D[ij]);
+        if (j != i) M[ij] += rkd::pdist_grad_d2(D2[ij], D[ij], gd, p.eps, p.squared, undefined);
       }
     }
   });
@@ -236,18 +238,13 @@ struct AngleSide {
 };
 
 template <typename acc_t>
-void angle_typed(AngleArgs& p) {
+void angle_typed(AngleArgs& p, bool split, double mx_s, double mx_t) {
   using V = Vectorized<acc_t>;
   const int64_t n = p.n;
   const acc_t delta = static_cast<acc_t>(p.delta);
   const acc_t coef = static_cast<acc_t>(p.coef);
   const bool want = p.grad_d2_s || p.grad_d2_t;
 
-  double mx_s, mn_s, mx_t, mn_t;
-  d2_range(p.d2_s, n, mx_s, mn_s);
-  d2_range(p.d2_t, n, mx_t, mn_t);
-  // NaN in D2 (never from finite points) takes the split path too
-  const bool split = !(mx_s <= kSplitSpan * mn_s && mx_t <= kSplitSpan * mn_t) && (mx_s > 0 || mx_t > 0);
   const AngleSide<acc_t> ss(p.d2_s, n, p.eps_s, mx_s, split), st(p.d2_t, n, p.eps_t, mx_t, split);
   const acc_t *Hs = ss.hi.get(), *Ls = ss.lo.get(), *Ht = st.hi.get(), *Lt = st.lo.get();
   std::vector<acc_t> As, At, Rs, Rt, Ss, St;
@@ -366,7 +363,17 @@ void pdist(PdistArgs& p) { pdist_impl(p); }
 void pdist_backward(const PdistBackwardArgs& p) { pdist_backward_impl(p); }
 void distance_huber(DistanceHuberArgs& p) { distance_huber_impl(p); }
 void angle(AngleArgs& p) {
-  p.dtype == DType::Double ? angle_typed<double>(p) : angle_typed<float>(p);
+  double mx_s, mn_s, mx_t, mn_t;
+  d2_range(p.d2_s, p.n, mx_s, mn_s);
+  d2_range(p.d2_t, p.n, mx_t, mn_t);
+  const bool split = !(mx_s <= kSplitSpan * mn_s && mx_t <= kSplitSpan * mn_t) && (mx_s > 0 || mx_t > 0);
+  // The gradient's terms through D2 are of size h / n_ij each and cancel to h sin(theta) / n_ij
+  // (exactly 0 for collinear points), so their rounding is amplified by the ratio of the long
+  // sides to the short ones. Float holds that only for groups of similar side lengths; others
+  // take their gradient in double (the value alone is accurate in float through hi + lo).
+  const bool wide = split && (p.grad_d2_s || p.grad_d2_t);
+  if (p.dtype == DType::Double || wide) angle_typed<double>(p, split, mx_s, mx_t);
+  else angle_typed<float>(p, split, mx_s, mx_t);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -112,7 +112,8 @@ __global__ void pdist_backward_kernel(const double* d2, const double* dist, cons
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / n, j = e - i * n, o = b * nn + e;
     const double gd = gout[o] * im - (dist[o] > 0 ? kk : 0.0);
-    M[o] = (j != i && d2[o] > e_b) ? (squared ? gd : gd / (2 * dist[o])) : 0.0;
+    // a NaN 1 / mean: psi undefined (see rkd::pdist_grad_d2); inv_mean is 1 without normalize
+    M[o] = j != i ? rkd::pdist_grad_d2(d2[o], dist[o], gd, e_b, squared, im != im) : 0.0;
   }
 }
 

@@ -65,7 +65,7 @@ Dist pdist(const at::Tensor& d2, bool squared, const at::Tensor& eps) {
   Dist d;
   d.dist = at::empty_like(d2);
   C10_CUDA_CHECK(cuda::rkd_pdist(dptr(d2), B, n, squared, dptr(eps), d.dist.data_ptr<double>(), stream_of(d2)));
-  const at::Tensor pos = d.dist > 0;
+  const at::Tensor pos = ~(d.dist <= 0);  // a NaN distance makes the mean NaN, as torch's sum
   d.count = pos.sum({1, 2}).to(at::kDouble);
   // 0 / 0 = NaN where a group has no positive distance, as the CPU op and torch's mean of nothing
   d.mean = at::where(pos, d.dist, 0.0).sum({1, 2}) / d.count;
@@ -153,7 +153,12 @@ Term angle_term(const RelationInputs& in, const at::Tensor& wd, double aw, doubl
                 bool want_t, cudaStream_t stream) {
   const int64_t B = in.B, n = in.N;
   const double n3 = double(n) * double(n) * double(n);
-  const AngleSide ss(in.ps, in.acc, eps, stream), st(in.pt, in.acc, eps, stream);
+  // The gradient's terms through D2 cancel to h sin(theta) / n_ij (0 for collinear points), so
+  // float rounding, amplified by the ratio of long sides to short ones, would swamp it in groups
+  // of wide side-length spans. The CPU takes such groups alone in double; here that choice would
+  // need the spans on the host (a synchronisation), so with gradients every group runs in double.
+  const at::ScalarType acc = (want_s || want_t) ? at::kDouble : in.acc;
+  const AngleSide ss(in.ps, acc, eps, stream), st(in.pt, acc, eps, stream);
   const at::Tensor coef = (wd * aw / n3).contiguous();
   at::Tensor partial = at::empty({B, cuda::rkd_angle_tiles(n)}, coef.options());
   auto mat = [&](bool want) { return want ? at::empty_like(ss.hi) : at::Tensor(); };
@@ -161,7 +166,7 @@ Term angle_term(const RelationInputs& in, const at::Tensor& wd, double aw, doubl
   at::Tensor At = mat(want_t), Rt = mat(want_t), St = mat(want_t);
   auto ptr = [](at::Tensor& x) { return x.defined() ? x.data_ptr() : nullptr; };
   cuda::RkdAngleArgs a;
-  a.acc = to_kernel_dtype(in.acc);
+  a.acc = to_kernel_dtype(acc);
   a.hi_s = ss.hi.data_ptr(), a.lo_s = ss.lo.data_ptr(), a.hi_t = st.hi.data_ptr(), a.lo_t = st.lo.data_ptr();
   a.inv_s = ss.inv.data_ptr(), a.inv_t = st.inv.data_ptr();
   a.B = B, a.n = n, a.delta = delta;

@@ -54,9 +54,13 @@ inline at::Tensor pow2_scale(const at::Tensor& x) {
   return at::where(ok, at::ldexp(at::ones_like(m), -e), at::ones_like(m));
 }
 
-// One side's points for the relation kernels, in double: each group scaled by a power of 2 (exact)
-// and centred, so that any finite input has finite squared distances, and those squared distances
-// (exact, from the differences: the caller's sq_dists(centred, d2) fills the (B, N, N) d2).
+// One side's points for the relation kernels, in double: each group scaled by a power of 2 (exact),
+// so that any finite input has finite squared distances; its squared distances (exact, from the
+// differences: the caller's sq_dists(points, d2) fills the (B, N, N) d2), taken before centring,
+// because the differences of the points as given are exact (fp32 and narrower in double; nearby
+// fp64 values by Sterbenz) where centred coordinates carry a rounding of the largest |x| that
+// moves close points by eps |x| (and a NaN would reach every point through the mean); then the
+// points centred in place for grad_points.
 struct RelationPoints {
   at::Tensor centred, scale, d2;  // (B, N, D) double; (B,) double; (B, N, N) double
   int64_t B, N;
@@ -69,21 +73,13 @@ struct RelationPoints {
     std::tie(centred, scale) = serial_if_small(x.numel(), [&] {
       // in place on one double copy: fewer passes and allocations
       at::Tensor xd = x.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
-      // Double inputs are first scaled into range, so that the mean cannot overflow; a narrower
-      // type's values cannot make a double sum overflow. Powers of 2 commute with the rounding of
-      // the mean, so the scaled points are the same either way.
-      at::Tensor s1;
-      if (x.scalar_type() == at::kDouble) {
-        s1 = pow2_scale(xd);
-        xd.mul_(s1);
-      }
-      xd.sub_(xd.mean({1}, true));
-      const at::Tensor s2 = pow2_scale(xd);  // then the centred points' range, for D2's
-      xd.mul_(s2);
-      return std::make_tuple(xd, (s1.defined() ? s1 * s2 : s2).view({-1}));
+      const at::Tensor s = pow2_scale(xd);  // largest |x| in [0.5, 1): |x_i - x_j|^2 <= 4 D
+      xd.mul_(s);
+      return std::make_tuple(xd, s.view({-1}));
     });
     d2 = at::empty({B, N, N}, centred.options());
     sq_dists(centred, d2);
+    serial_if_small(x.numel(), [&]() -> at::Tensor { return centred.sub_(centred.mean({1}, true)); });
   }
   // The per-group eps of the kernels: the side-length clamp scales with the points, the clamp of
   // the squared distance with their square.

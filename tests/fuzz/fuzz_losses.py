@@ -70,14 +70,7 @@ HUGE = {torch.float64: 1e150, torch.float32: 3e38, torch.bfloat16: 3e38, torch.f
 
 # Defect classes known and not yet fixed: name -> description. A case's
 # classes come from its drawn features (Case.known), before anything is run.
-KNOWN = {
-    "rkd_all_duplicates": "a group whose points are all equal: the distance term is NaN (psi divides by a "
-                          "mean of 0) on both sides, but native gives zero gradients where float64 gives "
-                          "NaN (found by this fuzz)",
-    "relation_nonfinite": "relation ops on inputs holding NaN or inf: native leaves finite gradients (0) in "
-                          "coordinates whose float64 gradient is NaN, e.g. the other coordinates of a "
-                          "point with a NaN (found by this fuzz)",
-}
+KNOWN = {}
 
 # Relation ops: the loss is built from psi-normalised distances and cosines of size ~1, so a value
 # error is measured against max(|value|, weight) and fp32 gets 1e-4 (issue 20's bar for RKD values).
@@ -410,12 +403,12 @@ class Case:
                 while bool(((torch.cdist(g, g) ** 2 - opts["eps"]).abs() <= 1e-6 * opts["eps"]).any()):
                     opts["eps"] *= 1.37
             if not torch.isfinite(x).all():
-                self.features.add("known:relation_nonfinite")
+                self.features.add("relation:nonfinite")
                 continue
             g = x if x.dim() == 3 else x.unsqueeze(0)
             d = torch.cdist(g, g)
             if distance_term and bool((d.amax((-1, -2)) == 0).any()):
-                self.features.add("known:rkd_all_duplicates")
+                self.features.add("relation:all_duplicates")
         self.desc = (f"{self.loss} student={tuple(s.shape)} teacher={tuple(t.shape)} "
                      f"{DT_NAME[ds]}/{DT_NAME[dt]} "
                      f"{' '.join(f'{k}={v:g}' for k, v in opts.items())} "
