@@ -3,7 +3,7 @@
 Each case is drawn from its own generator, seeded by (seed, case index), so that any case can be
 rerun alone. A case picks a loss (softmax_kl_div, kd_loss, the divergence family generalized_jsd,
 reverse_kl_div, skew_kl_div and tv_distance, logit_mse, feature_l2, cosine_loss, pairwise_distances,
-rkd_distance_loss, rkd_angle_loss, rkd_loss) and draws:
+rkd_distance_loss, rkd_angle_loss, rkd_loss, sparse_kl_div) and draws:
   - shapes: odd sizes, 0 rows, V = 1, D = 1, long rows (70,001: the split softmax path), 3-D inputs,
     (B, N, D) point groups, student and teacher widths that differ;
   - layouts, per input: contiguous, transposed, sliced (gaps filled with NaN, which must not leak),
@@ -15,10 +15,15 @@ rkd_distance_loss, rkd_angle_loss, rkd_loss) and draws:
   - options: temperature, reduction, mask (none, some, all rows out), beta and alpha (the endpoints
     0 and 1 included) and skew's direction, delta, eps (0 included),
     squared / normalize, term weights (0 included), dim, which inputs require grad, the upstream
-    gradient.
+    gradient;
+  - sparse_kl_div: a teacher's top-K log-probs from a real log_softmax (K = 1 to V), its top-k or
+    any distinct ids, sometimes offset (mass above or below 1) or with -inf entries, int64 or int32
+    ids (contiguous, strided along K, broadcast over rows), both tails; now and then a duplicate,
+    out-of-range or negative id, where native must raise as the reference does.
 It runs the loss under the native backend and the reference on float64 copies of the very same
 values (the same views), and checks: the value and each gradient within per-dtype tolerances
-(tests/conftest.py's; softmax-KL through conftest.check_kl with its conditioning floors; relation
+(tests/conftest.py's; softmax-KL through conftest.check_kl with its conditioning floors, the top-k
+KL with the same floors of its own terms (sparse_floors); relation
 ops held to 1e-4 of max(|value|, weight) in fp32, as issue 20 asks, and gradients against a floor
 of one point's share); the float64 answer rounded to the result's dtype is the target (a square of
 3e38 is inf in float32); NaN wherever float64 has NaN (with NaN or inf among the inputs NaN may
@@ -57,10 +62,10 @@ for p in (TESTS, os.path.dirname(TESTS)):
 
 import kdfast  # noqa: E402
 from kdfast import reference as ref  # noqa: E402
-from conftest import (DIVERGENCE_LOSSES, GRAD_TOL, HALF, VALUE_TOL, assert_close_scaled, check_kl,  # noqa: E402
-                      result_dtype, same_bits)
+from conftest import (DIVERGENCE_LOSSES, GRAD_TOL, HALF, VALUE_TOL, _backward, assert_close_scaled,  # noqa: E402
+                      check_kl, kl_floors, overflow_as, result_dtype, row_value_weights, same_bits)
 
-LOSSES = (("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES
+LOSSES = (("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES + ("sparse_kl_div",)
           + ("logit_mse", "feature_l2", "cosine_loss", "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss",
              "rkd_loss"))
 RELATION = ("pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "rkd_loss")
@@ -70,7 +75,14 @@ HUGE = {torch.float64: 1e150, torch.float32: 3e38, torch.bfloat16: 3e38, torch.f
 
 # Defect classes known and not yet fixed: name -> description. A case's
 # classes come from its drawn features (Case.known), before anything is run.
-KNOWN = {}
+KNOWN = {
+    "sparse_row_overflow": "sparse_kl_div with a float32 compute dtype (fp32/bf16/fp16 inputs): a row whose "
+                           "float64 KL exceeds FLT_MAX (logits ~1e38 apart) is stored as inf, so a mean over "
+                           "rows is inf where float64's is finite (softmax_kl stores its rows in float64 "
+                           "since 0899910, sparse_kl does not); likewise a teacher log-prob gradient (of the "
+                           "KL's size) beyond FLT_MAX before the upstream gradient scales it down is inf "
+                           "(found by this fuzz)",
+}
 
 # Relation ops: the loss is built from psi-normalised distances and cosines of size ~1, so a value
 # error is measured against max(|value|, weight) and fp32 gets 1e-4 (issue 20's bar for RKD values).
@@ -169,6 +181,134 @@ class Case:
         return torch.where(torch.isfinite(x), x.clamp(-m, m), x)
 
     # -- per loss family
+    def _draw_sparse_kl_div(self):
+        """A student (..., V) and a teacher's top-K log-probabilities (..., K) with their ids: the
+        log-probs come from a real log_softmax of random teacher logits (top-k ids, or any distinct
+        ids), sometimes offset (unnormalised: their mass above or below 1) or with -inf entries."""
+        rng = self.rng
+        ds, dt = self.pick_dtypes()
+        V = rng.choices([1, 2, 3, 17, 100, 1000, 4099, 70001], [2, 2, 2, 3, 3, 2, 1, 0.5])[0]
+        max_rows = max(1, 40000 // V)
+        # (0 rows less often than in _draw_kl: an empty case compares little)
+        lead = rng.choice([(rng.choice([0, 1, 2, 2, 5, 5, 33, 33]),), (rng.choice([1, 3]), rng.choice([0, 2, 4, 4]))])
+        if math.prod(lead) > max_rows:
+            lead = (min(lead[0], max_rows),)
+        K = rng.choice([1, V, V, rng.randint(1, V), min(V, rng.choice([2, 5, 64])), max(1, V - 1)])
+        rows = math.prod(lead)
+        t = self.normal(lead + (V,), dt)
+        logp = torch.log_softmax(t, -1)
+        if rng.random() < 0.5:
+            self.features.add("ids:topk")
+            idx = logp.topk(K, -1).indices
+        else:  # any K distinct ids per row, in any order
+            self.features.add("ids:random")
+            idx = self.rand(*lead, V).argsort(-1)[..., :K]
+        ikind = rng.choice(["contiguous"] * 3 + ["sliced", "broadcast"])
+        if ikind == "broadcast" and not (len(lead) and lead[0] > 1):
+            ikind = "contiguous"
+        if ikind == "broadcast":  # one set of ids for the rows along dim 0 (a stride-0 expand)
+            idx = idx[:1].expand(idx.shape)
+        lp = logp.gather(-1, idx)
+        how = rng.choices(["real", "offset", "neginf"], [5, 1, 1])[0]
+        if how == "offset":  # unnormalised: mass above 1 (the bucket's tail clamps) or well below
+            lp = lp + rng.choice([0.3, -0.5, -3.0, 1e-6])
+        elif how == "neginf":
+            lp = self.sprinkle(lp, -math.inf, 0.3)
+        self.features.add(f"logprobs:{how}")
+        kind = self.value_kind()
+        s = self.normal(lead + (V,), ds)
+        if kind == "huge":
+            big = HUGE[ds]
+            if rng.random() < 0.5:
+                s = self.sprinkle(s, big * rng.choice([1, -1]) * rng.uniform(0.01, 1))
+            else:
+                s = self.rescale(s, big)
+        elif kind == "neginf":
+            s_inf = self.sprinkle(s, -math.inf, rng.choice([0.01, 0.3, 0.9]))
+            if rng.random() < 0.6:  # at unlisted ids only: a finite KL (the bucket's Q_tail small or 0)
+                listed = torch.zeros(s.shape, dtype=torch.bool).scatter(-1, idx, True)
+                s_inf = torch.where(listed, s, s_inf)
+            s = s_inf
+        elif kind == "nan":
+            if rng.random() < 0.7:
+                s = self.sprinkle(s, math.nan, 0.01)
+            else:
+                lp = self.sprinkle(lp, math.nan, 0.05)
+        elif kind == "dup":
+            how = rng.choice(["equal", "ties", "const"])
+            if how == "equal":  # the student is the teacher (with K = V the loss is 0)
+                s = t.clone()
+            elif how == "ties":
+                s = torch.round(s)
+            else:
+                s = torch.zeros_like(s) + rng.uniform(-3, 3)
+        self.features.add(f"values:{kind}")
+        self.tail = rng.choice(["renormalize", "bucket"])
+        self.temperature = rng.choice([1.0, 2.0, 4.0, 0.5, 10.0, 10 ** rng.uniform(-1, 1.3)])
+        s, lp = self.clip(s, ds), self.clip(lp, dt)
+        if kind == "neginf" and s.numel():
+            # A student -inf at an id whose P_k is below the compute dtype's range: float64 says
+            # KL = inf, float32 holds P_k = 0 and a finite KL (as in _draw_kl): make such a P_k 0.
+            l64 = lp.to(dt).double()
+            pk = torch.softmax(l64 / self.temperature, -1) if self.tail == "renormalize" else l64.exp()
+            under = s.gather(-1, idx).isneginf() & (pk < 1e-30)
+            lp = torch.where(under, torch.full_like(lp, -math.inf), lp)
+        # Invalid ids now and then: the native op must raise where the reference does (ValueError).
+        base = idx[:1].clone() if ikind == "broadcast" else idx.clone()
+        self.bad_ids = None
+        if base.numel() and rng.random() < 0.08:
+            self.bad_ids = rng.choice(["duplicate", "out_of_range", "negative"])
+            flat = base.view(-1, K)
+            r, k = rng.randrange(flat.shape[0]), rng.randrange(K)
+            if self.bad_ids == "duplicate" and K > 1:
+                flat[r, k] = flat[r, (k + 1) % K]
+            elif self.bad_ids == "negative":
+                flat[r, k] = rng.choice([-1, -V, -(2 ** 40)])
+            else:
+                flat[r, k] = rng.choice([V, V + 1, 2 ** 40])
+            self.features.add(f"ids:bad_{self.bad_ids}")
+        self.idx_dtype = rng.choice([torch.int64] * 4 + [torch.int32])
+        if self.idx_dtype == torch.int32:
+            base = base.clamp(-2 ** 31, 2 ** 31 - 1)
+        if ikind == "sliced" and base.numel():  # a stride of 2 along K (gaps of -1: must not be read)
+            wide = torch.full(base.shape[:-1] + (2 * K,), -1, dtype=torch.int64)
+            wide[..., ::2] = base
+            self.idx_leaf, self.idx_view = wide, (lambda x: x[..., ::2])
+        elif ikind == "broadcast":
+            self.idx_leaf, self.idx_view = base, (lambda shape: lambda x: x.expand(shape))(idx.shape)
+        else:
+            ikind = "contiguous"
+            self.idx_leaf, self.idx_view = base, (lambda x: x)
+        self.features.add(f"indices:{ikind}")
+        self.reduction = rng.choice(["batchmean", "mean", "sum", "none"])
+        self.mask = None
+        if rng.random() < 0.4:
+            self.mask = self.rand(*lead) < rng.choice([0.0, 0.5, 0.9, 1.0])
+        self.grad_student = rng.random() < 0.9
+        self.grad_teacher = rng.random() < 0.5
+        up = rng.choice([None, 1.0, -0.7, 2.5])
+        if self.reduction == "none" and rng.random() < 0.5:
+            up = self.randn(*lead)
+        self.upstream = up
+        self.inputs = [self.layout(s, ds, "student"), self.layout(lp, dt, "logprobs")]
+        self.kwargs = dict(temperature=self.temperature, tail=self.tail, reduction=self.reduction, mask=self.mask)
+        if kind == "huge" and torch.float64 not in (ds, dt) and self.bad_ids is None:
+            # the row values and the teacher's gradient for an upstream gradient of 1, in float64
+            l64 = lp.to(dt).double().requires_grad_()
+            rows64 = ref.sparse_kl_div(s.to(ds).double(), l64, self.indices(), **dict(self.kwargs, reduction="none"))
+            rows64.sum().backward()
+            big = torch.finfo(torch.float32).max
+            if any(bool((torch.isfinite(x) & (x.abs() > big)).any()) for x in (rows64.detach(), l64.grad)):
+                self.features.add("known:sparse_row_overflow")
+        self.desc = (f"sparse_kl_div shape={lead + (V,)} K={K} {DT_NAME[ds]}/{DT_NAME[dt]} tail={self.tail} "
+                     f"T={self.temperature:.3g} reduction={self.reduction} "
+                     f"mask={'none' if self.mask is None else int(self.mask.sum())} ids={ikind}/"
+                     f"{str(self.idx_dtype)[6:]}{'' if self.bad_ids is None else '/bad_' + self.bad_ids} "
+                     f"grad_s={self.grad_student} grad_t={self.grad_teacher}")
+
+    def indices(self):
+        return self.idx_view(self.idx_leaf.to(self.idx_dtype))
+
     def _draw_divergence_options(self):
         """beta / alpha (endpoints and the issue's values often, else uniform) and skew's direction;
         whether the value is a KL whose -inf side is the teacher's ("kl") or the student's ("rkl")."""
@@ -434,6 +574,8 @@ def _call(case, module, leaves, views=None):
     fn = getattr(module, case.loss)
     if case.loss == "pairwise_distances":
         return fn(views[0], **case.kwargs)
+    if case.loss == "sparse_kl_div":
+        return fn(views[0], views[1], case.indices(), **case.kwargs)
     if case.loss == "feature_l2":
         s, t = views[0::2], views[1::2]
         if not case.sequence:
@@ -607,8 +749,143 @@ def _cosine_grad_floor(case, dleaves, i, e):
     return torch.autograd.grad(view, leaf, torch.nan_to_num(mag, nan=0.0, posinf=0.0).expand_as(view))[0]
 
 
+def sparse_floors(s, lp, idx, temperature, tail):
+    """float64 conditioning floors (value per row; student (..., V); log-probs (..., K)) of the top-k
+    KL, in the sense of conftest.kl_floors: the size of the terms a float32 evaluation adds and
+    subtracts, so that eps * floor is the error any float32 kernel makes.
+    renormalize: exactly kl_floors of the dense teacher that holds the log-probs at the ids and -inf
+      elsewhere (the truncated teacher), its teacher floor read back at the ids.
+    bucket (P_k = exp(l_k), P_tail = max(1 - sum P, 0), Q_tail = the student's unlisted mass):
+      value:   sum_k P_k (|l_k| + |a_ik|) + |log Z_s| + (P_tail + sum P) (|log P_tail| + |log Q_tail| + 1) + 1
+               (P_tail is 1 - sum P: its float32 error is eps * sum P, times d(tail term)/dP_tail)
+      student: (Q_v c + P_v) / T at the ids, Q_v (c + c / Q_tail) / T elsewhere, c = sum P + P_tail
+               (rho = P_tail / Q_tail carries P_tail's error eps * sum P / Q_tail)
+      teacher: P_k (|l_k| + |a_ik| + |log Z_s| + |log P_tail| + |log Q_tail| + 1 + sum P / P_tail)
+               (log P_tail carries P_tail's relative error eps * sum P / P_tail)."""
+    s, lp = s.detach().double(), lp.detach().double()
+    T = float(temperature)
+    zero = torch.zeros((), dtype=torch.float64)
+    if tail == "renormalize":
+        dense = torch.full_like(s, -math.inf).scatter(-1, idx, lp)
+        value, student, teacher = kl_floors(s, dense, T)
+        return value, student, teacher.gather(-1, idx)
+    a = (s - s.amax(-1, keepdim=True)) / T
+    lzs = torch.logsumexp(a, -1, keepdim=True)
+    q = torch.exp(a - lzs)
+    p = lp.exp()
+    sum_p = p.sum(-1, keepdim=True)
+    has_tail = idx.shape[-1] < s.shape[-1]
+    p_tail = (1 - sum_p).clamp(min=0) if has_tail else torch.zeros_like(sum_p)
+    q_tail = q.scatter(-1, idx, 0.0).sum(-1, keepdim=True).clamp(min=ref.SPARSE_TAIL_FLOOR)
+    live = p_tail > 0
+    tl = torch.where(live, p_tail.clamp(min=1e-300).log().abs() + q_tail.log().abs() + 1, zero)
+    a_abs = torch.where(torch.isinf(a), zero, a.abs()).gather(-1, idx)
+    l_abs = torch.where(p > 0, lp.abs(), zero)
+    value = (torch.where(p > 0, p * (l_abs + a_abs), zero).sum(-1, keepdim=True) + lzs.abs()
+             + (p_tail + sum_p) * tl + 1)
+    c = sum_p + p_tail
+    listed = torch.zeros_like(s, dtype=torch.bool).scatter(-1, idx, True)
+    p_dense = torch.zeros_like(s).scatter(-1, idx, p)
+    student = torch.where(listed, q * c + p_dense, q * (c + c / q_tail)) / T
+    inv_tail = torch.where(live, sum_p / p_tail.clamp(min=1e-300), zero)
+    teacher = torch.where(p > 0, p * (l_abs + a_abs + lzs.abs() + tl + 1 + inv_tail), zero)
+    return value.squeeze(-1), student, teacher
+
+
+def check_sparse(case):
+    """sparse_kl_div against the float64 reference on the very same values (views and ids): an
+    exception only where the reference raises the same type; the value and both gradients within
+    conftest's tolerances scaled by sparse_floors (as check_kl does for the dense KL); inputs, ids
+    and mask unchanged; dtypes and shapes."""
+    want_grad = [case.grad_student, case.grad_teacher]
+    leaves = _leaves(case, grads=want_grad)
+    keep = [x.detach().clone() for x in leaves] + [case.idx_leaf.clone()]
+    mask_keep = None if case.mask is None else case.mask.clone()
+    dleaves = [x.detach().double().requires_grad_() for x in leaves]  # the very same values
+    dviews = [view(x) for x, (_, _, view) in zip(dleaves, case.inputs)]
+    try:
+        out = _call(case, kdfast, leaves)
+    except (ValueError, TypeError) as err:
+        try:
+            _call(case, ref, None, dviews)
+        except type(err):
+            return
+        raise AssertionError(f"native raised {type(err).__name__} ({err}), the reference does not") from None
+    try:
+        expected = _call(case, ref, None, dviews)
+    except (ValueError, TypeError) as err:
+        raise AssertionError(f"the reference raises {type(err).__name__} ({err}), native accepted it") from None
+    for x, k in zip(leaves + [case.idx_leaf], keep):
+        assert same_bits(x.detach(), k), "an input was modified"
+    if case.mask is not None:
+        assert torch.equal(case.mask, mask_keep), "the mask was modified"
+    dtypes = [dt for _, dt, _ in case.inputs]
+    out_dtype = result_dtype(*dtypes)
+    assert out.dtype == out_dtype, f"loss dtype {out.dtype}, expected {out_dtype}"
+    assert out.shape == expected.shape, f"shape {tuple(out.shape)} != {tuple(expected.shape)}"
+    if any(want_grad):
+        assert out.grad_fn is not None, "no grad_fn though an input requires grad"
+    else:
+        assert out.grad_fn is None, "a loss with no input requiring grad has a grad_fn"
+
+    s_v, lp_v = dviews
+    lead = tuple(s_v.shape[:-1])
+    idx = case.indices().long()
+    if case.mask is not None:  # masked rows are not read (their ids may be invalid): as the reference
+        idx = torch.where(case.mask.unsqueeze(-1), idx, torch.arange(idx.shape[-1]))
+    vfloor, sfloor, tfloor = sparse_floors(s_v, lp_v, idx, case.temperature, case.tail)
+    wv = row_value_weights(lead, case.reduction, case.mask, False, case.temperature)
+    value_floor = torch.where(wv == 0, 0.0, wv * vfloor).abs()
+    if case.reduction != "none":
+        value_floor = value_floor.sum()
+    assert_close_scaled(out.detach(), overflow_as(expected.detach(), out_dtype), value_floor, VALUE_TOL[out_dtype],
+                        "loss")
+    if case.reduction != "none" and out.numel():
+        counted = torch.ones(lead, dtype=torch.bool) if case.mask is None else case.mask
+        if bool(((s_v.isnan().any(-1) | lp_v.isnan().any(-1)) & counted).any()):
+            assert out.isnan(), "NaN in a counted row, but the loss is not NaN (hidden)"
+    if not any(want_grad) or out.numel() == 0:
+        return
+
+    for x in dviews:
+        x.retain_grad()
+    _backward(out, case.upstream)
+    _backward(expected, case.upstream)
+    if isinstance(case.upstream, torch.Tensor):
+        wg = wv * case.upstream.double()
+    else:
+        wg = wv * (1.0 if case.upstream is None else float(case.upstream))
+    wg = wg.abs().unsqueeze(-1)
+    # Rows whose KL is +inf (a student -inf where P_k > 0): the float64 gradients there are NaN or
+    # inf and not compared where they are not finite (as check_kl does).
+    inf_rows = ~torch.isfinite(vfloor).unsqueeze(-1)
+    for i, (x, d, floor, name) in enumerate(zip(leaves, dleaves, (sfloor, tfloor),
+                                                ("student gradient", "teacher log-prob gradient"))):
+        if not want_grad[i]:
+            assert x.grad is None, f"{name}: present though not requested"
+            continue
+        g = x.grad if x.grad is not None else torch.zeros_like(x)
+        assert g.dtype == x.dtype and g.shape == x.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
+        e = d.grad if d.grad is not None else torch.zeros_like(d)
+        # the best x's dtype holds (a float64 gradient of 1e-119 is 0 in float32), as check_generic does
+        e = overflow_as(e, x.dtype).to(x.dtype).double()
+        fl = _adjoint(case, i, d, torch.where(inf_rows, 0.0, wg * torch.nan_to_num(floor, nan=0.0)))
+        tol = GRAD_TOL[x.dtype]
+        if x.dtype in HALF:  # below the smallest normal a half value is good to its quantum only
+            fi = torch.finfo(x.dtype)
+            fl = torch.clamp(fl, min=fi.smallest_normal * fi.eps / tol)
+        skip = None
+        vg = dviews[i].grad
+        if vg is not None and bool(inf_rows.any()):
+            bad = inf_rows & ~torch.isfinite(vg).all(-1, keepdim=True)
+            skip = _adjoint(case, i, d, bad.expand_as(vg).double()) > 0
+        assert_close_scaled(g, e, fl, tol, name, skip=skip)
+
+
 def check_case(case):
-    if case.loss in ("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES:
+    if case.loss == "sparse_kl_div":
+        check_sparse(case)
+    elif case.loss in ("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES:
         (s, ds, vs), (t, dt, vt) = case.inputs
         divergence = case.loss in DIVERGENCE_LOSSES
         check_kl(s.to(ds), t.to(dt), kd=case.loss == "kd_loss", temperature=case.temperature,
