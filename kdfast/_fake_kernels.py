@@ -20,7 +20,7 @@ def _feature_match_fake(student, teacher, cosine, eps, row_weight, grad_student,
 @torch.library.register_fake("kdfast::sparse_kl")
 def _sparse_kl_fake(student, teacher_logprobs, indices, inv_temperature, tail, row_weight, grad_student, grad_teacher):
     torch._check(student.dim() == 2 and teacher_logprobs.dim() == 2 and indices.shape == teacher_logprobs.shape)
-    loss = row_weight.new_empty((student.shape[0],))
+    loss = row_weight.new_empty((student.shape[0],), dtype=torch.float64)
     gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
     gt = teacher_logprobs.new_empty(teacher_logprobs.shape) if grad_teacher else teacher_logprobs.new_empty((0,))
     return loss, gs, gt

@@ -1673,7 +1673,7 @@ def _emu_sparse_kl(emu, s, lp, idx, inv_t, tail, w, gs=True, gt=True):
     R, V = s.shape
     K = lp.shape[1]
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    loss = torch.full((R,), math.nan, dtype=acc)
+    loss = torch.full((R,), math.nan, dtype=torch.float64)  # the op's loss rows are float64 for every dtype
     G = torch.full((R, V), math.nan, dtype=s.dtype) if gs else None
     H = torch.full((R, K), math.nan, dtype=acc) if gt else None
     status = torch.tensor([2 ** 63 - 1], dtype=torch.int64)
@@ -1716,6 +1716,20 @@ def test_emu_sparse_kl(emu, tail, R, V, K, dtype):
     assert relerr(gt.double()[live], lp64.grad[live]) <= (1e-10 if dtype == torch.float64 else 2e-5)
     alone = _emu_sparse_kl(emu, s, lp.to(acc), idx, 0.7, tail, w, gt=False)  # int64 ids, student gradient only
     assert same_bits(alone[1], gs) and same_bits(alone[0], loss)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_emu_sparse_kl_row_beyond_float_max(emu, tail):
+    """A row whose KL exceeds FLT_MAX (fp32 logits ~2.5e38 apart, T = 0.5) is finite in the op's
+    float64 rows and equal to float64, as on the CPU (it was inf)."""
+    s = torch.tensor([[2.5e38, 0.0], [0.0, 0.0]])
+    lp, idx = torch.tensor([[0.0, 5.0], [0.0, 5.0]], dtype=torch.float64).log_softmax(-1).float().topk(2, -1)
+    loss, _, _, _ = _emu_sparse_kl(emu, s, lp, idx, 2.0, ("renormalize", "bucket").index(tail), torch.ones(2),
+                                   gs=False, gt=False)
+    want = ref.sparse_kl_div(s.double(), lp.double(), idx, tail=tail, temperature=0.5, reduction="none")
+    assert loss[0] > torch.finfo(torch.float32).max and relerr(loss, want) < 1e-6, (loss, want)
+    cpu = torch.ops.kdfast.sparse_kl(s, lp, idx, 2.0, int(tail == "bucket"), torch.ones(2), False, False)[0]
+    assert relerr(cpu, want) < 1e-6, (cpu, want)
 
 
 def test_emu_sparse_kl_bad_ids(emu):

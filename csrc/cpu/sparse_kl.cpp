@@ -192,7 +192,7 @@ void sparse_kl_typed(const kernel::SparseKLArgs& p) {
   const acc_t* L = static_cast<const acc_t*>(p.teacher);
   const I* IDX = static_cast<const I*>(p.indices);
   const acc_t* W = static_cast<const acc_t*>(p.row_weight);
-  acc_t* LOSS = static_cast<acc_t*>(p.loss_rows);
+  double* LOSS = static_cast<double*>(p.loss_rows);
   T* GS = static_cast<T*>(p.grad_student);
   acc_t* GT = static_cast<acc_t*>(p.grad_teacher);
   const int64_t R = p.rows, V = p.vocab, K = p.k;
@@ -245,7 +245,7 @@ void sparse_kl_typed(const kernel::SparseKLArgs& p) {
       }
       const auto f = sparse::finish_row<double>(tail, sum_p, bucket ? z_out / z : 0.0, K < V);
       value += f.tail_term;
-      LOSS[r] = static_cast<acc_t>(value);
+      LOSS[r] = value;
       if (!gs && !gt) continue;
       if (std::isnan(value)) {  // NaN gradients throughout, as the reference gives them
         if (gs) std::fill(gs, gs + V, static_cast<T>(kNaN));

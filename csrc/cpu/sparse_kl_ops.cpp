@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_cpu(const at::Tensor& s
                                                              bool grad_student, bool grad_teacher) {
   check_sparse_kl(s, t, idx, inv_temperature, tail, row_weight);
   const int64_t R = s.size(0), V = s.size(1), K = t.size(1);
-  at::Tensor loss = at::empty({R}, row_weight.options());
+  at::Tensor loss = at::empty({R}, row_weight.options().dtype(at::kDouble));  // as softmax_kl's rows
   at::Tensor gs = grad_student ? empty_cpu_fast({R, V}, s.scalar_type()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? at::empty({R, K}, t.options()) : at::empty({0}, t.options());
   if (R == 0) return {loss, gs, gt};

@@ -92,6 +92,7 @@ template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads) sparse_kl_kernel(kernel::SparseKLArgs p) {
   using A = typename Elem<T>::acc;
   KD_SHARED(A, red, [kThreads]);
+  KD_SHARED(double, red_value, [kThreads]);  // the row value sums in double (see below)
   KD_SHARED(Online<A>, part, [kThreads]);
   KD_SHARED(int, flags, [2]);
   KD_DYNAMIC_SHARED(smem);
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kl_kernel(kernel::SparseKLArg
   const A ninf = -std::numeric_limits<A>::infinity(), nan = std::numeric_limits<A>::quiet_NaN();
   auto id = [&](int64_t k) { return p.indices_int32 ? id_at<int32_t>(p.indices, ib + k) : id_at<int64_t>(p.indices, ib + k); };
   if (w == A(0)) {
-    if (tid == 0) static_cast<A*>(p.loss_rows)[r] = A(0);
+    if (tid == 0) static_cast<double*>(p.loss_rows)[r] = 0;
     for (int64_t v = tid; gs && v < V; v += kThreads) gs[v] = Elem<T>::from(A(0) * post);
     for (int64_t k = tid; gt && k < K; k += kThreads) gt[k] = A(0) * post;
     return;
@@ -172,18 +173,26 @@ __global__ void __launch_bounds__(kThreads) sparse_kl_kernel(kernel::SparseKLArg
     lp = bucket ? l[k] : l[k] * invt - log_zp;
     lq = (Elem<T>::to(s[id(k)]) - m) * invt - log_z;
   };
+  // The stored row is also summed in double (value_d), with the student's log-probabilities in
+  // double: the KL of float logits reaches 2 FLT_MAX / T (the rows are float64, as softmax_kl's),
+  // where the weighted row still fits a float. The gradients read the float sum, whose terms they
+  // share.
   A sp = A(0), val = A(0);
+  double val_d = 0;
   for (int64_t k = tid; k < K; k += kThreads) {
     A lp, lq;
     logs(k, lp, lq);
     const A pk = exp(lp);
     sp += pk;
     val += sparse::term(pk, lp, lq);
+    const double lqd = (double(Elem<T>::to(s[id(k)])) - double(m)) * double(invt) - double(log_z);
+    val_d += sparse::term(double(pk), double(lp), lqd);
   }
   const A sum_p = block_sum(sp, red);
   const auto f = sparse::finish_row<A>(p.tail, sum_p, bucket ? row.zo / row.z : A(0), K < V);
   const A value = block_sum(val, red) + f.tail_term;
-  if (tid == 0) static_cast<A*>(p.loss_rows)[r] = value;
+  const double value_d = block_sum(val_d, red_value) + double(f.tail_term);
+  if (tid == 0) static_cast<double*>(p.loss_rows)[r] = value_d;
   if (value != value) {  // NaN gradients throughout, as the reference gives them
     for (int64_t v = tid; gs && v < V; v += kThreads) gs[v] = Elem<T>::from(nan);
     for (int64_t k = tid; gt && k < K; k += kThreads) gt[k] = nan;

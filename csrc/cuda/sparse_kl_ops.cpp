@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_cuda(const at::Tensor& 
   TORCH_CHECK(cuda::sparse_kl_smem(V) + 4096 <= static_cast<size_t>(optin), "sparse_kl: a vocabulary of ", V,
               " ids does not fit this GPU's shared-memory bitmap (at most ", (static_cast<int64_t>(optin) - 4096) * 8,
               ")");
-  at::Tensor loss = at::empty({R}, row_weight.options());
+  at::Tensor loss = at::empty({R}, row_weight.options().dtype(at::kDouble));  // as softmax_kl's rows
   at::Tensor gs = grad_student ? at::empty({R, V}, s.options()) : at::empty({0}, s.options());
   at::Tensor gt = grad_teacher ? at::empty({R, K}, t.options()) : at::empty({0}, t.options());
   if (R == 0) return {loss, gs, gt};

@@ -443,3 +443,24 @@ def test_thread_count_does_not_change_bits():
     for a, b in zip(out[:2], out[2:]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_row_beyond_float_max_is_finite(tail, reduction, dtype):
+    """A row whose KL exceeds FLT_MAX (logits ~2.5e38 apart, T = 0.5): its float64 row value is
+    kept until it is weighted, so a mean that is a float stays finite and equal to float64, as
+    softmax_kl_div gives it (the row was stored in float32 as inf; found by the fuzz)."""
+    if not kdfast.native_available():
+        pytest.skip("native extension not built")
+    kdfast.set_backend("native")
+    s = torch.tensor([[2.5e38, 0.0], [0.0, 0.0], [1.0, -2.0]], dtype=torch.float64).to(dtype)
+    lp, idx = torch.tensor([[0.0, 5.0]] * 3, dtype=torch.float64).log_softmax(-1).float().topk(2, -1)
+    got = kdfast.sparse_kl_div(s, lp, idx, tail=tail, temperature=0.5, reduction=reduction)
+    want = ref.sparse_kl_div(s.double(), lp.double(), idx, tail=tail, temperature=0.5, reduction=reduction)
+    if reduction == "none":  # the row itself is beyond float32: inf is its correct rounding there
+        want = want.float()
+    assert torch.equal(got.isinf(), want.isinf()) and torch.isfinite(got).any()
+    fin = torch.isfinite(want)
+    assert (((got.double() - want.double()) / want.double().abs().clamp(min=1))[fin].abs() < 1e-5).all(), (got, want)
