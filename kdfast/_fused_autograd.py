@@ -103,8 +103,7 @@ class FusedLossFunction(torch.autograd.Function):
             if len(saved) == 5:  # [B6] out of place
                 grads = (_scaled(saved[3], ratio) if want_s else None, _scaled(saved[4], ratio) if want_t else None)
             else:  # [B4], [B7]
-                weight = (ratio * weight).contiguous()
-                grads = below_autograd(ctx.op, student, teacher, *ctx.params, weight, want_s, want_t)[1:]
+                grads = recompute_grads(ctx.op, student, teacher, ctx.params, weight, ratio, ctx.want)
         gs, gt = grads
         return (None, gs if want_s else None, gt if want_t else None, None) + nones
 
@@ -129,6 +128,34 @@ def _hand_over(ctx, buffers, ratio):
     for g, want in zip((gs, gt), ctx.want):
         if want and g.numel():
             _ops.scale_rows_(g if g.dim() == 2 else g.view(g.shape[0], -1), ratio)
+    return gs, gt
+
+
+def recompute_grads(op, student, teacher, params, weight, upstream, want, branch_free=False):
+    """op's gradients of sum(upstream * weight * losses), computed at the row weights upstream * weight.
+
+    The ops skip a row of weight 0 (a masked row: 0 gradients whatever its inputs). A row left at
+    0 by its upstream gradient alone is not masked: PyTorch's gradient there is 0 times the row's
+    gradient, NaN where that is not finite, and so is this one's on the CPU, where the check costs
+    no device sync. (On CUDA such a row gets 0: float16 there never computes its gradient in forward,
+    [B7], and the check would stall the launch queue.) branch_free: no branch on the values, for
+    backwards that may be traced (the ops' registered autograd, under opcheck or AOT dispatch)."""
+    w = (upstream * weight).contiguous()
+    if op not in ROW_SELECTING or w.device.type != "cpu":
+        return below_autograd(op, student, teacher, *params, w, *want)[1:]
+    lost = (w == 0) & (weight != 0)
+    if branch_free or torch.compiler.is_compiling():  # no data-dependent branch: every row, out of place
+        _, gs, gt = below_autograd(op, student, teacher, *params, torch.where(lost, weight, w), *want)
+        keep = torch.where(lost, 0, torch.ones_like(w))
+        return tuple(g * keep.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)) if wanted else g
+                     for g, wanted in zip((gs, gt), want))
+    if not bool(lost.any()):
+        return below_autograd(op, student, teacher, *params, w, *want)[1:]
+    _, gs, gt = below_autograd(op, student, teacher, *params, torch.where(lost, weight, w), *want)
+    for g, wanted in zip((gs, gt), want):
+        if wanted and g.numel():
+            rows = g.view(lost.numel(), -1)
+            rows[lost] = rows[lost] * 0
     return gs, gt
 
 
@@ -165,6 +192,9 @@ def _sparse_rows(student, teacher_logprobs, indices, inv_temperature, tail):
 
 # Per-row losses in plain PyTorch, for create_graph=True ([B5]): the fused ops' gradients carry no
 # graph, so a higher-order gradient is recomputed through these, which autograd can differentiate.
+# The ops that give a row of weight 0 no gradient at all (a mask), whatever its inputs.
+ROW_SELECTING = (_ops.softmax_kl, _ops.feature_match, _ops.sparse_kl)
+
 ROW_REFERENCE = {_ops.softmax_kl: _divergence_rows, _ops.feature_match: _feature_rows, _ops.sparse_kl: _sparse_rows}
 
 

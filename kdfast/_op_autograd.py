@@ -21,7 +21,7 @@ cost more than a small op).
 import torch
 
 from kdfast import reference
-from kdfast._fused_autograd import below_autograd, differentiable_grads
+from kdfast._fused_autograd import below_autograd, differentiable_grads, recompute_grads
 
 _ops = torch.ops.kdfast
 
@@ -50,8 +50,11 @@ def _register_forward_and_gradient_op(name, n_params, weight_selects_rows):
             ones = torch.ones_like(weight)
             gs, gt = differentiable_grads(op, student, teacher, ones, ctx.params, grad_loss, want)
         else:
-            rw = grad_loss.to(weight.dtype).contiguous()
-            _, gs, gt = below_autograd(op, student, teacher, *ctx.params, rw, *want)
+            rows = torch.ones_like(weight)
+            if weight_selects_rows:
+                rows = torch.where(weight != 0, rows, 0)
+            gs, gt = recompute_grads(op, student, teacher, ctx.params, rows, grad_loss.to(weight.dtype), want,
+                                     branch_free=True)
         return (gs if want[0] else None, gt if want[1] else None) + nones
 
     torch.library.register_autograd(f"kdfast::{name}", backward, setup_context=setup_context)

@@ -166,6 +166,16 @@ def assert_close_scaled(actual, expected, floor, tol, what, skip=None):
         f"{what}: error {err:.3e} > {tol:g} x scale {scale:.3e} (relerr {err / max(exp_norm, 1e-300):.3e})")
 
 
+def half_quantum_floor(floor, dtype, tol):
+    """floor raised, for a half dtype, to what its fixed quantum below the smallest normal (the
+    smallest subnormal) allows per element. Apply it to the view's floor before a broadcast's
+    backward sums the view's rounded elements, and to the leaf's after."""
+    if dtype not in HALF:
+        return floor
+    fi = torch.finfo(dtype)
+    return torch.clamp(floor, min=fi.smallest_normal * fi.eps / tol)
+
+
 def kl_floors(s, t, temperature):
     """float64 conditioning floors per row / element for logits s, t of shape (..., V).
 
@@ -351,13 +361,9 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         if leaf.dtype in HALF:
             exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
         exp_g = overflow_as(exp_g, leaf.dtype)
-        fl = to_leaf(view_d, leaf_d, torch.where(inf_rows, 0.0, wg * floor))
         tol = grad_tol or GRAD_TOL[leaf.dtype]
-        if leaf.dtype in HALF:
-            # below the smallest normal a half value is only good to its fixed quantum (the smallest
-            # subnormal): allow that much per element
-            fi = torch.finfo(leaf.dtype)
-            fl = torch.clamp(fl, min=fi.smallest_normal * fi.eps / tol)
+        view_fl = half_quantum_floor(torch.where(inf_rows, 0.0, wg * floor), leaf.dtype, tol)
+        fl = half_quantum_floor(to_leaf(view_d, leaf_d, view_fl), leaf.dtype, tol)
         skip = None
         view_g = view_d.grad if view_d is not leaf_d else leaf_d.grad
         if view_g is not None and bool(inf_rows.any()):

@@ -63,7 +63,7 @@ for p in (TESTS, os.path.dirname(TESTS)):
 import kdfast  # noqa: E402
 from kdfast import reference as ref  # noqa: E402
 from conftest import (DIVERGENCE_LOSSES, GRAD_TOL, HALF, VALUE_TOL, _backward, assert_close_scaled,  # noqa: E402
-                      check_kl, kl_floors, overflow_as, result_dtype, row_value_weights, same_bits)
+                      check_kl, half_quantum_floor, kl_floors, overflow_as, result_dtype, row_value_weights, same_bits)
 
 LOSSES = (("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES + ("sparse_kl_div",)
           + ("logit_mse", "feature_l2", "cosine_loss", "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss",
@@ -731,14 +731,12 @@ def check_generic(case):
         # each element of the view's gradient is rounded to the dtype before a broadcast's backward
         # sums them: the floor is the sum of their magnitudes
         ev = dviews[i].grad if dviews[i].grad is not None else torch.zeros_like(dviews[i])
-        gfloor = torch.maximum(e.abs(), _adjoint(case, i, d, ev.abs()))
+        gfloor = torch.maximum(e.abs(), _adjoint(case, i, d, half_quantum_floor(ev.abs(), x.dtype, gtol)))
         if case.loss == "cosine_loss":
             gfloor = _cosine_grad_floor(case, dleaves, i, e)
         elif relation:
             gfloor = torch.maximum(gfloor, _relation_grad_floor(case, dleaves, i))
-        if x.dtype in HALF:
-            fi = torch.finfo(x.dtype)
-            gfloor = torch.clamp(gfloor, min=fi.smallest_normal * fi.eps / gtol)
+        gfloor = half_quantum_floor(gfloor, x.dtype, gtol)
         # (also where the loss is NaN: e.g. 0 in float64 for a teacher whose points all coincide)
         loss_nan = bool(expected.detach().isnan().any())
         skip = (g.double().isnan() & ~e.isnan()) if loss_nan else extra_nan(g, e)
@@ -888,12 +886,10 @@ def check_sparse(case):
         e = d.grad if d.grad is not None else torch.zeros_like(d)
         # the best x's dtype holds (a float64 gradient of 1e-119 is 0 in float32), as check_generic does
         e = overflow_as(e, x.dtype).to(x.dtype).double()
-        fl = _adjoint(case, i, d, torch.where(inf_rows, 0.0, wg * torch.nan_to_num(floor, nan=0.0)))
         tol = GRAD_TOL[x.dtype]
-        if x.dtype in HALF:  # below the smallest normal a half value is good to its quantum only
-            fi = torch.finfo(x.dtype)
-            fl = torch.clamp(fl, min=fi.smallest_normal * fi.eps / tol)
-        elif x.dtype == torch.float32:  # the CPU kernels flush float32 subnormals to 0 (FlushDenormals)
+        view_fl = half_quantum_floor(torch.where(inf_rows, 0.0, wg * torch.nan_to_num(floor, nan=0.0)), x.dtype, tol)
+        fl = half_quantum_floor(_adjoint(case, i, d, view_fl), x.dtype, tol)
+        if x.dtype == torch.float32:  # the CPU kernels flush float32 subnormals to 0 (FlushDenormals)
             fl = torch.clamp(fl, min=torch.finfo(torch.float32).smallest_normal / tol)
         skip = None
         vg = dviews[i].grad
