@@ -144,7 +144,8 @@ void pdist_backward_impl(const PdistBackwardArgs& p) {
   if (p.normalize) {
     double acc = 0;
     for (int64_t i = 0; i < n * n; ++i) acc += gout[i] * D[i];
-    k = acc / (p.mean * p.mean * static_cast<double>(p.pos_count));
+    // one mean at a time: a group scaled far down (huge points, eps clamp) has a mean whose square underflows
+    k = acc / p.mean / (p.mean * static_cast<double>(p.pos_count));
   }
   const double inv_mean = p.normalize ? 1.0 / p.mean : 1.0;
   // psi is undefined where the mean is NaN (no positive distance: 0 / 0; or a NaN distance): NaN

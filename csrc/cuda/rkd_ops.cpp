@@ -80,7 +80,8 @@ at::Tensor pdist_backward(const at::Tensor& d2, const Dist& d, bool squared, boo
   at::Tensor inv_mean, k;
   if (normalize) {
     inv_mean = (1.0 / d.mean).contiguous();
-    k = (at::sum(gout * d.dist, {1, 2}) / (d.mean * d.mean * d.count)).contiguous();
+    // one mean at a time: a group scaled far down (huge points, eps clamp) has a mean whose square underflows
+    k = (at::sum(gout * d.dist, {1, 2}) / d.mean / (d.mean * d.count)).contiguous();
   } else {
     inv_mean = at::ones({B}, dopt);
     k = at::zeros({B}, dopt);

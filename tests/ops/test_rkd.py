@@ -508,3 +508,72 @@ def test_float64_far_point_beyond_1e6():
             want, ws, wt = value_and_grads(lambda a, b: oracle(fn, a, b), s, t)
             got, gs, gt = value_and_grads(getattr(kdfast, fn), s, t)
             assert relerr(got, want) < 1e-10, (fn, relerr(got, want))
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_float64_far_point_near_sides_exact(squared, normalize):
+    """The cluster's own sides, float64, with one point 1e9 x spread away: taken from the inputs'
+    differences they are exact to float64 rounding. The distance loss cannot see them (its mean is
+    the far sides'), but pairwise_distances returns them: distances from centred points (the far
+    point moves the mean by ~1e9 x spread / 7) were off by ~1e-8 relative."""
+    for seed in range(3):
+        x = far_point_set(1e9, seed=seed, dtype=torch.float64)
+        want = (x[:, None] - x[None]).pow(2).sum(-1)
+        if not squared:
+            want = want.sqrt()
+        if normalize:
+            want = want / want[want > 0].mean()
+        got = kdfast.pairwise_distances(x, squared=squared, normalize=normalize)
+        near = slice(0, x.shape[0] - 1)
+        assert relerr(got[near, near], want[near, near]) < 1e-13, relerr(got[near, near], want[near, near])
+        assert relerr(got, want) < 1e-13
+
+
+@pytest.mark.parametrize("fn", ["rkd_distance_loss", "rkd_loss", "pairwise_distances"])
+def test_huge_duplicates_clamped_by_eps_have_finite_gradients(fn):
+    """Points ~4e146 that all coincide, eps = 1, squared: every side is clamped to eps, so the
+    mean is eps and the gradient 0 (float64 reference). The kernels scale the group down by
+    2^-487, so the mean is 2^-974 and its square underflowed: 0 / 0 = NaN (fuzz seed 12, relation
+    losses, case 17413)."""
+    p = torch.tensor([[4.03857263946777587e+146, 3.99894551726579737e+146]], dtype=torch.float64)
+    s = p.expand(5, 2).clone()
+    t = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    grads = []
+    for mod in (kdfast, ref):
+        x = s.clone().requires_grad_()
+        if fn == "pairwise_distances":
+            out = mod.pairwise_distances(x, squared=True, normalize=True, eps=1.0)
+            out = (out * torch.arange(25.0, dtype=out.dtype).view(5, 5)).sum()
+        else:
+            out = getattr(mod, fn)(x, t, squared=True, eps=1.0)
+        out.backward()
+        grads.append(x.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("fn", ["rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "pairwise_distances"])
+def test_side_exactly_at_eps_passes_its_gradient(fn, squared):
+    """A side whose length (squared, for the distance clamp) is exactly eps: clamp_min's backward,
+    and so F.normalize's and torchdistill's pdist's, passes the gradient at equality. Inputs on a
+    coarse grid (bf16 values, eps = 1) hit it: the kernels treated it as clamped, 7.5% off in a
+    bf16 distance gradient (fuzz seed 12, relation losses, case 16124)."""
+    s = torch.tensor([[0.0], [1.0], [3.0], [-2.5], [4.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0], [2.0, 0.5], [1.0, -1.0], [0.0, 3.0], [-1.0, 0.0]], dtype=torch.float64)
+    grads = []
+    for mod in (kdfast, ref):
+        x, y = s.clone().requires_grad_(), t.clone().requires_grad_()
+        if fn == "pairwise_distances":
+            out = (mod.pairwise_distances(x, squared=squared, eps=1.0) * torch.arange(25.0).view(5, 5)).sum()
+        else:
+            kw = {} if fn == "rkd_angle_loss" else {"squared": squared}
+            out = getattr(mod, fn)(x, y, eps=1.0, **kw)
+        out.backward()
+        grads.append((out.detach(), x.grad, y.grad))
+    (v, gs, gt), (rv, rgs, rgt) = grads
+    torch.testing.assert_close(v, rv, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gs, rgs, rtol=1e-10, atol=1e-13)
+    if rgt is not None:
+        torch.testing.assert_close(gt, rgt, rtol=1e-10, atol=1e-13)
