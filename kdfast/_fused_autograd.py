@@ -125,6 +125,8 @@ def _hand_over(ctx, buffers, ratio):
             _, gs, gt = below_autograd(ctx.op, student, teacher, *ctx.params, weight, *ctx.want)
     if gs.dtype == torch.float16 and not bool((ratio == 1).all()):
         return None
+    if _teacher_overflowed(ctx, gt, ratio):
+        return None
     for g, want in zip((gs, gt), ctx.want):
         if want and g.numel():
             _ops.scale_rows_(g if g.dim() == 2 else g.view(g.shape[0], -1), ratio)
@@ -157,6 +159,17 @@ def recompute_grads(op, student, teacher, params, weight, upstream, want, branch
             rows = g.view(lost.numel(), -1)
             rows[lost] = rows[lost] * 0
     return gs, gt
+
+
+def _teacher_overflowed(ctx, gt, ratio):
+    """Whether sparse_kl's teacher gradient, written in forward at upstream 1, holds an inf that a
+    smaller upstream factor would bring back into range: a teacher log-prob gradient has the row
+    KL's size, which may exceed FLT_MAX where ratio * it does not. Then backward recomputes at
+    ratio * weight ([B4]). CPU only (on CUDA the check would cost a host sync); K entries per row,
+    so the check is cheap next to the student's V."""
+    if ctx.op is not _ops.sparse_kl or not ctx.want[1] or gt.device.type != "cpu" or not gt.numel():
+        return False
+    return bool(torch.isinf(gt).any()) and not bool((ratio.abs() >= 1).all())
 
 
 def below_autograd(op, *args):

@@ -71,7 +71,7 @@ KDFAST_HD bool side_unclamped(double d2, double eps) {
 KDFAST_HD double pdist_grad_d2(double d2, double dist, double gd, double eps2, bool squared, bool undefined) {
   if (undefined || gd != gd || !(d2 <= std::numeric_limits<double>::max()))
     return std::numeric_limits<double>::quiet_NaN();
-  if (!(d2 >= eps2)) return 0.0;
+  if (!(d2 > 0.0) || d2 < eps2) return 0.0;  // a zero-length side (eps = 0) has no direction: no gradient
   return squared ? gd : gd / (2 * dist);
 }
 

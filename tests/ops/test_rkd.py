@@ -577,3 +577,23 @@ def test_side_exactly_at_eps_passes_its_gradient(fn, squared):
     torch.testing.assert_close(gs, rgs, rtol=1e-10, atol=1e-13)
     if rgt is not None:
         torch.testing.assert_close(gt, rgt, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("fn", ["rkd_distance_loss", "rkd_loss", "pairwise_distances"])
+def test_duplicate_points_eps_zero_finite_gradients(fn, squared):
+    """eps = 0 and two coinciding points: their side is 0 = eps, at the clamp, but it has no
+    direction; its gradient is 0, as the reference's, not 1 / (2 * 0)."""
+    s = torch.tensor([[0.0, 1.0], [0.0, 1.0], [3.0, 0.5], [-2.5, 2.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0], [2.0, 0.5], [1.0, -1.0], [0.0, 3.0]], dtype=torch.float64)
+    grads = []
+    for mod in (kdfast, ref):
+        x, y = s.clone().requires_grad_(), t.clone().requires_grad_()
+        if fn == "pairwise_distances":
+            out = (mod.pairwise_distances(x, squared=squared, eps=0.0) * torch.arange(16.0).view(4, 4)).sum()
+        else:
+            out = getattr(mod, fn)(x, y, eps=0.0, squared=squared)
+        out.backward()
+        grads.append(x.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-13)

@@ -464,3 +464,27 @@ def test_row_beyond_float_max_is_finite(tail, reduction, dtype):
     assert torch.equal(got.isinf(), want.isinf()) and torch.isfinite(got).any()
     fin = torch.isfinite(want)
     assert (((got.double() - want.double()) / want.double().abs().clamp(min=1))[fin].abs() < 1e-5).all(), (got, want)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("upstream", [1e-3, -0.25])
+def test_teacher_gradient_beyond_float_max_at_upstream_one(tail, upstream):
+    """fp32 student logits +-2.5e38, T = 0.25: the teacher log-probs' gradient of the sum at
+    upstream 1 is beyond FLT_MAX, but the wanted one, at upstream 1e-3 or -0.25, is not. The op
+    writes it in forward at upstream 1, where it was inf; backward now recomputes at the upstream
+    factor (the fuzz's sparse_teacher_grad_overflow class)."""
+    if not kdfast.native_available():
+        pytest.skip("native extension not built")
+    kdfast.set_backend("native")
+    s = torch.tensor([[2.5e38, 0.0, -2.5e38], [0.0, 0.0, 1.0], [1.0, -2.0, 0.5]], dtype=torch.float32)
+    lp, idx = torch.tensor([[-9.0, 0.1, 0.05]] * 3, dtype=torch.float64).log_softmax(-1).float().topk(2, -1)
+    grads = []
+    for dtype, fn in ((torch.float32, kdfast.sparse_kl_div), (torch.float64, ref.sparse_kl_div)):
+        lpx = lp.to(dtype).detach().clone().requires_grad_()
+        (fn(s.to(dtype), lpx, idx, tail=tail, temperature=0.25, reduction="sum") * upstream).backward()
+        grads.append(lpx.grad)
+    got, want = grads
+    fmax = torch.finfo(torch.float32).max
+    assert (want / upstream).abs().max() > fmax and want.abs().max() < fmax  # the case is what it says
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-30)
