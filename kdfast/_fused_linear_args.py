@@ -29,6 +29,13 @@ def _check_softcap(value, name):
     return None if value is None else v.check_positive(value, name)
 
 
+def _check_same_dtype_and_device(x, x_name, like, like_name):
+    if x.dtype != like.dtype:
+        raise TypeError(f"{x_name} is {x.dtype} but {like_name} is {like.dtype}; they must have one dtype")
+    if x.device != like.device:
+        raise ValueError(f"{x_name} is on {x.device} but {like_name} is on {like.device}")
+
+
 def _check_side(hidden, weight, bias, side):
     h, w, b = f"{side}_hidden", f"{side}_weight", f"{side}_bias"
     v.check_tensor(hidden, h)
@@ -40,19 +47,13 @@ def _check_side(hidden, weight, bias, side):
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{w} has hidden width {weight.shape[1]} (dim 1) but {h} has width "
                          f"{hidden.shape[-1]} (last dim); they must match")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{w} is {weight.dtype} but {h} is {hidden.dtype}; they must have one dtype")
-    if weight.device != hidden.device:
-        raise ValueError(f"{w} is on {weight.device} but {h} is on {hidden.device}")
+    _check_same_dtype_and_device(weight, w, hidden, h)
     if bias is not None:
         v.check_tensor(bias, b)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{b} must have shape ({weight.shape[0]},) (the vocabulary of {w}), "
                              f"got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{b} is {bias.dtype} but {w} is {weight.dtype}; they must have one dtype")
-        if bias.device != weight.device:
-            raise ValueError(f"{b} is on {bias.device} but {w} is on {weight.device}")
+        _check_same_dtype_and_device(bias, b, weight, w)
 
 
 def check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, divergence,

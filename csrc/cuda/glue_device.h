@@ -2,7 +2,7 @@
 // The device specifics of a CUDA op's tensor glue. In the CPU emulation of the kernels
 // (csrc/cuda/emu/; tests/test_cuda.py builds the glue with it) "device memory" is host memory: CPU
 // tensors stand in for CUDA ones, with no stream and no device guard, so that the tests run the
-// very glue. (csrc/cuda/rkd_ops.cpp spells the same block out for itself.)
+// very glue.
 #include <ATen/core/Tensor.h>
 
 #if defined(KDFAST_CUDA_EMULATE)

@@ -4,14 +4,12 @@
 // the current stream, no host synchronisation), the n x n and n^3 work in csrc/cuda/rkd.cu. Groups
 // are processed together, B x n x n at a time; memory is O(B n^2) beyond the inputs and gradients.
 #if !defined(KDFAST_CUDA_EMULATE)
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #endif
 
 #include <cmath>
 
+#include "cuda/glue_device.h"
 #include "cuda/kernels.h"
 #include "ops/kernel_dtype.h"
 #include "ops/rkd.h"
@@ -19,25 +17,9 @@
 namespace kdfast {
 namespace {
 
-// The device specifics. In the CPU emulation of the kernels (csrc/cuda/emu/; tests/test_cuda.py
-// builds this glue with it, through csrc/cuda/emu/rkd_ops_emu.cpp) "device memory" is host memory:
-// CPU tensors stand in for CUDA ones, so that the tests run this very glue.
-#if defined(KDFAST_CUDA_EMULATE)
-constexpr at::DeviceType kDevice = at::kCPU;
-struct DeviceGuard {
-  explicit DeviceGuard(at::Device) {}
-};
-cudaStream_t stream_of(const at::Tensor&) { return nullptr; }
-#define C10_CUDA_CHECK(EXPR)                                                          \
-  do {                                                                                \
-    const cudaError_t kdfast_emu_err = (EXPR);                                        \
-    TORCH_CHECK(kdfast_emu_err == cudaSuccess, "emulated CUDA error ", kdfast_emu_err); \
-  } while (0)
-#else
-constexpr at::DeviceType kDevice = at::kCUDA;
-using DeviceGuard = c10::cuda::CUDAGuard;
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
-#endif
+using cuda_glue::DeviceGuard;
+using cuda_glue::kDevice;
+using cuda_glue::stream_of;
 
 void check_same_cuda(const char* op, std::initializer_list<at::Tensor> ts) {
   const at::Tensor& first = *ts.begin();
@@ -49,7 +31,7 @@ void check_same_cuda(const char* op, std::initializer_list<at::Tensor> ts) {
 
 // D2 of every group from its (scaled, centred) points.
 void sq_dists_cuda(const at::Tensor& centred, at::Tensor& d2) {
-  C10_CUDA_CHECK(cuda::rkd_sq_dists(centred.data_ptr<double>(), centred.size(0), centred.size(1), centred.size(2),
+  KDFAST_CUDA_CHECK(cuda::rkd_sq_dists(centred.data_ptr<double>(), centred.size(0), centred.size(1), centred.size(2),
                                     d2.data_ptr<double>(), stream_of(centred)));
 }
 
@@ -64,7 +46,7 @@ Dist pdist(const at::Tensor& d2, bool squared, const at::Tensor& eps) {
   const int64_t B = d2.size(0), n = d2.size(1);
   Dist d;
   d.dist = at::empty_like(d2);
-  C10_CUDA_CHECK(cuda::rkd_pdist(dptr(d2), B, n, squared, dptr(eps), d.dist.data_ptr<double>(), stream_of(d2)));
+  KDFAST_CUDA_CHECK(cuda::rkd_pdist(dptr(d2), B, n, squared, dptr(eps), d.dist.data_ptr<double>(), stream_of(d2)));
   const at::Tensor pos = ~(d.dist <= 0);  // a NaN distance makes the mean NaN, as torch's sum
   d.count = pos.sum({1, 2}).to(at::kDouble);
   // 0 / 0 = NaN where a group has no positive distance, as the CPU op and torch's mean of nothing
@@ -87,7 +69,7 @@ at::Tensor pdist_backward(const at::Tensor& d2, const Dist& d, bool squared, boo
     k = at::zeros({B}, dopt);
   }
   at::Tensor M = at::empty_like(d2);
-  C10_CUDA_CHECK(cuda::rkd_pdist_backward(dptr(d2), dptr(d.dist), dptr(gout), dptr(inv_mean), dptr(k), B, n, squared,
+  KDFAST_CUDA_CHECK(cuda::rkd_pdist_backward(dptr(d2), dptr(d.dist), dptr(gout), dptr(inv_mean), dptr(k), B, n, squared,
                                           dptr(eps), M.data_ptr<double>(), stream_of(d2)));
   return M;
 }
@@ -117,7 +99,7 @@ Term distance_term(const RelationInputs& in, const at::Tensor& wd, double dw, do
   at::Tensor partial = at::empty({B, nblk}, coef.options());
   at::Tensor gps = want_s ? at::empty_like(in.ps.d2) : at::Tensor();
   at::Tensor gpt = want_t ? at::empty_like(in.pt.d2) : at::Tensor();
-  C10_CUDA_CHECK(cuda::rkd_distance_huber(dptr(ds.dist), dptr(dt.dist), dptr(inv_ms), dptr(inv_mt), dptr(coef), B, n,
+  KDFAST_CUDA_CHECK(cuda::rkd_distance_huber(dptr(ds.dist), dptr(dt.dist), dptr(inv_ms), dptr(inv_mt), dptr(coef), B, n,
                                           delta, partial.data_ptr<double>(),
                                           want_s ? gps.data_ptr<double>() : nullptr,
                                           want_t ? gpt.data_ptr<double>() : nullptr, stream));
@@ -136,7 +118,7 @@ struct AngleSide {
     hi = at::empty({p.B, p.N, p.N}, opts), lo = at::empty_like(hi), inv = at::empty_like(hi);
     eps = p.eps_side(eps_user).contiguous();
     const at::Tensor mx = p.d2.amax({1, 2}).contiguous();
-    C10_CUDA_CHECK(cuda::rkd_angle_prep(to_kernel_dtype(acc), dptr(p.d2), dptr(mx), dptr(eps), p.B, p.N, hi.data_ptr(),
+    KDFAST_CUDA_CHECK(cuda::rkd_angle_prep(to_kernel_dtype(acc), dptr(p.d2), dptr(mx), dptr(eps), p.B, p.N, hi.data_ptr(),
                                         lo.data_ptr(), inv.data_ptr(), stream));
   }
 };
@@ -145,7 +127,7 @@ struct AngleSide {
 at::Tensor angle_grad(const RelationPoints& p, const AngleSide& side, const at::Tensor& A, const at::Tensor& R,
                       const at::Tensor& S) {
   at::Tensor M = at::empty_like(p.d2);
-  C10_CUDA_CHECK(cuda::rkd_angle_grad(to_kernel_dtype(A.scalar_type()), dptr(p.d2), A.data_ptr(), R.data_ptr(), S.data_ptr(),
+  KDFAST_CUDA_CHECK(cuda::rkd_angle_grad(to_kernel_dtype(A.scalar_type()), dptr(p.d2), A.data_ptr(), R.data_ptr(), S.data_ptr(),
                                       dptr(side.eps), p.B, p.N, M.data_ptr<double>(), stream_of(M)));
   return M;
 }
@@ -174,7 +156,7 @@ Term angle_term(const RelationInputs& in, const at::Tensor& wd, double aw, doubl
   a.coef = coef.data_ptr<double>();
   a.loss_partial = partial.data_ptr<double>();
   a.a_s = ptr(As), a.a_t = ptr(At), a.r_s = ptr(Rs), a.r_t = ptr(Rt), a.s_s = ptr(Ss), a.s_t = ptr(St);
-  C10_CUDA_CHECK(cuda::rkd_angle(a, stream));
+  KDFAST_CUDA_CHECK(cuda::rkd_angle(a, stream));
   Term r;
   r.loss = partial.sum(1) / n3 * aw;
   if (want_s) r.Ms = angle_grad(in.ps, ss, As, Rs, Ss);
