@@ -34,13 +34,15 @@ KDFAST_HD double h_quantum(double max_h) {
 }
 
 // H = -d2 / 2 split into hi (a multiple of q, exact in acc_t) and lo = H - hi rounded to acc_t.
+// d2_lo: D2's own low part (0 where it was not taken), so that hi + lo is -D2 / 2 as exact as the
+// inputs' differences.
 template <typename acc_t>
-KDFAST_HD void split_h(double d2, double q, acc_t& hi, acc_t& lo) {
+KDFAST_HD void split_h(double d2, double q, acc_t& hi, acc_t& lo, double d2_lo = 0.0) {
   using std::nearbyint;
   const double h = -0.5 * d2;
   const double r = nearbyint(h / q) * q;
   hi = static_cast<acc_t>(r);
-  lo = static_cast<acc_t>(h - r);
+  lo = static_cast<acc_t>((h - r) - 0.5 * d2_lo);
 }
 
 // 1 / max(|x_j - x_i|, eps) as F.normalize divides, and 0 for a zero-length side, so that every

@@ -83,6 +83,9 @@ struct AngleArgs {
   double loss;          // out: sum of Huber values
   double* grad_d2_s;    // in/out or null: d loss / d D2_s (not symmetrised) is added; n x n
   double* grad_d2_t;
+  // null or n x n: D2's low parts (ops/rkd.h, d2_low_parts), for groups whose span needs them
+  const double* d2_lo_s = nullptr;
+  const double* d2_lo_t = nullptr;
 };
 
 // The kernel table of one ISA build; the main library selects one at import (csrc/kdfast.cpp).

@@ -225,12 +225,12 @@ inline void d2_range(const double* D2, int64_t n, double& mx, double& mn) {
 template <typename acc_t>
 struct AngleSide {
   std::unique_ptr<acc_t[]> hi, lo, inv;  // every entry written: no zero fill
-  AngleSide(const double* D2, int64_t n, double eps, double mx, bool split)
+  AngleSide(const double* D2, const double* D2lo, int64_t n, double eps, double mx, bool split)
       : hi(new acc_t[n * n]), lo(split ? new acc_t[n * n] : nullptr), inv(new acc_t[n * n]) {
     const double q = rkd::h_quantum(0.5 * mx);
     at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
       for (int64_t e = i0 * n; e < i1 * n; ++e) {
-        if (split) rkd::split_h(D2[e], q, hi[e], lo[e]);
+        if (split) rkd::split_h(D2[e], q, hi[e], lo[e], D2lo ? D2lo[e] : 0.0);
         else hi[e] = static_cast<acc_t>(-0.5 * D2[e]);
         inv[e] = static_cast<acc_t>(rkd::inv_side(D2[e], eps));
       }
@@ -246,7 +246,7 @@ void angle_typed(AngleArgs& p, bool split, double mx_s, double mx_t) {
   const acc_t coef = static_cast<acc_t>(p.coef);
   const bool want = p.grad_d2_s || p.grad_d2_t;
 
-  const AngleSide<acc_t> ss(p.d2_s, n, p.eps_s, mx_s, split), st(p.d2_t, n, p.eps_t, mx_t, split);
+  const AngleSide<acc_t> ss(p.d2_s, p.d2_lo_s, n, p.eps_s, mx_s, split), st(p.d2_t, p.d2_lo_t, n, p.eps_t, mx_t, split);
   const acc_t *Hs = ss.hi.get(), *Ls = ss.lo.get(), *Ht = st.hi.get(), *Lt = st.lo.get();
   std::vector<acc_t> As, At, Rs, Rt, Ss, St;
   if (want) {

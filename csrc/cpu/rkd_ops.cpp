@@ -85,6 +85,8 @@ void angle_term(const RelationInputs& in, int64_t b, double wb, double aw, doubl
                    eps * at_b(in.ps.scale, b), eps * at_b(in.pt.scale, b), delta, wb * aw / n3, 0,
                    (Ms.defined() && grads) ? Ms[b].data_ptr<double>() : nullptr,
                    (Mt.defined() && grads) ? Mt[b].data_ptr<double>() : nullptr};
+  if (in.ps.d2_lo.defined()) a.d2_lo_s = in.ps.d2_lo[b].data_ptr<double>();
+  if (in.pt.d2_lo.defined()) a.d2_lo_t = in.pt.d2_lo[b].data_ptr<double>();
   cpu::selected_kernels().angle(a);
   loss += aw * (a.loss / n3);
 }

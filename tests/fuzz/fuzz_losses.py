@@ -559,10 +559,8 @@ class Case:
                 self.features.add("relation:all_duplicates")
             pos = torch.where(d > 0, d, torch.full_like(d, math.inf)).amin((-1, -2))
             ratio = (d.amax((-1, -2)) / pos).max().item()
-            if dtype != torch.float64 and ratio > 1e6:  # issue 20 holds float32 to float64 up to 1e6
-                self.beyond_ratio_bar = True
-                self.features.add("known:relation_far_near_ratio")
-            elif dtype == torch.float64 and ratio > 1e4:
+            if ratio > 1e6:  # issue 20 holds float32 to float64 up to 1e6
+                self.beyond_ratio_bar = dtype != torch.float64
                 self.features.add("known:relation_far_near_ratio")
         self.desc = (f"{self.loss} student={tuple(s.shape)} teacher={tuple(t.shape)} "
                      f"{DT_NAME[ds]}/{DT_NAME[dt]} "

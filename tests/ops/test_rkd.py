@@ -394,6 +394,31 @@ def test_collinear_angle_gradients(fn, D, ratio, cpu_isa):
         assert err < 1e-3 and err <= 0.1 * err_ref, (seed, err, err_ref)
 
 
+@pytest.mark.parametrize("dtype,ratio,bound", [(torch.float32, 1e8, 1e-4), (torch.float32, 1e9, 1e-4),
+                                               (torch.float64, 1e4, 1e-8), (torch.float64, 1e6, 1e-8)])
+@pytest.mark.parametrize("D", [1, 3])
+@pytest.mark.parametrize("fn", ["rkd_angle_loss", "rkd_loss"])
+def test_wide_span_groups_take_low_parts(fn, D, dtype, ratio, bound):
+    """Collinear points beyond the issue's 1e6 (fp32) and float64 points from 1e4: the groups whose
+    squared sides span more than 1e6 take D2's low parts and the product back to points from
+    differences, so the student's angle gradient stays within `bound` of one point's share of
+    float64's, and (fp32) 100 times closer than the fp32 reference formulation. Without them the
+    error was ~eps_64 x ratio^2 of that share: 0.36 at 1e8, 2.8e-5 at 1e6 (float64 too)."""
+    for seed in range(2):
+        s = collinear_set(ratio, D, seed).to(dtype)
+        t = far_point_set(ratio * 0.37, n=9, D=5, seed=seed + 100).to(dtype)
+        kw = dict(distance_weight=0.0) if fn == "rkd_loss" else {}
+        want, ws, _ = value_and_grads(lambda a, b: oracle(fn, a, b, **kw), s.double(), t.double())
+        got, gs, _ = value_and_grads(lambda a, b: getattr(kdfast, fn)(a, b, **kw), s, t)
+        assert relerr(got, want) < (1e-4 if dtype == torch.float32 else 1e-10)
+        share = _point_share(s, 50.0 if fn == "rkd_loss" else 1.0)
+        err = (gs.double() - ws).abs().max().item() / share
+        assert err < bound, (seed, err)
+        if dtype == torch.float32:
+            _, rs, _ = value_and_grads(lambda a, b: getattr(ref, fn)(a, b, **kw), s, t)
+            assert err <= 0.01 * (rs.double() - ws).abs().max().item() / share
+
+
 # ----------------------------------------------------------------------------- NaN semantics
 
 def _nan_groups_check(f_got, f_want, s, t, group):
