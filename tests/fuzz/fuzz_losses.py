@@ -81,15 +81,13 @@ KNOWN = {
                              "bf16): the gradient is a sign of P - Q that float32 cannot resolve there, and "
                              "each flipped sign moves the gradient by ~Q/T. Not a defect of the kernel: an "
                              "ill-conditioned subgradient (found by this fuzz)",
-    "relation_far_near_ratio": "relation ops on a group whose far:near distance ratio exceeds 1e6 (float32 and "
-                               "narrower points: issue 20's bar) or 1e4 (float64 points). The angle term's "
-                               "cosines come from squared distances by the law of cosines in double: a cosine "
-                               "carries eps_64 x ratio, which the gradient's 1 / near^2 terms amplify to "
-                               "~eps_64 x ratio^2 of one point's share on near-collinear groups (float64's 1e-8 "
-                               "tolerance is gone from ~1e4). Such cases still pass when their gradients are as "
-                               "accurate as the reference formulation's in the points' own dtype (the issue's "
-                               "bar); only those that are not are listed here. Exact numerators (squared "
-                               "distances as double-doubles) would bring it to ~eps_64 x ratio (found by this fuzz)",
+    "relation_far_near_ratio": "relation ops on a group whose far:near distance ratio exceeds 1e6, issue 20's bar. "
+                               "On the CPU such groups take D2's low parts and the product back to points "
+                               "from differences, which leaves ~eps_64 x ratio of one point's share in the "
+                               "angle gradient (float64's 1e-8 tolerance is reached near 1e7). Cases of "
+                               "float32 and narrower points still pass when their gradients are as accurate "
+                               "as the reference formulation's in their own dtype (the issue's bar); only "
+                               "those that are not are listed (found by this fuzz)",
 }
 
 # Relation ops: the loss is built from psi-normalised distances and cosines of size ~1, so a value
