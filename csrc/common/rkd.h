@@ -57,23 +57,23 @@ KDFAST_HD double inv_side(double d2, double eps) {
   return 1.0 / (n < eps ? eps : n);
 }
 
-// Whether a side's length is at or above its eps clamp (below it, the side is a constant eps and
-// carries no gradient; at it, clamp_min's backward passes the gradient, as F.normalize's does). A
-// NaN side is not clamped: its NaN reaches the gradient.
+// Whether a side's length is above its eps clamp (below it, the side is a constant eps and
+// carries no gradient; at it, a kink, either side's gradient is right: this is torch 2.14's
+// clamp, 2.13's passes it). A NaN side is not clamped: its NaN reaches the gradient.
 KDFAST_HD bool side_unclamped(double d2, double eps) {
   using std::sqrt;
-  return !(d2 <= 0.0) && !(sqrt(d2) < eps);
+  return !(d2 <= 0.0) && !(sqrt(d2) <= eps);
 }
 
 // d loss / d D2 of one off-diagonal distance entry max(D2, eps2) (or its square root) whose
-// upstream gradient is gd: 0 where clamped (below eps2; at it, clamp_min passes the gradient), unless gd is NaN (float64's clamp passes NaN * 0);
+// upstream gradient is gd: 0 where clamped (at or below eps2), unless gd is NaN (float64's clamp passes NaN * 0);
 // NaN where D2 is NaN or inf (only from a NaN or inf point: no gradient there could look fine;
 // float64's is NaN or inf in the point's coordinates) or where psi is undefined (a group with no
 // positive distance: 0 / 0).
 KDFAST_HD double pdist_grad_d2(double d2, double dist, double gd, double eps2, bool squared, bool undefined) {
   if (undefined || gd != gd || !(d2 <= std::numeric_limits<double>::max()))
     return std::numeric_limits<double>::quiet_NaN();
-  if (!(d2 > 0.0) || d2 < eps2) return 0.0;  // a zero-length side (eps = 0) has no direction: no gradient
+  if (!(d2 > eps2)) return 0.0;
   return squared ? gd : gd / (2 * dist);
 }
 

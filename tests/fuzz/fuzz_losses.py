@@ -542,10 +542,12 @@ class Case:
                          or opts.get("distance_weight", 0) > 0)
         for leaf, dtype, view in self.inputs:  # on the values handed over (after the layout)
             x = view(leaf.to(dtype).double())
-            if opts.get("eps", 0) > 0 and torch.isfinite(x).all():
+            g = x if x.dim() == 3 else x.unsqueeze(0)
+            g = g[torch.isfinite(g).flatten(1).all(1)]  # the groups without inf or NaN
+            if opts.get("eps", 0) > 0 and g.numel():
                 # a squared distance exactly at the clamp is a kink, where either one-sided gradient
-                # is right (and fp16 grids hit it): move eps off it
-                g = x if x.dim() == 3 else x.unsqueeze(0)
+                # is right (torch 2.13's clamp passes it, 2.14's does not) and fp16 grids hit it:
+                # move eps off it (in every finite group: case 16124 had it beside a group with inf)
                 while bool(((torch.cdist(g, g) ** 2 - opts["eps"]).abs() <= 1e-6 * opts["eps"]).any()):
                     opts["eps"] *= 1.37
             if not torch.isfinite(x).all():
