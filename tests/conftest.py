@@ -166,14 +166,18 @@ def assert_close_scaled(actual, expected, floor, tol, what, skip=None):
         f"{what}: error {err:.3e} > {tol:g} x scale {scale:.3e} (relerr {err / max(exp_norm, 1e-300):.3e})")
 
 
-def half_quantum_floor(floor, dtype, tol):
-    """floor raised, for a half dtype, to what its fixed quantum below the smallest normal (the
-    smallest subnormal) allows per element. Apply it to the view's floor before a broadcast's
-    backward sums the view's rounded elements, and to the leaf's after."""
-    if dtype not in HALF:
-        return floor
-    fi = torch.finfo(dtype)
-    return torch.clamp(floor, min=fi.smallest_normal * fi.eps / tol)
+def rounding_floor(floor, dtype, tol):
+    """floor raised to what the dtype's smallest values allow per element: below the smallest normal
+    a half value is good to its fixed quantum (the smallest subnormal) only; and the CPU kernels
+    flush float32 subnormals to 0 (FlushDenormals), bf16's among them (bf16 has float32's exponent
+    range). Apply it to the view's floor before a broadcast's backward sums the view's rounded
+    elements, and to the leaf's after."""
+    if dtype in (torch.float32, torch.bfloat16):
+        floor = torch.clamp(floor, min=torch.finfo(torch.float32).smallest_normal / tol)
+    if dtype in HALF:
+        fi = torch.finfo(dtype)
+        floor = torch.clamp(floor, min=fi.smallest_normal * fi.eps / tol)
+    return floor
 
 
 def kl_floors(s, t, temperature):
@@ -362,8 +366,8 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
             exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
         exp_g = overflow_as(exp_g, leaf.dtype)
         tol = grad_tol or GRAD_TOL[leaf.dtype]
-        view_fl = half_quantum_floor(torch.where(inf_rows, 0.0, wg * floor), leaf.dtype, tol)
-        fl = half_quantum_floor(to_leaf(view_d, leaf_d, view_fl), leaf.dtype, tol)
+        view_fl = rounding_floor(torch.where(inf_rows, 0.0, wg * floor), leaf.dtype, tol)
+        fl = rounding_floor(to_leaf(view_d, leaf_d, view_fl), leaf.dtype, tol)
         skip = None
         view_g = view_d.grad if view_d is not leaf_d else leaf_d.grad
         if view_g is not None and bool(inf_rows.any()):
