@@ -387,12 +387,10 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
         if view_g is not None and bool(inf_rows.any()):
             bad = bad | (inf_rows & ~torch.isfinite(view_g).all(-1, keepdim=True))
         skip = to_leaf(view_d, leaf_d, bad.double()) > 0
-        if view_g is not None and view_d is not leaf_d and leaf.dtype != torch.float64:
-            # each element of the view's gradient is rounded to the dtype (inf beyond its range)
-            # before a broadcast's backward sums them, in float32 at best: where the magnitudes
-            # summed exceed float32's range, partial sums overflow both ways (inf - inf = NaN)
-            summed = to_leaf(view_d, leaf_d, view_g.to(leaf.dtype).double())
-            exp_g = torch.where(torch.isfinite(summed) | skip, exp_g, summed)
+        if view_g is not None and view_d.numel() > leaf_d.numel() and leaf.dtype != torch.float64:
+            # a broadcast's backward sums the view's elements in float32 at best: where their
+            # magnitudes exceed float32's range (or an element is beyond the dtype's), partial
+            # sums overflow both ways (inf - inf = NaN) where float64's total is finite
             over = to_leaf(view_d, leaf_d, view_g.abs()) > torch.finfo(torch.float32).max
             skip = skip | (over & ~torch.isfinite(g.cpu().double()))
         assert_close_scaled(g.cpu(), exp_g, fl, tol, name, skip=skip)

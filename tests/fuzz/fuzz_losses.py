@@ -728,8 +728,9 @@ def check_generic(case):
         # sums them: the floor is the sum of their magnitudes; and an element beyond the dtype's
         # range is inf there, so the sum may be inf or NaN (+inf - inf) where float64's is finite
         ev = dviews[i].grad if dviews[i].grad is not None else torch.zeros_like(dviews[i])
-        summed = _adjoint(case, i, d, ev.to(x.dtype).double())
-        e = torch.where(torch.isfinite(summed), e, summed)
+        if dviews[i].numel() > d.numel():  # a broadcast
+            summed = _adjoint(case, i, d, ev.to(x.dtype).double())
+            e = torch.where(torch.isfinite(summed), e, summed)
         gfloor = torch.maximum(e.abs(), _adjoint(case, i, d, rounding_floor(ev.abs(), x.dtype, gtol)))
         if case.loss == "cosine_loss":  # (keeping each view element's rounding allowance: case 20645)
             gfloor = torch.maximum(_cosine_grad_floor(case, dleaves, i, e),
@@ -740,7 +741,7 @@ def check_generic(case):
         # (also where the loss is NaN: e.g. 0 in float64 for a teacher whose points all coincide)
         loss_nan = bool(expected.detach().isnan().any())
         skip = (g.double().isnan() & ~e.isnan()) if loss_nan else extra_nan(g, e)
-        if x.dtype != torch.float64:
+        if x.dtype != torch.float64 and dviews[i].numel() > d.numel():
             # a broadcast's backward sums the view's elements in float32 at best (PyTorch's own, in
             # kdfast's and in any autograd graph): where their magnitudes exceed float32's range the
             # partial sums can overflow both ways, inf - inf = NaN (seed 31 case 11280)
