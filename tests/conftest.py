@@ -594,3 +594,30 @@ def decisive_mass_rows(V, positions, dtype=torch.float32):
     for r, p in enumerate(positions):
         t[r, p], s[r, p] = 25.0, 5.0
     return s.to(dtype), t.to(dtype)
+
+
+# ----------------------------------------------------------------------------- relation point sets
+
+def far_point_set(ratio, n=7, D=8, seed=0, dtype=torch.float32):
+    """n - 1 points at spread 0.03 and one at ratio * 0.03 from them (the far-to-near ratio)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64) * 0.03
+    u = torch.randn(D, generator=g, dtype=torch.float64)
+    x[-1] += ratio * 0.03 * u / u.norm()
+    return x.to(dtype)
+
+
+def collinear_set(ratio, D, seed, n=9):
+    """fp32 points on one line (along a unit vector in D dims): n - 1 at spread 0.03 and one at
+    ratio * 0.03 from them. In D = 1 every cosine is +-1 and the angle gradient is exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, generator=g, dtype=torch.float64) * 0.03
+    t[-1] += ratio * 0.03
+    u = torch.randn(D, generator=g, dtype=torch.float64)
+    return (t.unsqueeze(-1) * (u / u.norm())).float()
+
+
+def point_share(x, weight):
+    """weight * 2 / (N * mean distance): the size of one point's share of the gradient."""
+    d = torch.cdist(x.double(), x.double())
+    return weight * 2.0 / (x.shape[-2] * d[d > 0].mean().item())

@@ -22,8 +22,8 @@ import kdfast
 from kdfast import reference as ref
 
 from conftest import (DTYPE_IDS, GRAD_TOL, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, check_scale_rows,
-                      assert_close_scaled, compare_compiled, decisive_mass_rows, extreme_logit_rows, overflow_as,
-                      kl_floors, relerr, same_bits)
+                      assert_close_scaled, collinear_set, compare_compiled, decisive_mass_rows, extreme_logit_rows,
+                      far_point_set, kl_floors, overflow_as, point_share, relerr, same_bits)
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
 EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
@@ -1551,15 +1551,6 @@ def test_emu_rkd_one_side(emu_glue, weights, flags):
         assert all((x == 0).all() for x in both)
 
 
-def _far_point_set(ratio, D, seed):
-    """6 points at spread 0.03 and one at ratio * 0.03 from them, float32."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(7, D, generator=g, dtype=torch.float64) * 0.03
-    u = torch.randn(D, generator=g, dtype=torch.float64)
-    x[-1] += ratio * 0.03 * u / u.norm()
-    return x.float()
-
-
 def _emu_rkd_vs_float64(emu_glue, kind, s, t, eps, tol_value, tol_grad, scale=1.0):
     """The emulated term on fp32 (1, N, D) points against the float64 reference on the same points
     divided by scale (the loss is scale-invariant; the gradients scale by 1 / scale)."""
@@ -1578,9 +1569,41 @@ def _emu_rkd_vs_float64(emu_glue, kind, s, t, eps, tol_value, tol_grad, scale=1.
 @pytest.mark.parametrize("ratio", [1e3, 1e4, 1e6])
 def test_emu_rkd_far_point(emu_glue, kind, ratio):
     """One point far from a tight cluster (fp32): the CUDA op within 1e-4 of float64."""
-    s = _far_point_set(ratio, 8, 1).unsqueeze(0)
-    t = _far_point_set(ratio * 0.37, 5, 101).unsqueeze(0)
+    s = far_point_set(ratio, D=8, seed=1).unsqueeze(0)
+    t = far_point_set(ratio * 0.37, D=5, seed=101).unsqueeze(0)
     _emu_rkd_vs_float64(emu_glue, kind, s, t, 1e-12, 1e-4, 1e-3)
+
+
+@pytest.mark.parametrize("dtype,ratio,bound", [(torch.float32, 1e8, 1e-4), (torch.float64, 1e6, 1e-8)])
+@pytest.mark.parametrize("D", [1, 3])
+def test_emu_rkd_wide_span_groups(emu_glue, D, dtype, ratio, bound):
+    """Collinear points beyond the issue's 1e6 far:near ratio (fp32) and float64 ones at 1e6, in a
+    batch beside an ordinary group: the wide-span groups take D2's low parts and the product back to
+    points from differences on the device (decided there, per group), so the student's angle
+    gradient stays within `bound` of one point's share of float64's, as on the CPU
+    (tests/ops/test_rkd.py test_wide_span_groups_take_low_parts); and pairwise_distances' backward
+    through the same product.
+    Without them the error was ~eps_64 x ratio^2 of that share (0.36 at 1e8)."""
+    for seed in range(2):
+        s = torch.stack([collinear_set(ratio, D, seed), far_point_set(3.0, n=9, D=D, seed=seed)]).to(dtype)
+        t = torch.stack([far_point_set(ratio * 0.37, n=9, D=5, seed=seed + 100),
+                         far_point_set(2.0, n=9, D=5, seed=seed)]).to(dtype)
+        w = torch.ones(2, dtype=dtype)
+        loss, gs, _ = emu_glue.rkd(s, t, 0.0, 1.0, 1.0, False, 1e-12, w, True, True)
+        sd, td = s.to(torch.float64, copy=True).requires_grad_(), t.to(torch.float64, copy=True).requires_grad_()
+        want = _rkd_reference(sd, td, 0.0, 1.0, False)
+        want.sum().backward()
+        assert relerr(loss, want.detach()) < (1e-4 if dtype == torch.float32 else 1e-10)
+        for b in range(2):
+            err = (gs[b].double() - sd.grad[b]).abs().max().item() / point_share(s[b], 1.0)
+            assert err < bound, (seed, b, err)
+        # pairwise_distances' backward (normalised distances) through the differences kernel
+        g = torch.randn(2, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        got = emu_glue.pairwise_distances_backward(g.to(dtype), s, False, True, 0.0)
+        xd = s.to(torch.float64, copy=True).requires_grad_()
+        ref.pairwise_distances(xd, normalize=True, eps=0.0).backward(g)
+        for b in range(2):
+            assert (got[b].double() - xd.grad[b]).abs().max().item() < bound * point_share(s[b], g.abs().max())
 
 
 @pytest.mark.parametrize("kind", ["distance", "angle"])
@@ -1765,3 +1788,4 @@ def test_emu_sparse_kl_matches_cpu_op(emu):
         assert relerr(got[0][keep], cpu[0][keep]) <= 1e-5
         assert relerr(got[1][keep], cpu[1][keep]) <= 1e-5
         assert relerr(got[2][keep], cpu[2][keep]) <= 1e-5
+

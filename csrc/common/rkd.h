@@ -16,8 +16,10 @@
 // The caller scales each group by a power of 2 (exact) so that its largest centred coordinate
 // lies in [0.5, 1): any finite input then has finite D2, and the eps clamps are scaled with it.
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
+#include "common/exact.h"
 #include "common/macros.h"
 
 namespace kdfast {
@@ -31,6 +33,52 @@ KDFAST_HD double h_quantum(double max_h) {
   int e = 0;
   frexp(max_h, &e);  // max_h = m 2^e, m in [0.5, 1); e = 0 for max_h = 0
   return ldexp(1.0, e - 21);
+}
+
+// A squared-distance ratio (largest over smallest positive, per group) beyond which the angle
+// term's numerators need D2's low parts: the law of cosines H_jk - H_ik - H_ij subtracts squared
+// sides of size far^2 to get a number of size near * far, so D2's own rounding (eps_64 far^2) costs a
+// cosine eps_64 x ratio, which its gradient's 1 / near^2 terms amplify to eps_64 x ratio^2 of one
+// point's share. Below it (a distance ratio of 1e3) that is under 1e-10; with the low parts, a
+// cosine carries ~eps_64 x 2^-21 x ratio. The same groups take the product back to points from
+// differences (ops/rkd.h), whose Gram form would cost eps_64 |W| |x|, again ~ratio^2.
+constexpr double kLowPartsSpan = 1e6;
+
+// The range of a group's squared sides, fed one entry at a time (or merged from parts).
+struct D2Span {
+  double mx = 0, mn = std::numeric_limits<double>::infinity();  // the largest entry, the smallest positive one
+  bool finite = true;
+  KDFAST_HD void add(double v) {
+    finite = finite && v - v == 0;  // false for inf and NaN
+    if (v > mx) mx = v;
+    if (v > 0 && v < mn) mn = v;
+  }
+  KDFAST_HD void merge(const D2Span& o) {
+    finite = finite && o.finite;
+    if (o.mx > mx) mx = o.mx;
+    if (o.mn < mn) mn = o.mn;
+  }
+  // Whether the group needs the low parts: a NaN or inf point keeps the plain form's NaN semantics,
+  // and a group without a positive side has nothing to span.
+  KDFAST_HD bool wide() const { return finite && mx > kLowPartsSpan * mn; }
+};
+
+// D2's low part of one pair, |x_i - x_j|^2 - d2, with the left side exact to double-double (each
+// difference and square with its rounding error, summed with TwoSum) from the points as given
+// (their differences are exact where centred coordinates are not); d2 is the rounded sum of the
+// same squares in any order, so s - d2 is exact (Sterbenz).
+KDFAST_HD double d2_low_part(const double* xi, const double* xj, int64_t dim, double d2) {
+  using std::fma;
+  double s = 0, l = 0;
+  for (int64_t k = 0; k < dim; ++k) {
+    const double d = xi[k] - xj[k];
+    const double bb = d - xi[k];
+    const double ed = (xi[k] - (d - bb)) - (xj[k] + bb);  // xi - xj = d + ed exactly
+    const double p = mul_rn(d, d);
+    two_sum_add(s, l, p);
+    l += fma(d, d, -p) + 2.0 * d * ed;  // d^2 - p, and the cross term of (d + ed)^2
+  }
+  return (s - d2) + l;
 }
 
 // H = -d2 / 2 split into hi (a multiple of q, exact in acc_t) and lo = H - hi rounded to acc_t.

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/exact.h"
 #include "common/macros.h"
 
 namespace kdfast {
@@ -36,25 +37,7 @@ inline int scale_exponent(int64_t V, double inv_t) {
   return k;
 }
 
-// The product x * y rounded on its own, never fused into a neighbouring add: compilers contract
-// x * y - u * v into fma(x, y, -u * v) (nvcc always, GCC for C++ wherever FMA is enabled), which
-// turns the difference of two equal products into the rounding error of one of them.
-template <typename acc_t>
-KDFAST_HD acc_t mul_rn(acc_t x, acc_t y) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(acc_t) == sizeof(float)) {
-    return __fmul_rn(x, y);
-  } else {
-    return __dmul_rn(x, y);
-  }
-#elif defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
-  acc_t r = x * y;
-  __asm__("" : "+x"(r));  // an opaque copy: nothing to fuse with
-  return r;
-#else
-  return x * y;
-#endif
-}
+using kdfast::mul_rn;  // (common/exact.h)
 
 // (x - m) / T in the kernel's units: x h - m h is exact in both products, so it rounds once (fused or
 // not) and cannot overflow; neg_mh = -m h. (CUDA passes inv_t * log2(e) for inv_t.)

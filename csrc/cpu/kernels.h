@@ -83,9 +83,11 @@ struct AngleArgs {
   double loss;          // out: sum of Huber values
   double* grad_d2_s;    // in/out or null: d loss / d D2_s (not symmetrised) is added; n x n
   double* grad_d2_t;
-  // null or n x n: D2's low parts (ops/rkd.h, d2_low_parts), for groups whose span needs them
-  const double* d2_lo_s = nullptr;
-  const double* d2_lo_t = nullptr;
+  // null, or the group's scaled points (n x dim, before centring) where its span needs D2's low
+  // parts (rkd::D2Span::wide; the angle loop takes them from the points' differences)
+  const double* x_s = nullptr;
+  const double* x_t = nullptr;
+  int64_t dim_s = 0, dim_t = 0;
 };
 
 // The kernel table of one ISA build; the main library selects one at import (csrc/kdfast.cpp).

@@ -211,28 +211,23 @@ void add_angle_grad(const double* D2, const acc_t* A, const acc_t* R, const acc_
 // rounding of H then costs the cosines at most 1.5 * 4 float ulps, as the float Gram formulation did.
 constexpr double kSplitSpan = 4;
 
-// The largest D2 and the smallest positive one of a group.
-inline void d2_range(const double* D2, int64_t n, double& mx, double& mn) {
-  mx = 0, mn = INFINITY;
-  for (int64_t e = 0; e < n * n; ++e) {
-    mx = std::max(mx, D2[e]);
-    if (D2[e] > 0) mn = std::min(mn, D2[e]);
-  }
-}
-
 // One side's n x n inputs of the angle loop: H = -D2 / 2 (as hi + lo when split) and the inverse
 // side lengths.
 template <typename acc_t>
 struct AngleSide {
   std::unique_ptr<acc_t[]> hi, lo, inv;  // every entry written: no zero fill
-  AngleSide(const double* D2, const double* D2lo, int64_t n, double eps, double mx, bool split)
+  // X: null, or the points whose differences give D2's low parts (AngleArgs::x_s)
+  AngleSide(const double* D2, const double* X, int64_t dim, int64_t n, double eps, double mx, bool split)
       : hi(new acc_t[n * n]), lo(split ? new acc_t[n * n] : nullptr), inv(new acc_t[n * n]) {
     const double q = rkd::h_quantum(0.5 * mx);
     at::parallel_for(0, n, row_grain(n), [&](int64_t i0, int64_t i1) {
-      for (int64_t e = i0 * n; e < i1 * n; ++e) {
-        if (split) rkd::split_h(D2[e], q, hi[e], lo[e], D2lo ? D2lo[e] : 0.0);
-        else hi[e] = static_cast<acc_t>(-0.5 * D2[e]);
-        inv[e] = static_cast<acc_t>(rkd::inv_side(D2[e], eps));
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t e = i * n; e < (i + 1) * n; ++e) {
+          const double d2_lo = X ? rkd::d2_low_part(X + i * dim, X + (e - i * n) * dim, dim, D2[e]) : 0.0;
+          if (split) rkd::split_h(D2[e], q, hi[e], lo[e], d2_lo);
+          else hi[e] = static_cast<acc_t>(-0.5 * D2[e]);
+          inv[e] = static_cast<acc_t>(rkd::inv_side(D2[e], eps));
+        }
       }
     });
   }
@@ -246,7 +241,8 @@ void angle_typed(AngleArgs& p, bool split, double mx_s, double mx_t) {
   const acc_t coef = static_cast<acc_t>(p.coef);
   const bool want = p.grad_d2_s || p.grad_d2_t;
 
-  const AngleSide<acc_t> ss(p.d2_s, p.d2_lo_s, n, p.eps_s, mx_s, split), st(p.d2_t, p.d2_lo_t, n, p.eps_t, mx_t, split);
+  const AngleSide<acc_t> ss(p.d2_s, p.x_s, p.dim_s, n, p.eps_s, mx_s, split);
+  const AngleSide<acc_t> st(p.d2_t, p.x_t, p.dim_t, n, p.eps_t, mx_t, split);
   const acc_t *Hs = ss.hi.get(), *Ls = ss.lo.get(), *Ht = st.hi.get(), *Lt = st.lo.get();
   std::vector<acc_t> As, At, Rs, Rt, Ss, St;
   if (want) {
@@ -364,9 +360,9 @@ void pdist(PdistArgs& p) { pdist_impl(p); }
 void pdist_backward(const PdistBackwardArgs& p) { pdist_backward_impl(p); }
 void distance_huber(DistanceHuberArgs& p) { distance_huber_impl(p); }
 void angle(AngleArgs& p) {
-  double mx_s, mn_s, mx_t, mn_t;
-  d2_range(p.d2_s, p.n, mx_s, mn_s);
-  d2_range(p.d2_t, p.n, mx_t, mn_t);
+  rkd::D2Span ss, st;
+  for (int64_t e = 0; e < p.n * p.n; ++e) ss.add(p.d2_s[e]), st.add(p.d2_t[e]);
+  const double mx_s = ss.mx, mn_s = ss.mn, mx_t = st.mx, mn_t = st.mn;
   const bool split = !(mx_s <= kSplitSpan * mn_s && mx_t <= kSplitSpan * mn_t) && (mx_s > 0 || mx_t > 0);
   // The gradient's terms through D2 are of size h / n_ij each and cancel to h sin(theta) / n_ij
   // (exactly 0 for collinear points), so their rounding is amplified by the ratio of the long

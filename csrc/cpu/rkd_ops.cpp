@@ -9,10 +9,12 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "cpu/alloc.h"
+#include "common/rkd.h"
 #include "cpu/kernels.h"
 #include "ops/kernel_dtype.h"
 #include "ops/rkd.h"
@@ -20,12 +22,47 @@
 namespace kdfast {
 namespace {
 
-// D2 of every group from its (scaled, centred) points, with the CPU kernel.
-void sq_dists_cpu(const at::Tensor& centred, at::Tensor& d2) {
-  const int64_t B = centred.size(0), n = centred.size(1), dim = centred.size(2);
+// D2 of every group from its (scaled) points, with the CPU kernel.
+void sq_dists_cpu(const at::Tensor& points, at::Tensor& d2) {
+  const int64_t B = points.size(0), n = points.size(1), dim = points.size(2);
   for (int64_t b = 0; b < B; ++b)
-    cpu::selected_kernels().sq_dists({centred.data_ptr<double>() + b * n * dim, n, dim, d2.data_ptr<double>() + b * n * n});
+    cpu::selected_kernels().sq_dists({points.data_ptr<double>() + b * n * dim, n, dim, d2.data_ptr<double>() + b * n * n});
 }
+
+at::Tensor wide_span_cpu(const at::Tensor& d2) {
+  const int64_t B = d2.size(0), nn = d2.size(1) * d2.size(2);
+  at::Tensor wide = at::empty({B}, d2.options().dtype(at::kBool));
+  const double* D2 = d2.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    rkd::D2Span span;
+    for (int64_t e = b * nn; e < (b + 1) * nn; ++e) span.add(D2[e]);
+    wide.data_ptr<bool>()[b] = span.wide();
+  }
+  return wide;
+}
+
+void grad_wide_cpu(const at::Tensor& W, const at::Tensor& points, const at::Tensor& wide, at::Tensor& g) {
+  TORCH_INTERNAL_ASSERT(W.is_contiguous() && points.is_contiguous() && g.is_contiguous());
+  const int64_t n = points.size(1), dim = points.size(2);
+  for (int64_t b = 0; b < points.size(0); ++b) {
+    if (!wide.data_ptr<bool>()[b]) continue;
+    const double* w = W.data_ptr<double>() + b * n * n;
+    const double* X = points.data_ptr<double>() + b * n * dim;
+    double* G = g.data_ptr<double>() + b * n * dim;
+    at::parallel_for(0, n, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        std::fill(G + m * dim, G + (m + 1) * dim, 0.0);
+        for (int64_t j = 0; j < n; ++j) {
+          const double wmj = w[m * n + j];
+          if (j == m || wmj == 0) continue;
+          for (int64_t k = 0; k < dim; ++k) G[m * dim + k] += wmj * (X[m * dim + k] - X[j * dim + k]);
+        }
+      }
+    });
+  }
+}
+
+const RelationKernels kCpuKernels{sq_dists_cpu, wide_span_cpu, grad_wide_cpu};
 
 // Distances of one group (n x n, double): returns (dist, mean of the positive entries, count).
 struct GroupDist {
@@ -85,8 +122,9 @@ void angle_term(const RelationInputs& in, int64_t b, double wb, double aw, doubl
                    eps * at_b(in.ps.scale, b), eps * at_b(in.pt.scale, b), delta, wb * aw / n3, 0,
                    (Ms.defined() && grads) ? Ms[b].data_ptr<double>() : nullptr,
                    (Mt.defined() && grads) ? Mt[b].data_ptr<double>() : nullptr};
-  if (in.ps.d2_lo.defined()) a.d2_lo_s = in.ps.d2_lo[b].data_ptr<double>();
-  if (in.pt.d2_lo.defined()) a.d2_lo_t = in.pt.d2_lo[b].data_ptr<double>();
+  a.dim_s = in.ps.scaled.size(2), a.dim_t = in.pt.scaled.size(2);
+  if (in.ps.wide().data_ptr<bool>()[b]) a.x_s = in.ps.scaled[b].data_ptr<double>();
+  if (in.pt.wide().data_ptr<bool>()[b]) a.x_t = in.pt.scaled[b].data_ptr<double>();
   cpu::selected_kernels().angle(a);
   loss += aw * (a.loss / n3);
 }
@@ -99,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cpu(const at::Tensor& s, cons
     check_relation_inputs(s, t, w, "rkd");
     return zero_relation_result(s, t, want_s, want_t);
   }
-  RelationInputs in(s, t, w, "rkd", sq_dists_cpu);
+  RelationInputs in(s, t, w, "rkd", kCpuKernels);
   const int64_t B = in.B, n = in.N;
   // Both terms add to one D2 gradient per side: one product back to points for the two.
   const auto opts = in.ps.d2.options();
@@ -117,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cpu(const at::Tensor& s, cons
 
 at::Tensor pairwise_distances_cpu(const at::Tensor& x, bool squared, bool normalize, double eps) {
   check_pairwise_eps("pairwise_distances", eps);
-  RelationPoints p(x, "pairwise_distances", "x", sq_dists_cpu);
+  RelationPoints p(x, "pairwise_distances", "x", kCpuKernels);
   at::Tensor dist = at::empty_like(p.d2), mean = at::empty({p.B}, p.d2.options());
   for (int64_t b = 0; b < p.B; ++b) {
     const double sc = at_b(p.scale, b);
@@ -131,7 +169,7 @@ at::Tensor pairwise_distances_cpu(const at::Tensor& x, bool squared, bool normal
 at::Tensor pairwise_distances_backward_cpu(const at::Tensor& grad, const at::Tensor& x, bool squared,
                                            bool normalize, double eps) {
   check_pairwise_eps("pairwise_distances_backward", eps);
-  RelationPoints p(x, "pairwise_distances_backward", "x", sq_dists_cpu);
+  RelationPoints p(x, "pairwise_distances_backward", "x", kCpuKernels);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.B && grad.size(1) == p.N && grad.size(2) == p.N,
               "pairwise_distances_backward: grad must be (B, N, N)");
   at::Tensor g = grad.to(at::kDouble).contiguous();

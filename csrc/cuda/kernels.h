@@ -55,10 +55,20 @@ cudaError_t sparse_kl(const kernel::SparseKLArgs& a, cudaStream_t stream);
 
 // D2 = |x_i - x_j|^2 from the differences of points (B, n, dim) in double.
 cudaError_t rkd_sq_dists(const double* points, int64_t B, int64_t n, int64_t dim, double* d2, cudaStream_t stream);
+// wide (B bools): the groups whose squared sides span more than rkd::kLowPartsSpan (rkd::D2Span),
+// through part_max and part_min (B x rkd_span_parts(n) doubles of scratch).
+int rkd_span_parts(int64_t n);
+cudaError_t rkd_wide_span(const double* d2, int64_t B, int64_t n, double* part_max, double* part_min, bool* wide,
+                          cudaStream_t stream);
 // The angle loop's inputs of one side from D2: H = -D2 / 2 as hi + lo (see common/rkd.h; max_d2:
-// each group's largest D2) and inv = 1 / max(side length, eps), 0 for zero-length sides.
-cudaError_t rkd_angle_prep(kernel::DType acc, const double* d2, const double* max_d2, const double* eps, int64_t B,
-                           int64_t n, void* hi, void* lo, void* inv, cudaStream_t stream);
+// each group's largest D2; in the wide groups with D2's low parts from the differences of points,
+// (B, n, dim), as D2 was taken) and inv = 1 / max(side length, eps), 0 for zero-length sides.
+cudaError_t rkd_angle_prep(kernel::DType acc, const double* d2, const double* max_d2, const double* eps,
+                           const double* points, int64_t dim, const bool* wide, int64_t B, int64_t n, void* hi,
+                           void* lo, void* inv, cudaStream_t stream);
+// g (B, n, dim) of the wide groups := sum_j W_mj (x_m - x_j), W (B, n, n), from the points as given.
+cudaError_t rkd_grad_wide(const double* W, const double* points, const bool* wide, int64_t B, int64_t n, int64_t dim,
+                          double* g, cudaStream_t stream);
 // Distances with D2 clamped at eps before the square root (squared: not rooted), 0 on the diagonal.
 cudaError_t rkd_pdist(const double* d2, int64_t B, int64_t n, bool squared, const double* eps, double* dist,
                       cudaStream_t stream);

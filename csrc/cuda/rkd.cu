@@ -22,20 +22,33 @@ using kernel::DType;
 
 constexpr int kThreads = 256;
 
-// Block sum of a double, result in thread 0.
-__device__ __forceinline__ double block_sum(double v) {
+// Block reduction of a double with op (associative and commutative), result in thread 0.
+template <typename Op>
+__device__ __forceinline__ double block_reduce(double v, Op op) {
   KD_SHARED(double, red, [32]);
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  double r = 0;
+  double r = red[0];
   if (threadIdx.x == 0) {
-    for (int w = 0; w < nw; ++w) r += red[w];
+    for (int w = 1; w < nw; ++w) r = op(r, red[w]);
   }
   return r;
 }
+
+struct Plus {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct Max {
+  __device__ double operator()(double a, double b) const { return a > b ? a : b; }
+};
+struct Min {
+  __device__ double operator()(double a, double b) const { return a < b ? a : b; }
+};
+
+__device__ __forceinline__ double block_sum(double v) { return block_reduce(v, Plus{}); }
 
 // ------------------------------------------------------------------ n x n elementwise kernels
 
@@ -73,16 +86,68 @@ __global__ void __launch_bounds__(kThreads) sq_dists_kernel(const double* x, int
 
 // The angle loop's inputs of one side: H = -D2 / 2 as hi + lo (with the group's quantum from its
 // largest D2) and 1 / max(side length, eps), 0 for a zero-length side and on the diagonal.
+// In the wide groups (rkd::D2Span::wide), D2's low parts come from the differences of the points x
+// (B, n, dim) as given: n^2 dim more work for those groups alone.
 template <typename A>
-__global__ void angle_prep_kernel(const double* d2, const double* max_d2, const double* eps, int64_t n, A* hi,
-                                  A* lo, A* inv) {
+__global__ void angle_prep_kernel(const double* d2, const double* max_d2, const double* eps, const double* x,
+                                  int64_t dim, const bool* wide, int64_t n, A* hi, A* lo, A* inv) {
   const int64_t nn = n * n, b = blockIdx.y;
   const double q = rkd::h_quantum(0.5 * max_d2[b]), e_b = eps[b];
+  const double* X = wide[b] ? x + b * n * dim : nullptr;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < nn;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = b * nn + e;
-    rkd::split_h(d2[o], q, hi[o], lo[o]);
+    const int64_t o = b * nn + e, i = e / n;
+    const double d2_lo = X ? rkd::d2_low_part(X + i * dim, X + (e - i * n) * dim, dim, d2[o]) : 0.0;
+    rkd::split_h(d2[o], q, hi[o], lo[o], d2_lo);
     inv[o] = static_cast<A>(rkd::inv_side(d2[o], e_b));
+  }
+}
+
+// Per block of a group's D2 entries: the largest (+inf for a group holding inf or NaN) and the
+// smallest positive, for rkd_wide_span to combine.
+__global__ void __launch_bounds__(kThreads) span_parts_kernel(const double* d2, int64_t n, double* part_max,
+                                                              double* part_min) {
+  const int64_t nn = n * n, b = blockIdx.y;
+  rkd::D2Span span;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < nn;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    span.add(d2[b * nn + e]);
+  const double mx = block_reduce(span.finite ? span.mx : INFINITY, Max{});
+  const double mn = block_reduce(span.mn, Min{});
+  if (threadIdx.x == 0) part_max[b * gridDim.x + blockIdx.x] = mx, part_min[b * gridDim.x + blockIdx.x] = mn;
+}
+
+// One thread per group: D2Span::wide of the merged parts.
+__global__ void span_finish_kernel(const double* part_max, const double* part_min, int64_t B, int parts, bool* wide) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= B) return;
+  rkd::D2Span span;
+  for (int p = 0; p < parts; ++p) {
+    span.mx = part_max[b * parts + p] > span.mx ? part_max[b * parts + p] : span.mx;
+    span.mn = part_min[b * parts + p] < span.mn ? part_min[b * parts + p] : span.mn;
+  }
+  span.finite = span.mx < INFINITY;
+  wide[b] = span.wide();
+}
+
+// g_m = sum_j W_mj (x_m - x_j) (one thread per coordinate of a point) in the wide groups; other
+// groups' blocks return at once.
+__global__ void __launch_bounds__(kThreads) grad_wide_kernel(const double* W, const double* x, const bool* wide,
+                                                             int64_t n, int64_t dim, double* g) {
+  const int64_t b = blockIdx.y;
+  if (!wide[b]) return;
+  const double* w = W + b * n * n;
+  const double* X = x + b * n * dim;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n * dim;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = e / dim, k = e - m * dim;
+    const double xm = X[e];
+    double acc = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double wmj = w[m * n + j];
+      if (j != m && wmj != 0) acc += wmj * (xm - X[j * dim + k]);
+    }
+    g[b * n * dim + e] = acc;
   }
 }
 
@@ -392,15 +457,38 @@ cudaError_t rkd_sq_dists(const double* points, int64_t B, int64_t n, int64_t dim
   return cudaGetLastError();
 }
 
-cudaError_t rkd_angle_prep(DType acc, const double* d2, const double* max_d2, const double* eps, int64_t B, int64_t n,
-                           void* hi, void* lo, void* inv, cudaStream_t stream) {
+cudaError_t rkd_angle_prep(DType acc, const double* d2, const double* max_d2, const double* eps, const double* points,
+                           int64_t dim, const bool* wide, int64_t B, int64_t n, void* hi, void* lo, void* inv,
+                           cudaStream_t stream) {
   if (B == 0 || n == 0) return cudaSuccess;
   return by_acc(acc, [&](auto tag) {
     using A = decltype(tag);
     KD_LAUNCH(elementwise_grid(B, n * n), kThreads, 0, stream, angle_prep_kernel<A>)(
-        d2, max_d2, eps, n, static_cast<A*>(hi), static_cast<A*>(lo), static_cast<A*>(inv));
+        d2, max_d2, eps, points, dim, wide, n, static_cast<A*>(hi), static_cast<A*>(lo), static_cast<A*>(inv));
     return cudaGetLastError();
   });
+}
+
+int rkd_span_parts(int64_t n) { return static_cast<int>(elementwise_grid(1, n * n).x); }
+
+cudaError_t rkd_wide_span(const double* d2, int64_t B, int64_t n, double* part_max, double* part_min, bool* wide,
+                          cudaStream_t stream) {
+  if (B == 0 || n == 0) return cudaSuccess;
+  const dim3 grid = elementwise_grid(B, n * n);
+  KD_LAUNCH(grid, kThreads, 0, stream, span_parts_kernel)(d2, n, part_max, part_min);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = static_cast<unsigned>((B + kThreads - 1) / kThreads);
+  KD_LAUNCH(dim3(blocks), kThreads, 0, stream, span_finish_kernel)(part_max, part_min, B, static_cast<int>(grid.x),
+                                                                   wide);
+  return cudaGetLastError();
+}
+
+cudaError_t rkd_grad_wide(const double* W, const double* points, const bool* wide, int64_t B, int64_t n, int64_t dim,
+                          double* g, cudaStream_t stream) {
+  if (B == 0 || n == 0 || dim == 0) return cudaSuccess;
+  KD_LAUNCH(elementwise_grid(B, n * dim), kThreads, 0, stream, grad_wide_kernel)(W, points, wide, n, dim, g);
+  return cudaGetLastError();
 }
 
 cudaError_t rkd_pdist(const double* d2, int64_t B, int64_t n, bool squared, const double* eps, double* dist,

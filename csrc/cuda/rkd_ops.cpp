@@ -29,13 +29,31 @@ void check_same_cuda(const char* op, std::initializer_list<at::Tensor> ts) {
   }
 }
 
-// D2 of every group from its (scaled, centred) points.
-void sq_dists_cuda(const at::Tensor& centred, at::Tensor& d2) {
-  KDFAST_CUDA_CHECK(cuda::rkd_sq_dists(centred.data_ptr<double>(), centred.size(0), centred.size(1), centred.size(2),
-                                    d2.data_ptr<double>(), stream_of(centred)));
+const double* dptr(const at::Tensor& t) { return t.data_ptr<double>(); }
+
+// D2 of every group from its (scaled) points.
+void sq_dists_cuda(const at::Tensor& points, at::Tensor& d2) {
+  KDFAST_CUDA_CHECK(cuda::rkd_sq_dists(dptr(points), points.size(0), points.size(1), points.size(2),
+                                    d2.data_ptr<double>(), stream_of(points)));
 }
 
-const double* dptr(const at::Tensor& t) { return t.data_ptr<double>(); }
+// On the device: deciding per group there keeps the host from waiting for D2.
+at::Tensor wide_span_cuda(const at::Tensor& d2) {
+  const int64_t B = d2.size(0), n = d2.size(1);
+  at::Tensor parts = at::empty({2, B, cuda::rkd_span_parts(n)}, d2.options());
+  at::Tensor wide = at::empty({B}, d2.options().dtype(at::kBool));
+  KDFAST_CUDA_CHECK(cuda::rkd_wide_span(dptr(d2), B, n, parts[0].data_ptr<double>(), parts[1].data_ptr<double>(),
+                                     wide.data_ptr<bool>(), stream_of(d2)));
+  return wide;
+}
+
+void grad_wide_cuda(const at::Tensor& W, const at::Tensor& points, const at::Tensor& wide, at::Tensor& g) {
+  TORCH_INTERNAL_ASSERT(W.is_contiguous() && points.is_contiguous() && g.is_contiguous());
+  KDFAST_CUDA_CHECK(cuda::rkd_grad_wide(dptr(W), dptr(points), wide.data_ptr<bool>(), points.size(0), points.size(1),
+                                     points.size(2), g.data_ptr<double>(), stream_of(g)));
+}
+
+const RelationKernels kCudaKernels{sq_dists_cuda, wide_span_cuda, grad_wide_cuda};
 
 // Distances of every group with the mean (double) and count of their positive entries.
 struct Dist {
@@ -118,7 +136,8 @@ struct AngleSide {
     hi = at::empty({p.B, p.N, p.N}, opts), lo = at::empty_like(hi), inv = at::empty_like(hi);
     eps = p.eps_side(eps_user).contiguous();
     const at::Tensor mx = p.d2.amax({1, 2}).contiguous();
-    KDFAST_CUDA_CHECK(cuda::rkd_angle_prep(to_kernel_dtype(acc), dptr(p.d2), dptr(mx), dptr(eps), p.B, p.N, hi.data_ptr(),
+    KDFAST_CUDA_CHECK(cuda::rkd_angle_prep(to_kernel_dtype(acc), dptr(p.d2), dptr(mx), dptr(eps), dptr(p.scaled),
+                                        p.scaled.size(2), p.wide().data_ptr<bool>(), p.B, p.N, hi.data_ptr(),
                                         lo.data_ptr(), inv.data_ptr(), stream));
   }
 };
@@ -181,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_cuda(const at::Tensor& s, con
     check_relation_inputs(s, t, w, "rkd");
     return zero_relation_result(s, t, want_s, want_t);
   }
-  RelationInputs in(s, t, w, "rkd", sq_dists_cuda);
+  RelationInputs in(s, t, w, "rkd", kCudaKernels);
   const cudaStream_t stream = stream_of(s);
   const at::Tensor wd = w.to(at::kDouble);
   at::Tensor loss = at::zeros({in.B}, wd.options());
@@ -201,7 +220,7 @@ at::Tensor pairwise_distances_cuda(const at::Tensor& x, bool squared, bool norma
   check_same_cuda("pairwise_distances", {x});
   const DeviceGuard guard(x.device());
   check_pairwise_eps("pairwise_distances", eps);
-  RelationPoints p(x, "pairwise_distances", "x", sq_dists_cuda);
+  RelationPoints p(x, "pairwise_distances", "x", kCudaKernels);
   Dist d = pdist(p.d2, squared, p.eps_sq(eps).contiguous());
   return pairwise_output(d.dist, d.mean, p, squared, normalize).to(relation_acc(x.scalar_type()));
 }
@@ -211,7 +230,7 @@ at::Tensor pairwise_distances_backward_cuda(const at::Tensor& grad, const at::Te
   check_same_cuda("pairwise_distances_backward", {grad, x});
   const DeviceGuard guard(x.device());
   check_pairwise_eps("pairwise_distances_backward", eps);
-  RelationPoints p(x, "pairwise_distances_backward", "x", sq_dists_cuda);
+  RelationPoints p(x, "pairwise_distances_backward", "x", kCudaKernels);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.B && grad.size(1) == p.N && grad.size(2) == p.N,
               "pairwise_distances_backward: grad must be (B, N, N)");
   const at::Tensor g = grad.to(at::kDouble).contiguous();

@@ -56,113 +56,57 @@ inline at::Tensor pow2_scale(const at::Tensor& x) {
   return at::where(ok, at::ldexp(at::ones_like(m), -e), at::ones_like(m));
 }
 
-// A squared-distance ratio (largest over smallest positive, per group) beyond which the angle
-// term's numerators need D2's low parts: the law of cosines H_jk - H_ik - H_ij subtracts squared
-// sides of size far^2 to get a number of size near * far, so D2's own rounding (eps_64 far^2) costs a
-// cosine eps_64 x ratio, which its gradient's 1 / near^2 terms amplify to eps_64 x ratio^2 of one
-// point's share. Below it (a distance ratio of 1e3) that is under 1e-10; with the low parts, a
-// cosine carries ~eps_64 x 2^-21 x ratio.
-constexpr double kLowPartsSpan = 1e6;
-
-// s + l += v, the rounding of the sum kept in l (Knuth's TwoSum).
-inline void dd_add(double& s, double& l, double v) {
-  const double t = s + v;
-  const double bb = t - s;
-  l += (s - (t - bb)) + (v - bb);
-  s = t;
-}
-
-// The low parts of the squared distances of `groups` (B, N, N; zero elsewhere): D2_lo = |x_i - x_j|^2 - D2 with the left side exact to double-double (each
-// difference and square with its rounding error, summed with TwoSum), from the points as given
-// (the scaled copy, before centring).
-// The groups (B, N, N) whose squared sides span more than kLowPartsSpan.
-inline std::vector<int64_t> wide_span_groups(const at::Tensor& d2) {
-  const int64_t B = d2.size(0), n = d2.size(1);
-  const double* D2 = d2.data_ptr<double>();
-  std::vector<int64_t> groups;
-  for (int64_t b = 0; b < B; ++b) {
-    double mx = 0, mn = INFINITY;
-    bool finite = true;  // a NaN or inf point keeps the product form's NaN semantics
-    for (int64_t e = b * n * n; e < (b + 1) * n * n; ++e) {
-      finite = finite && std::isfinite(D2[e]);
-      mx = std::max(mx, D2[e]);
-      if (D2[e] > 0) mn = std::min(mn, D2[e]);
-    }
-    if (finite && mx > kLowPartsSpan * mn) groups.push_back(b);  // (false with no positive side)
-  }
-  return groups;
-}
-
-inline at::Tensor d2_low_parts(const at::Tensor& x, const at::Tensor& d2, const std::vector<int64_t>& groups) {
-  const int64_t n = x.size(1), dim = x.size(2);
-  const double* X = x.data_ptr<double>();
-  const double* D2 = d2.data_ptr<double>();
-  at::Tensor lo = at::zeros_like(d2);
-  double* L = lo.data_ptr<double>();
-  for (const int64_t b : groups) {
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const double* xi = X + (b * n + i) * dim;
-        for (int64_t j = i + 1; j < n; ++j) {
-          const double* xj = X + (b * n + j) * dim;
-          double s = 0, l = 0;
-          for (int64_t k = 0; k < dim; ++k) {
-            const double d = xi[k] - xj[k];
-            const double bb = d - xi[k];
-            const double ed = (xi[k] - (d - bb)) - (xj[k] + bb);  // xi - xj = d + ed exactly
-            const double p = d * d;
-            dd_add(s, l, p);
-            l += std::fma(d, d, -p) + 2.0 * d * ed;  // d^2 - p, and the cross term of (d + ed)^2
-          }
-          const int64_t ij = (b * n + i) * n + j;
-          L[ij] = L[(b * n + j) * n + i] = (s - D2[ij]) + l;  // s - D2 is exact: both round one sum
-        }
-      }
-    });
-  }
-  return lo;
-}
+// The device parts of the relation ops that the shared code below calls.
+struct RelationKernels {
+  // D2 (B, N, N) of the points (B, N, D), both double
+  void (*sq_dists)(const at::Tensor& points, at::Tensor& d2);
+  // (B,) bool: the groups whose squared sides span more than rkd::kLowPartsSpan (rkd::D2Span)
+  at::Tensor (*wide_span)(const at::Tensor& d2);
+  // g_m = sum_n W_mn (x_m - x_n) from the differences of the points (B, N, D) as given, in place
+  // of g (B, N, D) in the wide groups: there W holds terms of size 1 / near^2 that cancel, and the
+  // Gram form's rounding, eps_64 |W| |x| with |x| ~ far, would be eps_64 x ratio^2 of one point's share
+  void (*grad_wide)(const at::Tensor& W, const at::Tensor& points, const at::Tensor& wide, at::Tensor& g);
+};
 
 // One side's points for the relation kernels, in double: each group scaled by a power of 2 (exact),
 // so that any finite input has finite squared distances; its squared distances (exact, from the
-// differences: the caller's sq_dists(points, d2) fills the (B, N, N) d2), taken before centring,
-// because the differences of the points as given are exact (fp32 and narrower in double; nearby
-// fp64 values by Sterbenz) where centred coordinates carry a rounding of the largest |x| that
-// moves close points by eps |x| (and a NaN would reach every point through the mean); then the
-// points centred in place for grad_points.
+// differences), taken before centring, because the differences of the points as given are exact
+// (fp32 and narrower in double; nearby fp64 values by Sterbenz) where centred coordinates carry a
+// rounding of the largest |x| that moves close points by eps |x| (and a NaN would reach every
+// point through the mean); and the points centred for grad_points' matrix product.
 struct RelationPoints {
-  at::Tensor centred, scale, d2;  // (B, N, D) double; (B,) double; (B, N, N) double
-  // CPU only, for the groups of wide_span_groups (usually none): D2's low parts (else undefined),
-  // and their scaled points before centring, whose differences grad_points then takes directly
-  std::vector<int64_t> wide;
-  at::Tensor d2_lo, wide_points;
+  at::Tensor scaled, centred, scale, d2;  // (B, N, D) double, twice; (B,) double; (B, N, N) double
   int64_t B, N;
-  template <typename SqDists>
-  RelationPoints(const at::Tensor& x, const char* op, const char* arg, SqDists sq_dists) {
+  const RelationKernels* kernels;
+  RelationPoints(const at::Tensor& x, const char* op, const char* arg, const RelationKernels& k) : kernels(&k) {
     check_points(x, op, arg);
     B = x.size(0), N = x.size(1);
     // Autocast must not lower these products.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    std::tie(centred, scale) = serial_if_small(x.numel(), [&] {
+    std::tie(scaled, scale) = serial_if_small(x.numel(), [&] {
       // in place on one double copy: fewer passes and allocations
       at::Tensor xd = x.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
       const at::Tensor s = pow2_scale(xd);  // largest |x| in [0.5, 1): |x_i - x_j|^2 <= 4 D
       xd.mul_(s);
       return std::make_tuple(xd, s.view({-1}));
     });
-    d2 = at::empty({B, N, N}, centred.options());
-    sq_dists(centred, d2);
-    if (x.device().type() == at::kCPU) wide = wide_span_groups(d2);
-    if (!wide.empty()) {
-      d2_lo = d2_low_parts(centred, d2, wide);
-      wide_points = centred.index_select(0, at::tensor(wide, at::TensorOptions().dtype(at::kLong)));
-    }
-    serial_if_small(x.numel(), [&]() -> at::Tensor { return centred.sub_(centred.mean({1}, true)); });
+    d2 = at::empty({B, N, N}, scaled.options());
+    k.sq_dists(scaled, d2);
+    centred = serial_if_small(x.numel(), [&] { return scaled - scaled.mean({1}, true); });
+  }
+  // The groups that take D2's low parts and the product from differences (usually none), found
+  // when first asked: pairwise_distances' forward never needs them.
+  const at::Tensor& wide() const {
+    if (!wide_.defined()) wide_ = kernels->wide_span(d2);
+    return wide_;
   }
   // The per-group eps of the kernels: the side-length clamp scales with the points, the clamp of
   // the squared distance with their square.
   at::Tensor eps_side(double eps) const { return scale * eps; }
   at::Tensor eps_sq(double eps) const { return scale * scale * eps; }
+
+ private:
+  mutable at::Tensor wide_;
 };
 
 // dL/dX (dtype) from M = dL/dD2 (B, N, N, double, not symmetrised) of the points that
@@ -170,28 +114,6 @@ struct RelationPoints {
 //   dL/dx_m = 2 sum_n (M_mn + M_nm) (x_m - x_n),
 // in double, where the matrix product's cancellation (eps |x| against a sum of differences) is
 // far below float rounding, except in the wide-span groups, which take the differences.
-// g_m = sum_n W_mn (x_m - x_n) for one group, from the differences of its points as given: in a
-// group with far and near sides, W holds terms of size 1 / near^2 that cancel, and the product
-// form's rounding, eps_64 |W| |x| with |x| ~ far, would be eps_64 x ratio^2 of one point's share.
-inline void grad_from_differences(const at::Tensor& W, const at::Tensor& x, at::Tensor g) {
-  const int64_t n = x.size(0), dim = x.size(1);
-  const at::Tensor Wc = W.contiguous(), xc = x.contiguous();
-  const double* w = Wc.data_ptr<double>();
-  const double* X = xc.data_ptr<double>();
-  at::Tensor out = at::zeros({n, dim}, x.options());
-  double* G = out.data_ptr<double>();
-  at::parallel_for(0, n, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t j = 0; j < n; ++j) {
-        const double wmj = w[m * n + j];
-        if (j == m || wmj == 0) continue;
-        for (int64_t k = 0; k < dim; ++k) G[m * dim + k] += wmj * (X[m * dim + k] - X[j * dim + k]);
-      }
-    }
-  });
-  g.copy_(out);
-}
-
 inline at::Tensor grad_points(const at::Tensor& M, const RelationPoints& p, const at::Tensor& factor,
                               at::ScalarType dtype) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -200,7 +122,7 @@ inline at::Tensor grad_points(const at::Tensor& M, const RelationPoints& p, cons
     W.diagonal(0, 1, 2).zero_();
     W.mul_((factor * 2).view({-1, 1, 1}));
     at::Tensor g = at::baddbmm(W.sum(-1, true) * p.centred, W, p.centred, 1, -1);
-    for (size_t k = 0; k < p.wide.size(); ++k) grad_from_differences(W[p.wide[k]], p.wide_points[k], g[p.wide[k]]);
+    p.kernels->grad_wide(W, p.scaled, p.wide(), g);
     return g.to(dtype);
   });
 }
@@ -233,10 +155,9 @@ struct RelationInputs {
   at::Tensor w;
   at::ScalarType acc, dtype_s, dtype_t;
   int64_t B, N;
-  template <typename SqDists>
   RelationInputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weight, const char* op,
-                 SqDists sq_dists)
-      : ps((check_relation_inputs(s, t, weight, op), s), op, "student", sq_dists), pt(t, op, "teacher", sq_dists) {
+                 const RelationKernels& k)
+      : ps((check_relation_inputs(s, t, weight, op), s), op, "student", k), pt(t, op, "teacher", k) {
     acc = relation_acc(s.scalar_type());
     w = weight;
     dtype_s = s.scalar_type(), dtype_t = t.scalar_type();

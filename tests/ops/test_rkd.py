@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import kdfast
 from kdfast import reference as ref
 
-from conftest import relerr
+from conftest import collinear_set, far_point_set, point_share, relerr
 
 
 # ----------------------------------------------------------------------------- float64 oracle
@@ -59,15 +59,6 @@ def value_and_grads(f, s, t):
     out = f(s, t)
     gs, gt = torch.autograd.grad(out, (s, t))
     return out.detach(), gs, gt
-
-
-def far_point_set(ratio, n=7, D=8, seed=0, dtype=torch.float32):
-    """n - 1 points at spread 0.03 and one at ratio * 0.03 from them (the far-to-near ratio)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=g, dtype=torch.float64) * 0.03
-    u = torch.randn(D, generator=g, dtype=torch.float64)
-    x[-1] += ratio * 0.03 * u / u.norm()
-    return x.to(dtype)
 
 
 LOSSES = ["rkd_distance_loss", "rkd_angle_loss", "rkd_loss"]
@@ -355,22 +346,6 @@ def test_reference_eps_zero_gradients(fn):
 
 # ----------------------------------------------------------------------------- collinear points
 
-def collinear_set(ratio, D, seed, n=9):
-    """fp32 points on one line (along a unit vector in D dims): n - 1 at spread 0.03 and one at
-    ratio * 0.03 from them. In D = 1 every cosine is +-1 and the angle gradient is exactly 0."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(n, generator=g, dtype=torch.float64) * 0.03
-    t[-1] += ratio * 0.03
-    u = torch.randn(D, generator=g, dtype=torch.float64)
-    return (t.unsqueeze(-1) * (u / u.norm())).float()
-
-
-def _point_share(x, weight):
-    """weight * 2 / (N * mean distance): the size of one point's share of the gradient."""
-    d = torch.cdist(x.double(), x.double())
-    return weight * 2.0 / (x.shape[-2] * d[d > 0].mean().item())
-
-
 @pytest.mark.parametrize("ratio", [1.0, 1e2, 1e4, 1e6])
 @pytest.mark.parametrize("D", [1, 3])
 @pytest.mark.parametrize("fn", ["rkd_angle_loss", "rkd_loss"])
@@ -388,7 +363,7 @@ def test_collinear_angle_gradients(fn, D, ratio, cpu_isa):
         got, gs, _ = value_and_grads(lambda a, b: getattr(kdfast, fn)(a, b, **kw), s, t)
         assert relerr(got, want) < 1e-4
         _, rs, _ = value_and_grads(lambda a, b: getattr(ref, fn)(a, b, **kw), s, t)
-        share = _point_share(s, 50.0 if fn == "rkd_loss" else 1.0)
+        share = point_share(s, 50.0 if fn == "rkd_loss" else 1.0)
         err = (gs.double() - ws).abs().max().item() / share
         err_ref = (rs.double() - ws).abs().max().item() / share
         assert err < 1e-3 and err <= 0.1 * err_ref, (seed, err, err_ref)
@@ -411,7 +386,7 @@ def test_wide_span_groups_take_low_parts(fn, D, dtype, ratio, bound):
         want, ws, _ = value_and_grads(lambda a, b: oracle(fn, a, b, **kw), s.double(), t.double())
         got, gs, _ = value_and_grads(lambda a, b: getattr(kdfast, fn)(a, b, **kw), s, t)
         assert relerr(got, want) < (1e-4 if dtype == torch.float32 else 1e-10)
-        share = _point_share(s, 50.0 if fn == "rkd_loss" else 1.0)
+        share = point_share(s, 50.0 if fn == "rkd_loss" else 1.0)
         err = (gs.double() - ws).abs().max().item() / share
         assert err < bound, (seed, err)
         if dtype == torch.float32:
