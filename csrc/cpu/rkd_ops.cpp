@@ -42,10 +42,10 @@ at::Tensor wide_span_cpu(const at::Tensor& d2) {
 }
 
 void grad_wide_cpu(const at::Tensor& W, const at::Tensor& points, const at::Tensor& wide, at::Tensor& g) {
-  TORCH_INTERNAL_ASSERT(W.is_contiguous() && points.is_contiguous() && g.is_contiguous());
-  const int64_t n = points.size(1), dim = points.size(2);
-  for (int64_t b = 0; b < points.size(0); ++b) {
+  const int64_t n = g.size(1), dim = g.size(2);
+  for (int64_t b = 0; b < g.size(0); ++b) {
     if (!wide.data_ptr<bool>()[b]) continue;
+    TORCH_INTERNAL_ASSERT(W.is_contiguous() && points.is_contiguous() && g.is_contiguous());
     const double* w = W.data_ptr<double>() + b * n * n;
     const double* X = points.data_ptr<double>() + b * n * dim;
     double* G = g.data_ptr<double>() + b * n * dim;
@@ -62,7 +62,7 @@ void grad_wide_cpu(const at::Tensor& W, const at::Tensor& points, const at::Tens
   }
 }
 
-const RelationKernels kCpuKernels{sq_dists_cpu, wide_span_cpu, grad_wide_cpu};
+const RelationKernels kCpuKernels{sq_dists_cpu, wide_span_cpu, grad_wide_cpu, /*host=*/true};
 
 // Distances of one group (n x n, double): returns (dist, mean of the positive entries, count).
 struct GroupDist {
@@ -122,7 +122,7 @@ void angle_term(const RelationInputs& in, int64_t b, double wb, double aw, doubl
                    eps * at_b(in.ps.scale, b), eps * at_b(in.pt.scale, b), delta, wb * aw / n3, 0,
                    (Ms.defined() && grads) ? Ms[b].data_ptr<double>() : nullptr,
                    (Mt.defined() && grads) ? Mt[b].data_ptr<double>() : nullptr};
-  a.dim_s = in.ps.scaled.size(2), a.dim_t = in.pt.scaled.size(2);
+  a.dim_s = in.ps.centred.size(2), a.dim_t = in.pt.centred.size(2);
   if (in.ps.wide().data_ptr<bool>()[b]) a.x_s = in.ps.scaled[b].data_ptr<double>();
   if (in.pt.wide().data_ptr<bool>()[b]) a.x_t = in.pt.scaled[b].data_ptr<double>();
   cpu::selected_kernels().angle(a);

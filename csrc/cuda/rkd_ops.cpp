@@ -53,7 +53,7 @@ void grad_wide_cuda(const at::Tensor& W, const at::Tensor& points, const at::Ten
                                      points.size(2), g.data_ptr<double>(), stream_of(g)));
 }
 
-const RelationKernels kCudaKernels{sq_dists_cuda, wide_span_cuda, grad_wide_cuda};
+const RelationKernels kCudaKernels{sq_dists_cuda, wide_span_cuda, grad_wide_cuda, /*host=*/false};
 
 // Distances of every group with the mean (double) and count of their positive entries.
 struct Dist {

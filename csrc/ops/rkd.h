@@ -66,6 +66,9 @@ struct RelationKernels {
   // of g (B, N, D) in the wide groups: there W holds terms of size 1 / near^2 that cancel, and the
   // Gram form's rounding, eps_64 |W| |x| with |x| ~ far, would be eps_64 x ratio^2 of one point's share
   void (*grad_wide)(const at::Tensor& W, const at::Tensor& points, const at::Tensor& wide, at::Tensor& g);
+  // wide_span's answer is in host memory (CPU): RelationPoints then asks it at once and keeps the
+  // uncentred points only when some group needs them (a device answer would cost a host sync)
+  bool host;
 };
 
 // One side's points for the relation kernels, in double: each group scaled by a power of 2 (exact),
@@ -75,7 +78,8 @@ struct RelationKernels {
 // rounding of the largest |x| that moves close points by eps |x| (and a NaN would reach every
 // point through the mean); and the points centred for grad_points' matrix product.
 struct RelationPoints {
-  at::Tensor scaled, centred, scale, d2;  // (B, N, D) double, twice; (B,) double; (B, N, N) double
+  // (B, N, D) double, twice (scaled undefined where kept by no group); (B,) double; (B, N, N) double
+  at::Tensor scaled, centred, scale, d2;
   int64_t B, N;
   const RelationKernels* kernels;
   RelationPoints(const at::Tensor& x, const char* op, const char* arg, const RelationKernels& k) : kernels(&k) {
@@ -92,7 +96,12 @@ struct RelationPoints {
     });
     d2 = at::empty({B, N, N}, scaled.options());
     k.sq_dists(scaled, d2);
-    centred = serial_if_small(x.numel(), [&] { return scaled - scaled.mean({1}, true); });
+    const bool keep = !k.host || wide().any().item<bool>();
+    centred = serial_if_small(x.numel(), [&] {
+      const at::Tensor mean = scaled.mean({1}, true);
+      return keep ? scaled - mean : scaled.sub_(mean);
+    });
+    if (!keep) scaled = at::Tensor();  // (centred in place: no group reads them)
   }
   // The groups that take D2's low parts and the product from differences (usually none), found
   // when first asked: pairwise_distances' forward never needs them.
