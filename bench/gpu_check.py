@@ -161,6 +161,30 @@ def time_ms(fn, device, warmup=2, iters=10, max_seconds=20.0, synced=False):
     return statistics.median(times)
 
 
+# Cases at or below this many elements are bound by launches (issue 21): their steps are profiled
+# once to count what each contender launches.
+LAUNCH_BOUND_ELEMENTS = 256 * 128256
+
+
+def launches_per_step(fn, device):
+    """What one call of fn() puts on the device and asks of ATen, from one profiled call after a
+    warm-up: {"device_ops": kernels, memsets and copies on the GPU (None on the CPU), "aten_ops":
+    the top-level ATen calls (each launches a kernel or more on the GPU, or none for a view)}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    events = prof.events()
+    dev = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else None
+    aten = sum(1 for e in events if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    return {"device_ops": dev, "aten_ops": aten}
+
+
 # ----------------------------------------------------------------------------- copy bandwidth
 
 def copy_bandwidth(device, nbytes):
@@ -321,6 +345,12 @@ def bench_kl(device, copy_gbps, budget, contenders, cases, compile_cases, iters,
                                    **rates(nbytes, m, copy_gbps)}
                     c["op_alone"] = {"ms": (m := time_ms(op(s, t), device, iters=iters)),
                                      **rates(nbytes, m, copy_gbps)}
+                if rows * V <= LAUNCH_BOUND_ELEMENTS:
+                    s.grad = None
+                    try:
+                        c["launches"] = launches_per_step(fwd_bwd(fn, s, t), device)
+                    except Exception as e:  # noqa: BLE001  (the profiler is a guest here: never fatal)
+                        c["launches"] = {"error": f"{type(e).__name__}: {e}"[:200]}
             except torch.OutOfMemoryError:
                 row["contenders"][name] = {"skipped": "out of memory"}
             except Exception as e:  # noqa: BLE001
@@ -656,6 +686,12 @@ def fmt_table(report):
                              + (f"{sp:8.2f}" if sp else f"{'':8s}"))
             else:
                 lines.append(f"{row['case']:22s} {name:14s} {next(iter(c.values()))}"[:100])
+    launch_rows = [(row["case"], name, c["launches"]) for row in report.get("softmax_kl", []) + report.get("divergences", [])
+                   for name, c in row["contenders"].items() if "device_ops" in c.get("launches", {})]
+    if launch_rows:
+        lines.append("launches per forward+backward step (device ops / top-level ATen calls):")
+        for case, name, n in launch_rows:
+            lines.append(f"  {case:22s} {name:14s} {n['device_ops'] if n['device_ops'] is not None else '-':>4} / {n['aten_ops']}")
     cfgs = report.get("kdfast_configs") or []
     if cfgs:
         lines.append("kdfast kernel configurations (ms): " + "; ".join(

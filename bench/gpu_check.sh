@@ -5,7 +5,8 @@
 #   3. runs bench/gpu_check.py: copy bandwidth, softmax-KL forward+backward against eager PyTorch,
 #      torch.compile and Liger-Kernel (from .whl/*.whl when that folder is there), generalized JSD
 #      (beta 0.5) and reverse KL against TRL's formula, its torch.compile and LigerJSD, kdfast's kernel
-#      configurations, rkd_loss at N = 8192; writes bench/results/gpu-<GPU>.json (and to $OUT if set).
+#      configurations, rkd_loss at N = 8192, and each contender's launches per step (kernels on the GPU,
+#      top-level ATen calls) in the launch-bound cases; writes bench/results/gpu-<GPU>.json (and to $OUT if set).
 # Each stage has its own time limit and runs whatever happened before it; the whole script stays
 # under 8 minutes (GPU_CHECK_BUDGET seconds, default 430). Without a GPU it builds (sm_90, as a
 # compile check) and skips the rest, saying so. The last thing printed is a short table.

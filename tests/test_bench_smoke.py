@@ -32,3 +32,23 @@ def test_bench_quick(tmp_path):
     for png in ("kl_vocab_cpu.png", "divergence_cpu.png", "rkd_scaling_cpu.png", "fused_linear_tokens_cpu.png"):
         assert (out / png).stat().st_size > 1000, png
     assert "| case" in proc.stdout  # the table was printed
+
+
+def test_gpu_check_selftest_on_cpu(tmp_path):
+    """bench/gpu_check.py (what a lent GPU runs first) on tiny CPU shapes: every stage runs without an
+    error, writes its JSON and table, and counts the launch-bound cases' ATen calls per step, so that
+    a GPU draw is never spent on a broken script."""
+    table = tmp_path / "table.txt"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--selftest-cpu", "--budget", "120",
+                           "--out", str(tmp_path), "--table-file", str(table)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu-selftest-cpu.json").read_text())
+    assert doc["errors"] == [] and doc["complete"], doc["errors"]
+    for family in ("softmax_kl", "divergences", "feature", "sparse", "fused_linear"):
+        assert doc[family], family
+    assert "ms" in doc["rkd"], doc["rkd"]
+    for row in doc["softmax_kl"] + doc["divergences"]:
+        for name, c in row["contenders"].items():
+            assert c["launches"]["aten_ops"] > 0 and c["launches"]["device_ops"] is None, (row["case"], name, c)
+    assert "launches per forward+backward step" in table.read_text()
