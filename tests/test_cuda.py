@@ -601,6 +601,8 @@ def _points(B, n, D, dtype=torch.float32, dup=True):
 # (distance weight, angle weight, squared) of the fused RKD op: each term alone, and both
 RKD_TERMS = {"distance": (1.0, 0.0, False), "distance_sq": (1.0, 0.0, True), "angle": (0.0, 1.0, False),
              "both": (25.0, 50.0, False)}
+# (dtype, far:near ratio, bound on the angle gradient's error in point shares): _check_wide_span_groups
+WIDE_SPAN_CASES = [(torch.float32, 1e8, 1e-4), (torch.float64, 1e6, 1e-8)]
 
 
 @pytest.mark.parametrize("terms", list(RKD_TERMS))
@@ -623,6 +625,16 @@ def test_relation_ops_match_cpu(terms, shape, dtype):
         assert relerr(a.cpu(), b) < tol, name
     if B > 1:
         assert (dev[1][1] == 0).all() and (dev[2][1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,ratio,bound", WIDE_SPAN_CASES)
+@pytest.mark.parametrize("D", [1, 3])
+def test_relation_wide_span_groups(D, dtype, ratio, bound):
+    """The wide-span groups on the GPU (see _check_wide_span_groups)."""
+    def on_device(op):
+        return lambda *a: tuple(x.cpu() for x in op(*(x.to(DEV) if isinstance(x, torch.Tensor) else x for x in a)))
+    pw = on_device(lambda *a: (torch.ops.kdfast.pairwise_distances_backward(*a),))
+    _check_wide_span_groups(on_device(torch.ops.kdfast.rkd), lambda *a: pw(*a)[0], D, dtype, ratio, bound)
 
 
 @pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)], ids=["s", "t", "none"])
@@ -1574,22 +1586,21 @@ def test_emu_rkd_far_point(emu_glue, kind, ratio):
     _emu_rkd_vs_float64(emu_glue, kind, s, t, 1e-12, 1e-4, 1e-3)
 
 
-@pytest.mark.parametrize("dtype,ratio,bound", [(torch.float32, 1e8, 1e-4), (torch.float64, 1e6, 1e-8)])
-@pytest.mark.parametrize("D", [1, 3])
-def test_emu_rkd_wide_span_groups(emu_glue, D, dtype, ratio, bound):
+def _check_wide_span_groups(rkd, pairwise_backward, D, dtype, ratio, bound):
     """Collinear points beyond the issue's 1e6 far:near ratio (fp32) and float64 ones at 1e6, in a
     batch beside an ordinary group: the wide-span groups take D2's low parts and the product back to
     points from differences on the device (decided there, per group), so the student's angle
     gradient stays within `bound` of one point's share of float64's, as on the CPU
     (tests/ops/test_rkd.py test_wide_span_groups_take_low_parts); and pairwise_distances' backward
-    through the same product.
-    Without them the error was ~eps_64 x ratio^2 of that share (0.36 at 1e8)."""
+    through the same product. Without them the error was ~eps_64 x ratio^2 of that share (0.36 at
+    1e8). rkd and pairwise_backward: the op's arguments as torch.ops.kdfast takes them, CPU tensors
+    in and out."""
     for seed in range(2):
         s = torch.stack([collinear_set(ratio, D, seed), far_point_set(3.0, n=9, D=D, seed=seed)]).to(dtype)
         t = torch.stack([far_point_set(ratio * 0.37, n=9, D=5, seed=seed + 100),
                          far_point_set(2.0, n=9, D=5, seed=seed)]).to(dtype)
         w = torch.ones(2, dtype=dtype)
-        loss, gs, _ = emu_glue.rkd(s, t, 0.0, 1.0, 1.0, False, 1e-12, w, True, True)
+        loss, gs, _ = rkd(s, t, 0.0, 1.0, 1.0, False, 1e-12, w, True, True)
         sd, td = s.to(torch.float64, copy=True).requires_grad_(), t.to(torch.float64, copy=True).requires_grad_()
         want = _rkd_reference(sd, td, 0.0, 1.0, False)
         want.sum().backward()
@@ -1597,13 +1608,19 @@ def test_emu_rkd_wide_span_groups(emu_glue, D, dtype, ratio, bound):
         for b in range(2):
             err = (gs[b].double() - sd.grad[b]).abs().max().item() / point_share(s[b], 1.0)
             assert err < bound, (seed, b, err)
-        # pairwise_distances' backward (normalised distances) through the differences kernel
         g = torch.randn(2, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        got = emu_glue.pairwise_distances_backward(g.to(dtype), s, False, True, 0.0)
+        got = pairwise_backward(g.to(dtype), s, False, True, 0.0)
         xd = s.to(torch.float64, copy=True).requires_grad_()
         ref.pairwise_distances(xd, normalize=True, eps=0.0).backward(g)
         for b in range(2):
             assert (got[b].double() - xd.grad[b]).abs().max().item() < bound * point_share(s[b], g.abs().max())
+
+
+@pytest.mark.parametrize("dtype,ratio,bound", WIDE_SPAN_CASES)
+@pytest.mark.parametrize("D", [1, 3])
+def test_emu_rkd_wide_span_groups(emu_glue, D, dtype, ratio, bound):
+    """The wide-span groups in the CUDA glue and kernels, emulated (see _check_wide_span_groups)."""
+    _check_wide_span_groups(emu_glue.rkd, emu_glue.pairwise_distances_backward, D, dtype, ratio, bound)
 
 
 @pytest.mark.parametrize("kind", ["distance", "angle"])
