@@ -138,12 +138,13 @@ def recompute_grads(op, student, teacher, params, weight, upstream, want, branch
 
     The ops skip a row of weight 0 (a masked row: 0 gradients whatever its inputs). A row left at
     0 by its upstream gradient alone is not masked: PyTorch's gradient there is 0 times the row's
-    gradient, NaN where that is not finite, and so is this one's on the CPU, where the check costs
-    no device sync. (On CUDA such a row gets 0: float16 there never computes its gradient in forward,
-    [B7], and the check would stall the launch queue.) branch_free: no branch on the values, for
-    backwards that may be traced (the ops' registered autograd, under opcheck or AOT dispatch)."""
+    gradient, NaN where that is not finite. Such rows are computed at their weight and scaled by 0
+    in place (scale_rows_, whose rows of factor 1 return at once), decided on the device: a GPU
+    never waits for the host; the CPU skips the step when no row is lost. branch_free: no branch on
+    the values, for backwards that may be traced (the ops' registered autograd, under opcheck or
+    AOT dispatch)."""
     w = (upstream * weight).contiguous()
-    if op not in ROW_SELECTING or w.device.type != "cpu":
+    if op not in ROW_SELECTING:
         return below_autograd(op, student, teacher, *params, w, *want)[1:]
     lost = (w == 0) & (weight != 0)
     if branch_free or torch.compiler.is_compiling():  # no data-dependent branch: every row, out of place
@@ -151,13 +152,13 @@ def recompute_grads(op, student, teacher, params, weight, upstream, want, branch
         keep = torch.where(lost, 0, torch.ones_like(w))
         return tuple(g * keep.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)) if wanted else g
                      for g, wanted in zip((gs, gt), want))
-    if not bool(lost.any()):
+    if w.device.type == "cpu" and not bool(lost.any()):  # (free on the CPU; a sync on a GPU)
         return below_autograd(op, student, teacher, *params, w, *want)[1:]
     _, gs, gt = below_autograd(op, student, teacher, *params, torch.where(lost, weight, w), *want)
+    keep = (~lost).to(w.dtype)
     for g, wanted in zip((gs, gt), want):
         if wanted and g.numel():
-            rows = g.view(lost.numel(), -1)
-            rows[lost] = rows[lost] * 0
+            _ops.scale_rows_(g.view(lost.numel(), -1), keep)
     return gs, gt
 
 

@@ -621,3 +621,45 @@ def point_share(x, weight):
     """weight * 2 / (N * mean distance): the size of one point's share of the gradient."""
     d = torch.cdist(x.double(), x.double())
     return weight * 2.0 / (x.shape[-2] * d[d > 0].mean().item())
+
+
+# ----------------------------------------------------------------------------- zero upstream gradients
+
+def zero_upstream_case(name, dtype):
+    """(student, teacher, extra args) of 4 rows for the zero-upstream checks: row 1 holds NaN, row 2 -inf."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 33, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 33, generator=g, dtype=torch.float64)
+    s[1, 7] = math.nan
+    s[2, 3] = -math.inf  # NaN for the cosine, a finite gradient for the softmax ones
+    extra = ()
+    if name == "sparse_kl_div":
+        t = torch.log_softmax(t[:, :5], -1)
+        extra = (torch.arange(5).expand(4, 5),)
+    return s.to(dtype), t.to(dtype), extra
+
+
+def check_zero_upstream_rows(name, dtype, second, device="cpu"):
+    """reduction="none" with an upstream gradient of 0 on a row holding NaN or -inf: PyTorch's
+    gradient there is 0 times the row's (NaN where that is not finite, 0 where it is), not the 0
+    of a masked row. second: the gradient of a second backward (retain_graph), which recomputes."""
+    s, t, extra = zero_upstream_case(name, dtype)
+    up = torch.tensor([1.0, 0.0, 0.0, -2.0], dtype=torch.float64)
+    grads = []
+    for mod, cast in ((kdfast, dtype), (ref, torch.float64)):
+        dev = device if mod is kdfast else "cpu"
+        x = s.to(cast).detach().clone().to(dev).requires_grad_()
+        out = getattr(mod, name)(x, t.to(cast).to(dev), *(e.to(dev) for e in extra), reduction="none")
+        out = out.sum(-1) if out.dim() > 1 else out
+        if second and mod is kdfast:
+            (out * up.to(out)).sum().backward(retain_graph=True)
+            x.grad = None
+        (out * up.to(out)).sum().backward()
+        grads.append(x.grad.cpu())
+    got, want = grads
+    assert want[1].isnan().all()  # the oracle: PyTorch's 0 * NaN
+    assert torch.equal(got.isnan(), want.isnan())
+    lost = got[1:3][~want[1:3].isnan()]  # (row 2 of the softmax losses: -inf, a finite gradient)
+    assert (lost == 0).all(), "a row of upstream 0 with a finite gradient must get 0"
+    assert torch.equal(got[[0, 3]].double(), want[[0, 3]].to(dtype).double()) or \
+        relerr(got[[0, 3]].double(), want[[0, 3]]) < GRAD_TOL[dtype]

@@ -23,7 +23,8 @@ from kdfast import reference as ref
 
 from conftest import (DTYPE_IDS, GRAD_TOL, HALF, FusedOpCalls, assert_kl_deterministic, check_kl, check_scale_rows,
                       assert_close_scaled, collinear_set, compare_compiled, decisive_mass_rows, extreme_logit_rows,
-                      far_point_set, kl_floors, overflow_as, point_share, relerr, same_bits)
+                      check_zero_upstream_rows, far_point_set, kl_floors, overflow_as, point_share, relerr,
+                      same_bits)
 
 CUDA = torch.cuda.is_available() and kdfast.native_available("cuda")
 EMU = os.environ.get("KDFAST_CUDA_EMU", "0") == "1"
@@ -587,6 +588,16 @@ def test_compile_generalized_jsd_fullgraph():
         return kdfast.generalized_jsd(s, t, beta=0.3, temperature=2.0)
     compare_compiled(f, [logits(8, 1000).to(DEV).requires_grad_(), logits(8, 1000).to(DEV).requires_grad_()],
                      grads_of=[0, 1], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["first_backward", "retain_graph_again"])
+@dtype_params((torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("name", ["softmax_kl_div", "generalized_jsd", "cosine_loss", "sparse_kl_div"])
+def test_zero_upstream_on_nonfinite_row(name, dtype, second):
+    """An upstream gradient of 0 on a row holding NaN or -inf gives PyTorch's 0 x the row's gradient
+    on the GPU too (float16 recomputes in backward there, and every dtype on a second backward),
+    decided on the device (tests/test_hardening.py has the CPU's)."""
+    check_zero_upstream_rows(name, dtype, second, device=DEV)
 
 
 # ----------------------------------------------------------------------------- relation ops

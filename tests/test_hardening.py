@@ -30,8 +30,8 @@ import kdfast
 from kdfast import nn as knn
 from kdfast import reference as ref
 
-from conftest import (REPO, GRAD_TOL, VALUE_TOL, FusedOpCalls, run_in_threads, needs_cuda, needs_native, relerr,
-                      same_bits)
+from conftest import (REPO, GRAD_TOL, VALUE_TOL, FusedOpCalls, check_zero_upstream_rows, run_in_threads, needs_cuda,
+                      needs_native, relerr, same_bits, zero_upstream_case)
 
 pytestmark = needs_native
 KDFAST_DIR = os.path.dirname(os.path.abspath(kdfast.__file__))
@@ -762,19 +762,6 @@ def test_cuda_device_mismatch_every_direction():
 
 # ============================================================================= zero upstream gradients
 
-def _zero_upstream_case(name, dtype):
-    g = torch.Generator().manual_seed(5)
-    s = torch.randn(4, 33, generator=g, dtype=torch.float64)
-    t = torch.randn(4, 33, generator=g, dtype=torch.float64)
-    s[1, 7] = math.nan
-    s[2, 3] = -math.inf  # NaN for the cosine, a finite gradient for the softmax ones
-    extra = ()
-    if name == "sparse_kl_div":
-        t = torch.log_softmax(t[:, :5], -1)
-        extra = (torch.arange(5).expand(4, 5),)
-    return s.to(dtype), t.to(dtype), extra
-
-
 @pytest.mark.parametrize("second", [False, True], ids=["first_backward", "retain_graph_again"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["softmax_kl_div", "generalized_jsd", "cosine_loss", "sparse_kl_div"])
@@ -783,30 +770,14 @@ def test_zero_upstream_on_nonfinite_row_gives_pytorchs_nan(name, dtype, second):
     gradient there is 0 times the row's, NaN. Rows skipped as masked (weight 0) must not be
     confused with them: float16 and a second backward recompute at upstream * weight, where they
     once came back 0 (fuzz seed 7 case 2612)."""
-    s, t, extra = _zero_upstream_case(name, dtype)
-    up = torch.tensor([1.0, 0.0, 0.0, -2.0], dtype=torch.float64)
-    grads = []
-    for mod, cast in ((kdfast, dtype), (ref, torch.float64)):
-        x = s.to(cast).detach().clone().requires_grad_()
-        out = getattr(mod, name)(x, t.to(cast), *extra, reduction="none")
-        out = out.sum(-1) if out.dim() > 1 else out
-        if second and mod is kdfast:
-            (out * up.to(out.dtype)).sum().backward(retain_graph=True)
-            x.grad = None
-        (out * up.to(out.dtype)).sum().backward()
-        grads.append(x.grad)
-    got, want = grads
-    assert want[1].isnan().all()  # the oracle: PyTorch's 0 * NaN
-    assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(got[[0, 3]].double(), want[[0, 3]].to(dtype).double()) or \
-        relerr(got[[0, 3]].double(), want[[0, 3]]) < GRAD_TOL[dtype]
+    check_zero_upstream_rows(name, dtype, second)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_zero_upstream_on_nonfinite_row_op_autograd(dtype):
     """The same through the op's own registered autograd (torch.ops.kdfast.feature_match), with a
     masked row (weight 0) holding NaN that must stay 0."""
-    s, t, _ = _zero_upstream_case("cosine_loss", dtype)
+    s, t, _ = zero_upstream_case("cosine_loss", dtype)
     s[0, 0] = math.nan
     x = s.requires_grad_()
     weight = torch.tensor([0.0, 1.0, 1.0, 1.0])
