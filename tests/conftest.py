@@ -262,6 +262,18 @@ def overflow_as(x, dtype):
     return torch.where(x.abs() > torch.finfo(dtype).max, x.to(dtype).double(), x)
 
 
+def broadcast_overflow(view_grad, adjoint, got):
+    """The leaf elements of a broadcast input whose gradient `got` may be inf or NaN where float64's is
+    finite: the backward sums the view's elements in float32 at best, and where their magnitudes
+    exceed float32's range (or an element is beyond the dtype's), partial sums overflow both ways
+    (inf - inf = NaN), as in plain PyTorch. view_grad: float64's gradient of the view; adjoint maps
+    a view-shaped tensor to the leaf (sums over the copies)."""
+    if got.dtype == torch.float64:
+        return torch.zeros(got.shape, dtype=torch.bool)
+    over = adjoint(view_grad.abs()) > torch.finfo(torch.float32).max
+    return over & ~torch.isfinite(got.cpu().double())
+
+
 def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmean", mask=None,
              grad_student=True, grad_teacher=False, upstream=None, layout=None, value_tol=None,
              grad_tol=None, device="cpu", loss=None, options=None):
@@ -380,19 +392,17 @@ def check_kl(student, teacher, *, kd=False, temperature=1.0, reduction="batchmea
             exp_g = exp_g.to(leaf.dtype).double()  # the best the dtype can hold
         exp_g = overflow_as(exp_g, leaf.dtype)
         tol = grad_tol or GRAD_TOL[leaf.dtype]
-        view_fl = rounding_floor(torch.where(inf_rows, 0.0, wg * floor), leaf.dtype, tol)
+        # (an infinite floor belongs to a side skipped below; the other side of such a row keeps its own)
+        view_fl = wg * floor
+        view_fl = rounding_floor(torch.where(torch.isfinite(view_fl), view_fl, 0.0), leaf.dtype, tol)
         fl = rounding_floor(to_leaf(view_d, leaf_d, view_fl), leaf.dtype, tol)
         view_g = view_d.grad if view_d is not leaf_d else leaf_d.grad
         bad = undetermined.unsqueeze(-1).expand_as(floor)
         if view_g is not None and bool(inf_rows.any()):
             bad = bad | (inf_rows & ~torch.isfinite(view_g).all(-1, keepdim=True))
         skip = to_leaf(view_d, leaf_d, bad.double()) > 0
-        if view_g is not None and view_d.numel() > leaf_d.numel() and leaf.dtype != torch.float64:
-            # a broadcast's backward sums the view's elements in float32 at best: where their
-            # magnitudes exceed float32's range (or an element is beyond the dtype's), partial
-            # sums overflow both ways (inf - inf = NaN) where float64's total is finite
-            over = to_leaf(view_d, leaf_d, view_g.abs()) > torch.finfo(torch.float32).max
-            skip = skip | (over & ~torch.isfinite(g.cpu().double()))
+        if view_g is not None and view_d.numel() > leaf_d.numel():
+            skip = skip | broadcast_overflow(view_g, lambda x: to_leaf(view_d, leaf_d, x), g)
         assert_close_scaled(g.cpu(), exp_g, fl, tol, name, skip=skip)
         grads.append(g)
     return out, grads[0], grads[1]

@@ -63,7 +63,8 @@ for p in (TESTS, os.path.dirname(TESTS)):
 import kdfast  # noqa: E402
 from kdfast import reference as ref  # noqa: E402
 from conftest import (DIVERGENCE_LOSSES, GRAD_TOL, HALF, VALUE_TOL, _backward, assert_close_scaled,  # noqa: E402
-                      check_kl, rounding_floor, kl_floors, overflow_as, result_dtype, row_value_weights, same_bits)
+                      broadcast_overflow, check_kl, rounding_floor, kl_floors, overflow_as, result_dtype,
+                      row_value_weights, same_bits)
 
 LOSSES = (("softmax_kl_div", "kd_loss") + DIVERGENCE_LOSSES + ("sparse_kl_div",)
           + ("logit_mse", "feature_l2", "cosine_loss", "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss",
@@ -81,6 +82,12 @@ KNOWN = {
                              "bf16): the gradient is a sign of P - Q that float32 cannot resolve there, and "
                              "each flipped sign moves the gradient by ~Q/T. Not a defect of the kernel: an "
                              "ill-conditioned subgradient (found by this fuzz)",
+    "sparse_tail_undetermined": "sparse_kl_div with the bucket tail where the teacher's listed mass is within "
+                                "the rounding of its sum of 1 (|1 - sum P_k| <= K eps of the compute dtype): "
+                                "whether the tail is live is then decided by rounding, and the teacher "
+                                "gradient's P_k log P_tail term jumps with it (log P_tail ~ log eps). Not a "
+                                "defect of the kernel: the tail term P log P has an unbounded derivative at 0 "
+                                "(found by this fuzz, seed 53 case 29693)",
     "relation_far_near_ratio": "relation ops on a group whose far:near distance ratio exceeds 1e6, issue 20's bar. "
                                "On the CPU such groups take D2's low parts and the product back to points "
                                "from differences, which leaves ~eps_64 x ratio of one point's share in the "
@@ -299,6 +306,16 @@ class Case:
         self.upstream = up
         self.inputs = [self.layout(s, ds, "student"), self.layout(lp, dt, "logprobs")]
         self.kwargs = dict(temperature=self.temperature, tail=self.tail, reduction=self.reduction, mask=self.mask)
+        if self.tail == "bucket" and K < V and self.grad_teacher and rows:
+            # the tail 1 - sum P_k within the rounding of the sum (K eps of the compute dtype): whether
+            # it is live, and so the teacher gradient's log P_tail term, is not determined
+            eps = torch.finfo(torch.float64 if torch.float64 in (ds, dt) else torch.float32).eps
+            sum_p = lp.to(dt).double().exp().sum(-1)
+            near = (1 - sum_p).abs() <= K * eps * sum_p
+            if self.mask is not None:
+                near = near & self.mask
+            if bool(near.any()):
+                self.features.add("known:sparse_tail_undetermined")
         self.desc = (f"sparse_kl_div shape={lead + (V,)} K={K} {DT_NAME[ds]}/{DT_NAME[dt]} tail={self.tail} "
                      f"T={self.temperature:.3g} reduction={self.reduction} "
                      f"mask={'none' if self.mask is None else int(self.mask.sum())} ids={ikind}/"
@@ -930,11 +947,13 @@ def check_sparse(case):
         tol = GRAD_TOL[x.dtype]
         view_fl = rounding_floor(torch.where(inf_rows, 0.0, wg * torch.nan_to_num(floor, nan=0.0)), x.dtype, tol)
         fl = rounding_floor(_adjoint(case, i, d, view_fl), x.dtype, tol)
-        skip = None
+        skip = torch.zeros(g.shape, dtype=torch.bool)
         vg = dviews[i].grad
         if vg is not None and bool(inf_rows.any()):
             bad = inf_rows & ~torch.isfinite(vg).all(-1, keepdim=True)
             skip = _adjoint(case, i, d, bad.expand_as(vg).double()) > 0
+        if vg is not None and dviews[i].numel() > d.numel():
+            skip = skip | broadcast_overflow(vg, lambda v: _adjoint(case, i, d, v), g)
         assert_close_scaled(g, e, fl, tol, name, skip=skip)
 
 
