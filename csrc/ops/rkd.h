@@ -104,7 +104,7 @@ struct RelationPoints {
     if (!keep) scaled = at::Tensor();  // (centred in place: no group reads them)
   }
   // The groups that take D2's low parts and the product from differences (usually none), found
-  // when first asked: pairwise_distances' forward never needs them.
+  // when first asked (on CUDA pairwise_distances' forward never asks; the CPU asks at once).
   const at::Tensor& wide() const {
     if (!wide_.defined()) wide_ = kernels->wide_span(d2);
     return wide_;
